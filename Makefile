@@ -1,0 +1,30 @@
+# Strata: every target sets up what it needs first (idempotent, seconds when already done).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STRATA := $(VENV)/bin/strata
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench doctor clean
+
+setup:  ## apt packages, virtual environment, pinned deps, Horovod built from source
+	@bash .ci/setup.sh
+
+demo: setup  ## train the default config on the built-in data, then show metrics and where TensorBoard logs are
+	$(STRATA) train configs/classifier.yaml
+	$(STRATA) evaluate runs/classifier --split test
+	$(STRATA) classify runs/classifier "a wonderful and delightful story" "a dull and dreadful mess"
+
+test: setup  ## the whole test suite (what CI runs)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+test-fast: setup  ## unit tests only
+	$(PY) -m pytest -q -ra -m "not slow and not multi_process and not cluster" tests
+
+bench: setup
+	$(PY) bench/overhead.py
+
+doctor: setup
+	$(STRATA) doctor
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,88 @@
+"""The `strata` command.
+
+The launcher never imports the trainer: it talks to it through a command line (`python -m trainer ...`),
+a config file and environment variables, so either side can be replaced. Single-process commands are
+handed over with exec (exit codes and signals pass through untouched).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from launch import doctor, tensorboard
+
+TRAINER = [sys.executable, "-m", "trainer"]
+
+
+class UsageError(Exception):
+    """A bad command line: one line on stderr, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="strata", description="Distributed training for TensorFlow.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a config in this process (resumes automatically)")
+    t.add_argument("config")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--stop-after", type=int, default=None, metavar="N")
+    e = sub.add_parser("evaluate", help="metrics of a trained run")
+    e.add_argument("run_dir")
+    e.add_argument("--split", choices=["val", "test"], default="test")
+    for name in ("classify", "summarize"):
+        c = sub.add_parser(name, help=f"{name} texts with a trained run")
+        c.add_argument("run_dir")
+        c.add_argument("texts", nargs="+")
+    x = sub.add_parser("export", help="SavedModel serving raw text")
+    x.add_argument("run_dir")
+    x.add_argument("--out", default=None)
+    tb = sub.add_parser("tensorboard", help="open TensorBoard on a run directory (binds 127.0.0.1)")
+    tb.add_argument("run_dir")
+    tb.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    tb.add_argument("--port", type=int, default=6006)
+    sub.add_parser("doctor", help="what is installed and usable here")
+    return p
+
+
+def trainer_argv(args: argparse.Namespace) -> list[str]:
+    """The `python -m trainer` command line for a single-process command (pure)."""
+    if args.command == "train":
+        argv = [*TRAINER, "train", args.config]
+        for item in args.overrides:
+            argv += ["--set", item]
+        if args.stop_after is not None:
+            argv += ["--stop-after", str(args.stop_after)]
+        return argv
+    if args.command == "evaluate":
+        return [*TRAINER, "evaluate", args.run_dir, "--split", args.split]
+    if args.command in ("classify", "summarize"):
+        return [*TRAINER, args.command, args.run_dir, "--", *args.texts]
+    if args.command == "export":
+        return [*TRAINER, "export", args.run_dir] + (["--out", args.out] if args.out else [])
+    raise ValueError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "doctor":
+            return doctor.run()
+        if args.command == "tensorboard":
+            return tensorboard.serve(args.run_dir, host=args.host, port=args.port)
+        command = trainer_argv(args)
+    except UsageError as err:
+        print(f"strata: error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    os.execv(command[0], command)  # replaces this process: no shell, arguments passed as a list
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

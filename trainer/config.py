@@ -1,0 +1,310 @@
+"""The experiment config: typed, validated, frozen.
+
+An experiment is one YAML file plus optional `--set a.b=value` overrides. Everything is checked here,
+before TensorFlow is imported, so a typo costs a second, not a GPU hour. Errors are `ConfigError`s with
+a one-line message naming the dotted path and the fix.
+
+This module must not import TensorFlow (the launcher validates configs through it in a subprocess).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class _Strict(BaseModel):
+    """Base for every section: unknown keys are errors, values are not coerced loosely, frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------- model
+class ClassifierModel(_Strict):
+    """End-to-end classifier: Embedding -> GlobalAveragePooling1D -> Dense(relu) -> Dense(1, sigmoid)."""
+
+    kind: Literal["classifier"] = "classifier"
+    embed_dim: PositiveInt = 32
+    hidden_dim: PositiveInt = 32
+    dropout: Probability = 0.0
+
+
+class SummarizerModel(_Strict):
+    """Hierarchical seq2seq summarizer: embed -> encoder levels -> decoder -> attention -> output."""
+
+    kind: Literal["summarizer"] = "summarizer"
+    embed_dim: PositiveInt = 64
+    hidden_dim: PositiveInt = 128
+    encoder_layers: PositiveInt = 1
+    dropout: Probability = 0.0
+
+
+class TransformerModel(_Strict):
+    """Transformer encoder-decoder summarizer; depth, width, heads and lengths scale by config."""
+
+    kind: Literal["transformer"] = "transformer"
+    d_model: PositiveInt = 64
+    num_heads: PositiveInt = 4
+    ff_dim: PositiveInt = 128
+    encoder_layers: PositiveInt = 2
+    decoder_layers: PositiveInt = 2
+    dropout: Probability = 0.1
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TransformerModel":
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
+        return self
+
+
+ModelConfig = Annotated[
+    Union[ClassifierModel, SummarizerModel, TransformerModel], Field(discriminator="kind")
+]
+
+
+# ------------------------------------------------------------------------------------------ data
+class BuiltinData(_Strict):
+    """Sizes of the deterministic built-in corpus (generated, never downloaded)."""
+
+    train_examples: PositiveInt = 4000
+    val_examples: PositiveInt = 500
+    test_examples: PositiveInt = 500
+    seed: NonNegInt = 1234
+
+
+class DataConfig(_Strict):
+    """Where examples come from and how they are tokenized and batched."""
+
+    source: Literal["builtin", "jsonl", "csv", "tsv", "tfds"] = "builtin"
+    builtin: BuiltinData = BuiltinData()
+    # Files for jsonl/csv/tsv. validation/test are optional: missing splits are carved from train.
+    train_path: str | None = None
+    val_path: str | None = None
+    test_path: str | None = None
+    # TensorFlow Datasets: a dataset name and a local data directory (no downloads at train time).
+    tfds_name: str | None = None
+    tfds_data_dir: str | None = None
+    tfds_text_key: str = "article"
+    tfds_summary_key: str = "highlights"
+    vocab_size: Annotated[int, Field(ge=8)] = 2000
+    max_len: PositiveInt = 64  # tokens per text / document
+    summary_len: PositiveInt = 16  # tokens per summary, including the start/end markers
+    batch_size: PositiveInt = 32  # the GLOBAL batch: summed over all replicas
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+
+    @model_validator(mode="after")
+    def _paths_for_source(self) -> "DataConfig":
+        if self.source in ("jsonl", "csv", "tsv") and not self.train_path:
+            raise ValueError(f"source '{self.source}' needs data.train_path (a file of examples)")
+        if self.source == "tfds" and not (self.tfds_name and self.tfds_data_dir):
+            raise ValueError("source 'tfds' needs data.tfds_name and data.tfds_data_dir")
+        return self
+
+
+# ------------------------------------------------------------------------------------- optimizer
+class OptimizerConfig(_Strict):
+    """Adam/AdamW with warmup then a decay schedule, optional clipping and weight decay."""
+
+    name: Literal["adam", "adamw"] = "adam"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: NonNegInt = 0
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    clip_norm: Annotated[float, Field(gt=0.0)] | None = None
+    scale_lr_with_replicas: bool = False
+
+    @model_validator(mode="after")
+    def _decay_needs_adamw(self) -> "OptimizerConfig":
+        if self.weight_decay > 0 and self.name != "adamw":
+            raise ValueError("weight_decay needs optimizer.name: adamw (Adam's L2 is not decoupled)")
+        return self
+
+
+# ----------------------------------------------------------------------------- training schedule
+class EarlyStopping(_Strict):
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    patience: PositiveInt = 3  # evaluations without improvement
+
+
+class TrainConfig(_Strict):
+    steps: PositiveInt = 1000
+    grad_accum: PositiveInt = 1  # micro-steps per optimizer step (splits each replica's batch)
+    mixed_precision: Literal["off", "bfloat16", "float16"] = "off"
+    deterministic: bool = True
+    log_every: PositiveInt = 10
+    early_stopping: EarlyStopping | None = None
+
+
+class EvalConfig(_Strict):
+    every: PositiveInt = 200  # steps between evaluations (and at the end)
+    max_batches: PositiveInt | None = None
+    rouge_examples: PositiveInt = 64  # validation examples decoded for ROUGE
+
+
+class CheckpointConfig(_Strict):
+    every: PositiveInt = 200
+    keep: PositiveInt = 3
+
+
+class LoggingConfig(_Strict):
+    progress_bar: bool = True
+    profile_steps: tuple[PositiveInt, PositiveInt] | None = None  # [first, last] step to trace
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LoggingConfig":
+        if self.profile_steps and self.profile_steps[0] > self.profile_steps[1]:
+            a, b = self.profile_steps
+            raise ValueError(f"profile_steps [{a}, {b}]: the first step must not exceed the last")
+        return self
+
+
+class DistributionConfig(_Strict):
+    """How replicas are formed. Filled in by the data-parallel and pipeline issues."""
+
+    backend: Literal["single", "mirrored", "multi_worker", "horovod"] = "single"
+    devices: PositiveInt | None = None  # mirrored: replicas in this process (GPUs, or logical CPUs)
+
+
+# ----------------------------------------------------------------------------------- experiment
+class ExperimentConfig(_Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
+    run_dir: str | None = None  # default: runs/<name>
+    seed: NonNegInt = 0
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    distribution: DistributionConfig = DistributionConfig()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "ExperimentConfig":
+        b, accum = self.data.batch_size, self.train.grad_accum
+        if b % accum:
+            raise ValueError(
+                f"train.grad_accum ({accum}) must divide data.batch_size ({b}); try grad_accum "
+                f"{max(d for d in range(1, accum + 1) if b % d == 0)}"
+            )
+        if self.model.kind == "classifier" and self.data.source == "tfds":
+            raise ValueError("data.source tfds is supported for the summarizers only")
+        if self.optimizer.warmup_steps >= self.train.steps and self.optimizer.warmup_steps:
+            raise ValueError(
+                f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below "
+                f"train.steps ({self.train.steps})"
+            )
+        return self
+
+    @property
+    def task(self) -> str:
+        """'classification' or 'summarization'."""
+        return "classification" if self.model.kind == "classifier" else "summarization"
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (['a','b','c'], value); the value is parsed as YAML (safely)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optimizer.lr=3e-4")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key part; use dotted keys like data.batch_size=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with each `a.b=value` override set (creating sections as needed)."""
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {text!r}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping safely (no tags, no code): configs are data."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found; pass a YAML file such as configs/classifier.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}; fix the YAML syntax") from None
+    if raw is None:
+        raise ConfigError(f"{path}: config is empty; it needs at least `name:` and `model: {{kind: ...}}`")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, not a {type(raw).__name__}")
+    return raw
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    """One line: the first problem, its dotted path, what was given and the fix."""
+    e = err.errors()[0]
+    # Drop the discriminator tag pydantic inserts into union paths (model.classifier.x -> model.x).
+    loc = [str(p) for p in e["loc"] if p not in ("classifier", "summarizer", "transformer")]
+    path = ".".join(loc) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key; check the spelling (see configs/*.yaml for the valid keys)"
+    elif kind == "missing":
+        msg = "required but missing"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        path, msg = f"{path}.kind", "must be one of: classifier, summarizer, transformer"
+    given = e.get("input")
+    shown = "" if kind in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
+    if not loc and kind not in ("missing",):  # cross-field checks carry their own full message
+        return f"{source}: {msg}"
+    return f"{source}: {path}: {msg}{shown}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, override and validate an experiment config. Raises ConfigError (one line) on any problem."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, *, source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None

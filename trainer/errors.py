@@ -1,0 +1,15 @@
+"""User-facing errors. Each is shown as ONE line (no traceback) and exits with code 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user: a config, a command line or a data file. Message says what and how to fix."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """The experiment config (YAML or --set override) is invalid."""
+
+
+class DataError(UserError):
+    """A data file is missing, empty or malformed."""

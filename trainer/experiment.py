@@ -1,0 +1,138 @@
+"""Assembling a run: data, vocabulary, run directory, model, optimizer, checkpoint.
+
+Order matters for "nothing half written": every check that can fail on user input (config, data files,
+an incompatible existing run directory) happens before the run directory is created.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+import yaml
+
+from trainer.checkpoint import Checkpointer, random_state
+from trainer.config import ExperimentConfig, config_from_dict
+from trainer.data.splits import Splits, encode_splits, load_splits, training_texts
+from trainer.data.tokenizer import Vocabulary
+from trainer.errors import ConfigError
+from trainer.models import LevelModel, build_model
+from trainer.optim import build_optimizer
+from trainer.strategy import Strategy
+
+CONFIG_FILE = "config.yaml"
+VOCAB_FILE = "vocab.json"
+# Sections that must not change when a run is resumed: they define what the checkpoint means.
+FROZEN_ON_RESUME = ("model", "data", "seed")
+
+
+@dataclass
+class Experiment:
+    cfg: ExperimentConfig
+    run_dir: Path
+    splits: Splits
+    vocab: Vocabulary
+    arrays: dict[str, dict[str, np.ndarray]]  # split -> feature -> array
+    model: LevelModel
+    optimizer: keras.optimizers.Optimizer
+    checkpointer: Checkpointer
+
+
+def configure_runtime(cfg: ExperimentConfig) -> None:
+    """Seeds, determinism and numeric policy: before any model variable exists."""
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    policy = {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+    keras.mixed_precision.set_global_policy(policy[cfg.train.mixed_precision])
+
+
+def check_resume_compatible(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Refuse to resume a run directory that was trained with a different model, data or seed."""
+    saved_file = run_dir / CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+    new = cfg.model_dump(mode="json")
+    for section in FROZEN_ON_RESUME:
+        if saved.get(section) != new.get(section):
+            diff = _first_difference(saved.get(section), new.get(section), section)
+            raise ConfigError(
+                f"{run_dir}: this run directory was trained with a different {section} config ({diff}); "
+                f"resume with the same {section}, or start a new run with --set run_dir=<new dir>"
+            )
+
+
+def _first_difference(a, b, path: str) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}")
+    return f"{path}: {a!r} -> {b!r}"
+
+
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The resolved config a run was trained with (for evaluate / export / summarize)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a Strata run directory (no {CONFIG_FILE}); pass the directory `strata train` created")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cfg = config_from_dict(raw, source=str(path))
+    return cfg.model_copy(update={"run_dir": str(run_dir)})
+
+
+def ensure_writable(run_dir: Path) -> None:
+    parent = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{run_dir}: cannot write here ({parent} is not writable); choose another run_dir")
+
+
+def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits: Splits | None = None) -> Experiment:
+    """Build everything a run needs; create the run directory only once every input check passed."""
+    run_dir = cfg.resolved_run_dir()
+    if training:
+        check_resume_compatible(cfg, run_dir)
+        ensure_writable(run_dir)
+    splits = splits or load_splits(cfg.data, cfg.task)
+    vocab_path = run_dir / VOCAB_FILE
+    if vocab_path.is_file():
+        vocab = Vocabulary.load(vocab_path)
+    elif training:
+        vocab = Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
+    else:
+        raise ConfigError(f"{run_dir}: no {VOCAB_FILE}; was this run trained to completion of its first step?")
+    arrays = encode_splits(splits, vocab, cfg.data, cfg.task)
+    if training and len(arrays["train"][next(iter(arrays["train"]))]) < cfg.data.batch_size:
+        n = len(splits.train)
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) exceeds the {n} training examples; lower it")
+
+    if training and strategy.is_chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        if not vocab_path.is_file():
+            vocab.save(vocab_path)
+
+    with strategy.scope():
+        model = build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len,
+                            summary_len=cfg.data.summary_len)
+        model(example_inputs(arrays["train"], cfg.task))  # create the variables
+        optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.train.steps,
+                                    num_replicas=strategy.num_replicas, mixed_precision=cfg.train.mixed_precision)
+        optimizer.build(model.trainable_variables)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                                write=training and strategy.is_chief, model=model, optimizer=optimizer,
+                                rng=random_state(model))
+    return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer)
+
+
+def model_inputs(task: str, batch: dict) -> dict:
+    """The features the model reads (labels and targets stay out)."""
+    keys = ("tokens",) if task == "classification" else ("document", "summary_in")
+    return {k: batch[k] for k in keys}
+
+
+def example_inputs(arrays: dict[str, np.ndarray], task: str) -> dict:
+    return {k: tf.constant(v[:2]) for k, v in model_inputs(task, arrays).items()}

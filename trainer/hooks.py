@@ -1,0 +1,145 @@
+"""Side effects of the training loop, one class each: progress bar, TensorBoard, checkpoints, profiler,
+early stopping. The loop calls every hook at the same points and never branches on what they do."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import tensorflow as tf
+
+from trainer.checkpoint import Checkpointer
+from trainer.summaries import TensorBoard
+
+
+@dataclass
+class LoopState:
+    """What hooks may read (and `stop_requested`, which they may set)."""
+
+    step: int  # optimizer steps done so far
+    total_steps: int
+    train_logs: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    stop_requested: bool = False
+    stop_reason: str = ""
+
+
+class Hook:
+    def on_train_begin(self, state: LoopState) -> None: ...
+    def on_step_begin(self, state: LoopState) -> None: ...
+    def on_log(self, state: LoopState) -> None: ...  # every train.log_every steps, with fresh train_logs
+    def on_step_end(self, state: LoopState) -> None: ...
+    def on_eval(self, state: LoopState) -> None: ...
+    def on_train_end(self, state: LoopState) -> None: ...
+
+
+class ProgressBar(Hook):
+    """tqdm bar: step, loss, throughput, ETA."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def on_train_begin(self, state: LoopState) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                            mininterval=0.5 if interactive else 10.0, file=sys.stderr)
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self.bar:
+            self.bar.update(1)
+
+    def on_log(self, state: LoopState) -> None:
+        if self.bar:
+            logs = state.train_logs
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", ex_s=f"{logs['examples_per_sec']:.0f}", refresh=False)
+
+    def on_eval(self, state: LoopState) -> None:
+        if self.bar:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in state.eval_metrics.items())
+            self.bar.write(f"step {state.step}: validation {shown}")
+
+    def on_train_end(self, state: LoopState) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+class TensorBoardHook(Hook):
+    def __init__(self, tb: TensorBoard):
+        self.tb = tb
+
+    def on_log(self, state: LoopState) -> None:
+        logs = state.train_logs
+        self.tb.scalars(state.step, {k: logs[k] for k in ("loss", "learning_rate")}, prefix="train")
+        perf = ("examples_per_sec", "tokens_per_sec", "step_time_ms")
+        self.tb.scalars(state.step, {k: logs[k] for k in perf}, prefix="perf")
+
+    def on_eval(self, state: LoopState) -> None:
+        self.tb.scalars(state.step, state.eval_metrics, prefix="val")
+        self.tb.flush()
+
+    def on_train_end(self, state: LoopState) -> None:
+        self.tb.flush()
+
+
+class CheckpointHook(Hook):
+    """Saves every `every` steps and at the end (including an early stop)."""
+
+    def __init__(self, checkpointer: Checkpointer, every: int):
+        self.checkpointer, self.every = checkpointer, every
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.step % self.every == 0:
+            self.checkpointer.save(state.step)
+
+    def on_train_end(self, state: LoopState) -> None:
+        if self.checkpointer.latest_step != state.step:
+            self.checkpointer.save(state.step)
+
+
+class ProfilerHook(Hook):
+    """Traces steps [first, last] (1-based optimizer steps) into the TensorBoard profile plugin."""
+
+    def __init__(self, logdir: str, steps: tuple[int, int] | None, enabled: bool):
+        self.logdir, self.steps, self.enabled, self.active = logdir, steps, enabled and steps is not None, False
+
+    def on_step_begin(self, state: LoopState) -> None:
+        if self.enabled and not self.active and state.step + 1 == self.steps[0]:
+            tf.profiler.experimental.start(self.logdir)
+            self.active = True
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self.active and state.step >= self.steps[1]:
+            self.stop()
+
+    def on_train_end(self, state: LoopState) -> None:
+        if self.active:
+            self.stop()
+
+    def stop(self) -> None:
+        tf.profiler.experimental.stop()
+        self.active = False
+
+
+class EarlyStopping(Hook):
+    """Stops when `metric` has not improved for `patience` evaluations."""
+
+    def __init__(self, metric: str, mode: str, patience: int):
+        self.metric, self.mode, self.patience = metric.removeprefix("val_"), mode, patience
+        self.best: float | None = None
+        self.bad = 0
+
+    def on_eval(self, state: LoopState) -> None:
+        value = state.eval_metrics.get(self.metric)
+        if value is None:
+            known = ", ".join(sorted(state.eval_metrics))
+            raise ValueError(f"train.early_stopping.metric {self.metric!r} is not computed; choose one of {known}")
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better:
+            self.best, self.bad = value, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            state.stop_requested = True
+            state.stop_reason = f"early stopping: val {self.metric} did not improve for {self.patience} evaluations"

@@ -1,0 +1,187 @@
+"""The outer loop: steps, evaluation, hooks. One training step reads top to bottom in `make_train_step`."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import task as task_lib
+from trainer.data.batches import eval_dataset, train_dataset
+from trainer.experiment import Experiment, model_inputs
+from trainer.hooks import CheckpointHook, EarlyStopping, Hook, LoopState, ProfilerHook, ProgressBar, TensorBoardHook
+from trainer.models.decoding import greedy_decode
+from trainer.optim import current_lr
+from trainer.strategy import Strategy
+from trainer.summaries import TensorBoard, flatten
+
+
+def make_train_step(exp: Experiment, strategy: Strategy):
+    """A compiled step: next batch -> forward/backward on every replica -> one optimizer update."""
+    cfg, model, optimizer = exp.cfg, exp.model, exp.optimizer
+    task = cfg.task
+    global_batch = cfg.data.batch_size
+    accum = cfg.train.grad_accum
+    loss_scaling = hasattr(optimizer, "scale_loss") and cfg.train.mixed_precision == "float16"
+
+    def replica_step(batch: dict) -> dict:
+        variables = model.trainable_variables
+        local_batch = tf.shape(next(iter(batch.values())))[0]
+        micro = local_batch // accum
+        grads = [tf.zeros_like(v) for v in variables]
+        loss = tf.constant(0.0)
+        for i in range(accum):  # gradient accumulation: `accum` micro-slices of this replica's batch
+            part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
+            with tf.GradientTape() as tape:
+                outputs = model(model_inputs(task, part), training=True)
+                # Normalise by the GLOBAL batch; replicas' gradients are then summed (strategy/base.py).
+                part_loss = tf.reduce_sum(task_lib.per_example_loss(task, part, outputs)) / global_batch
+                scaled = optimizer.scale_loss(part_loss) if loss_scaling else part_loss
+            grads = [g + d for g, d in zip(grads, tape.gradient(scaled, variables))]
+            loss += part_loss
+        grads = strategy.reduce_gradients(grads)
+        optimizer.apply_gradients(zip(grads, variables))
+        return {"loss": loss, "tokens": tf.cast(task_lib.tokens_in(task, batch), tf.float32)}
+
+    @tf.function
+    def train_step(iterator) -> dict:
+        return strategy.run(replica_step, next(iterator))
+
+    return train_step
+
+
+def make_eval_step(exp: Experiment, strategy: Strategy):
+    model, task = exp.model, exp.cfg.task
+
+    def replica_eval(batch: dict) -> dict:
+        outputs = model(model_inputs(task, batch), training=False)
+        return task_lib.eval_counts(task, batch, outputs)
+
+    @tf.function
+    def eval_step(batch) -> dict:
+        return strategy.run(replica_eval, batch)
+
+    return eval_step
+
+
+def evaluate(exp: Experiment, strategy: Strategy, *, split: str = "val", eval_step=None) -> dict[str, float]:
+    """Metrics over a whole split, counts summed over every replica before ratios are taken."""
+    cfg = exp.cfg
+    eval_step = eval_step or make_eval_step(exp, strategy)
+    shard, shards = strategy.input_shard()
+    per_process = max(cfg.data.batch_size // shards, 1)
+    dataset = eval_dataset(exp.arrays[split], batch_size=per_process, shard_index=shard, num_shards=shards)
+    if cfg.eval.max_batches:
+        dataset = dataset.take(cfg.eval.max_batches)
+    totals: dict[str, float] = {}
+    for batch in strategy.distribute_dataset(dataset):
+        for key, value in eval_step(batch).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    metrics = task_lib.metrics_from_counts(cfg.task, strategy.all_reduce_sum(totals))
+    if cfg.task == "summarization":
+        metrics.update(summary_scores(exp, split=split))
+    return metrics
+
+
+def decode_summaries(exp: Experiment, documents: np.ndarray) -> list[str]:
+    """Greedy summaries for token-id documents."""
+    ids = greedy_decode(exp.model, tf.constant(documents), exp.cfg.data.summary_len).numpy()
+    return [exp.vocab.decode(row) for row in ids]
+
+
+def summary_scores(exp: Experiment, *, split: str) -> dict[str, float]:
+    """ROUGE of greedy summaries on the first `eval.rouge_examples` examples of a split."""
+    n = exp.cfg.eval.rouge_examples
+    references = [ex["summary"] for ex in getattr(exp.splits, split)[:n]]
+    predictions = decode_summaries(exp, exp.arrays[split]["document"][:n])
+    return task_lib.rouge(references, predictions)
+
+
+def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[Hook]:
+    cfg = exp.cfg
+    hooks: list[Hook] = [
+        ProgressBar(cfg.logging.progress_bar and strategy.is_chief),
+        TensorBoardHook(tb),
+        CheckpointHook(exp.checkpointer, cfg.checkpoint.every),
+        ProfilerHook(str(tb.logdir), cfg.logging.profile_steps, strategy.is_chief),
+    ]
+    if cfg.train.early_stopping:
+        es = cfg.train.early_stopping
+        hooks.append(EarlyStopping(es.metric, es.mode, es.patience))
+    return hooks
+
+
+def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None) -> LoopState:
+    """Run optimizer steps from the last checkpoint to `train.steps` (or `stop_after` more steps)."""
+    cfg = exp.cfg
+    start = exp.checkpointer.restore_latest()
+    strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
+    tb = TensorBoard(exp.run_dir / "tensorboard", enabled=strategy.is_chief)
+    hooks = default_hooks(exp, strategy, tb)
+    state = LoopState(step=start, total_steps=cfg.train.steps)
+    last = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    if start == 0:
+        tb.hparams(flatten(cfg.model_dump(mode="json")), ["val/loss"])
+
+    shard, shards = strategy.input_shard()
+    dataset = train_dataset(exp.arrays["train"], global_batch=cfg.data.batch_size, seed=cfg.seed,
+                            start_step=start, shard_index=shard, num_shards=shards)
+    iterator = strategy.distribute_dataset(dataset)
+    train_step, eval_step = make_train_step(exp, strategy), make_eval_step(exp, strategy)
+
+    for hook in hooks:
+        hook.on_train_begin(state)
+    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+    while state.step < last and not state.stop_requested:
+        for hook in hooks:
+            hook.on_step_begin(state)
+        out = train_step(iterator)
+        state.step += 1
+        window_steps += 1
+        window_tokens += out["tokens"]  # stays a tensor: no host sync between log points
+        if state.step % cfg.train.log_every == 0 or state.step == last:
+            loss = float(out["loss"])  # waits for the step: the timing window is honest
+            elapsed = time.perf_counter() - window_start
+            state.train_logs = {
+                "loss": loss,
+                "learning_rate": current_lr(exp.optimizer),
+                "examples_per_sec": window_steps * cfg.data.batch_size / elapsed,
+                "tokens_per_sec": float(window_tokens) / elapsed,
+                "step_time_ms": 1000.0 * elapsed / window_steps,
+            }
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {state.step}")
+            for hook in hooks:
+                hook.on_log(state)
+            window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+        for hook in hooks:
+            hook.on_step_end(state)
+        if state.step % cfg.eval.every == 0 or state.step == cfg.train.steps:
+            run_eval(exp, strategy, state, hooks, tb, eval_step)
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+    if state.stop_requested and state.step % cfg.eval.every:
+        run_eval(exp, strategy, state, hooks, tb, eval_step)
+    for hook in hooks:
+        hook.on_train_end(state)
+    return state
+
+
+def run_eval(exp, strategy, state, hooks, tb, eval_step) -> None:
+    state.eval_metrics = evaluate(exp, strategy, eval_step=eval_step)
+    if exp.cfg.task == "summarization" and strategy.is_chief:
+        attention = _attention_map(exp)
+        if attention is not None:
+            tb.attention_image(state.step, attention)
+    for hook in hooks:
+        hook.on_eval(state)
+
+
+def _attention_map(exp: Experiment) -> np.ndarray | None:
+    """Attention of the first validation example (summary tokens x document tokens), if the model has one."""
+    first = {k: tf.constant(v[:1]) for k, v in exp.arrays["val"].items()}
+    attention = exp.model(model_inputs("summarization", first)).get("attention")
+    if attention is None:
+        return None
+    doc_len = max(int(np.count_nonzero(first["document"][0])), 1)
+    sum_len = max(int(np.count_nonzero(first["summary_out"][0])), 1)
+    return attention.numpy()[0, :sum_len, :doc_len]

@@ -1,0 +1,58 @@
+"""Optimizer and learning-rate schedule from the config."""
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from trainer.config import OptimizerConfig
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to `peak`, then constant, cosine or linear decay to `peak * min_ratio` at `total_steps`."""
+
+    def __init__(self, peak: float, *, warmup_steps: int, total_steps: int, decay: str, min_ratio: float):
+        self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
+        self.decay, self.min_ratio = decay, min_ratio
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warm = tf.cast(self.warmup_steps, tf.float32)
+        warmup_lr = self.peak * (step + 1.0) / tf.maximum(warm, 1.0)
+        progress = tf.clip_by_value((step - warm) / tf.maximum(float(self.total_steps) - warm, 1.0), 0.0, 1.0)
+        if self.decay == "cosine":
+            factor = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        elif self.decay == "linear":
+            factor = 1.0 - progress
+        else:
+            factor = tf.ones_like(progress)
+        decayed = self.peak * (self.min_ratio + (1.0 - self.min_ratio) * factor)
+        return tf.where(step < warm, warmup_lr, decayed)
+
+    def get_config(self) -> dict:
+        return dict(peak=self.peak, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                    decay=self.decay, min_ratio=self.min_ratio)
+
+
+def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int,
+                    mixed_precision: str) -> keras.optimizers.Optimizer:
+    """Adam/AdamW with the schedule; clipping by global norm; loss scaling for float16."""
+    peak = cfg.lr * (num_replicas if cfg.scale_lr_with_replicas else 1)
+    schedule = WarmupSchedule(peak, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+                              decay=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+    kwargs = dict(learning_rate=schedule, global_clipnorm=cfg.clip_norm)
+    if cfg.name == "adamw":
+        opt = keras.optimizers.AdamW(weight_decay=cfg.weight_decay, **kwargs)
+    else:
+        opt = keras.optimizers.Adam(**kwargs)
+    if mixed_precision == "float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def current_lr(opt: keras.optimizers.Optimizer) -> float:
+    """The learning rate the next step will use."""
+    inner = getattr(opt, "inner_optimizer", opt)
+    lr = inner.learning_rate
+    return float(lr(inner.iterations) if callable(lr) else lr)
