@@ -1,0 +1,201 @@
+"""Reading users' examples: JSONL, CSV/TSV files and (lazily) TensorFlow Datasets.
+
+Every problem is a `DataError` whose message is ONE line naming the file, the line number where one
+applies, what is wrong and how to fix it, e.g.
+
+    data/train.jsonl:12: missing key 'label'; each line needs keys text, label
+
+Errors are raised `from None`: the user needs the file and line, not our stack. Blank lines are skipped.
+This module must not import TensorFlow (tensorflow_datasets is imported only by `read_tfds`).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from trainer.errors import DataError
+
+Format = Literal["jsonl", "csv", "tsv"]
+Task = Literal["classification", "summarization"]
+
+# The keys (JSONL) / header columns (CSV, TSV) each task needs, in the order shown in messages.
+TASK_KEYS: dict[str, tuple[str, str]] = {
+    "classification": ("text", "label"),
+    "summarization": ("document", "summary"),
+}
+_TRUE, _FALSE = ("1", "true"), ("0", "false")
+
+
+def _error(message: str) -> DataError:
+    """A DataError guaranteed to be one line (values from the file may contain line breaks)."""
+    return DataError(" ".join(message.splitlines()))
+
+
+def _keys_for(task: str) -> tuple[str, str]:
+    if task not in TASK_KEYS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_KEYS)}")
+    return TASK_KEYS[task]
+
+
+def _read_text(path: str) -> str:
+    """The file's text; missing, directory, non-UTF-8 (with its line) and empty files are errors."""
+    p = Path(path)
+    if p.is_dir():
+        raise _error(f"{path}: is a directory, not a file; point at the examples file inside it")
+    if not p.is_file():
+        raise _error(f"{path}: file not found; check the data path in the config (relative paths are "
+                        "resolved from the working directory)")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # spreadsheet tools may write a BOM
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise _error(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
+                        "re-save the file as UTF-8") from None
+    if not text.strip():
+        raise _error(f"{path}: file is empty; it needs at least one example")
+    return text
+
+
+def _label(value: Any, where: str) -> int:
+    """0/1 from 0, 1, "0", "1", true, false (any case); anything else is an error."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return int(value.strip().lower() in _TRUE)
+    raise _error(f"{where}: label {value!r} is invalid; labels must be 0 or 1 (or true/false)")
+
+
+def _example(record: dict, task: str, where: str) -> dict:
+    """Validate one record (keys already present) into a clean example dict."""
+    text_key, other_key = _keys_for(task)
+    out: dict[str, Any] = {}
+    string_keys = (text_key,) if task == "classification" else (text_key, other_key)
+    for key in string_keys:
+        value = record[key]
+        if not isinstance(value, str):
+            raise _error(f"{where}: {key!r} must be a string, got {type(value).__name__}; quote the value")
+        if not value.strip():
+            raise _error(f"{where}: {key!r} is empty; remove the example or fill in its {key}")
+        out[key] = value
+    if task == "classification":
+        out["label"] = _label(record[other_key], where)
+    return out
+
+
+def _read_jsonl(path: str, text: str, task: str) -> list[dict]:
+    keys = _keys_for(task)
+    expected = "{" + ", ".join(f'"{k}": ...' for k in keys) + "}"
+    examples = []
+    # Split on "\n" only: str.splitlines would also split on U+2028 etc., which JSON strings may contain.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _error(f"{where}: malformed JSON ({e.msg} at column {e.colno}); "
+                            f"each line must be one object like {expected}") from None
+        if not isinstance(record, dict):
+            raise _error(f"{where}: expected a JSON object like {expected}, got {type(record).__name__}")
+        for key in keys:
+            if key not in record:
+                raise _error(f"{where}: missing key {key!r}; each line needs keys {', '.join(keys)}")
+        examples.append(_example(record, task, where))
+    return examples
+
+
+def _read_delimited(path: str, text: str, task: str, delimiter: str) -> list[dict]:
+    keys = _keys_for(task)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+        while not any(h.strip() for h in header):  # leading blank lines
+            header = next(reader)
+    except StopIteration:
+        raise _error(f"{path}: file is empty; it needs a header row and at least one example") from None
+    except csv.Error as e:
+        raise _error(f"{path}:{reader.line_num}: malformed {kind} ({e}); fix the quoting") from None
+    header = [h.strip() for h in header]
+    missing = [k for k in keys if k not in header]
+    if missing:
+        got = ", ".join(header)
+        raise _error(f"{path}:{reader.line_num}: header has columns [{got}] but needs {', '.join(keys)} "
+                        f"(missing {', '.join(missing)}); make the first row '{delimiter.join(keys)}'"
+                        .replace("\t", "\\t"))
+    index = {k: header.index(k) for k in keys}
+    examples = []
+    try:
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            where = f"{path}:{reader.line_num}"
+            if len(row) != len(header):
+                raise _error(f"{where}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}; "
+                                f"quote values that contain the delimiter")
+            examples.append(_example({k: row[i] for k, i in index.items()}, task, where))
+    except csv.Error as e:
+        raise _error(f"{path}:{reader.line_num}: malformed {kind} ({e}); fix the quoting") from None
+    return examples
+
+
+def read_examples(path: str, fmt: Format, task: Task) -> list[dict]:
+    """Examples from a user's file.
+
+    classification: `{"text": str, "label": 0|1}`; summarization: `{"document": str, "summary": str}`.
+    JSONL has one object per line; CSV/TSV have a header row naming those columns (extras are ignored).
+    Labels may be 0/1, "0"/"1" or true/false. Raises DataError (one line, with file:line) on any problem.
+    """
+    if fmt not in ("jsonl", "csv", "tsv"):
+        raise ValueError(f"unknown format {fmt!r}")
+    _keys_for(task)
+    text = _read_text(path)
+    if fmt == "jsonl":
+        examples = _read_jsonl(path, text, task)
+    else:
+        examples = _read_delimited(path, text, task, "," if fmt == "csv" else "\t")
+    if not examples:
+        raise _error(f"{path}: no examples (only blank lines or a header); add at least one example")
+    return examples
+
+
+def read_tfds(name: str, data_dir: str, split: str, text_key: str, summary_key: str) -> list[dict]:
+    """`{"document", "summary"}` examples of a TensorFlow Datasets split already prepared in `data_dir`.
+
+    Nothing is downloaded (download=False): prepare the dataset beforehand, e.g. on a login node,
+    with `tfds build <name> --data_dir <data_dir>`.
+    """
+    try:
+        import tensorflow_datasets as tfds  # heavy and optional: only this source needs it
+    except ImportError:
+        raise _error(f"data.source tfds ({name}) needs TensorFlow Datasets; "
+                        "pip install tensorflow-datasets") from None
+    try:
+        dataset = tfds.load(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises several types (AssertionError, DatasetNotFoundError, ...)
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _error(f"{data_dir}: TFDS dataset {name!r} split {split!r} not available ({detail}); "
+                        f"prepare it with `tfds build {name} --data_dir {data_dir}`") from None
+    examples = []
+    for i, record in enumerate(tfds.as_numpy(dataset)):
+        for key in (text_key, summary_key):
+            if key not in record:
+                raise _error(f"{name}[{split}] example {i}: no feature {key!r} (has {', '.join(sorted(record))}); "
+                                "set data.tfds_text_key / data.tfds_summary_key")
+        document, summary = (_as_str(record[k]) for k in (text_key, summary_key))
+        if document.strip() and summary.strip():  # public datasets contain a few empty rows: skip them
+            examples.append({"document": document, "summary": summary})
+    if not examples:
+        raise _error(f"{name}[{split}] in {data_dir}: no examples; check the dataset was prepared fully")
+    return examples
+
+
+def _as_str(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
