@@ -178,6 +178,13 @@ class DistributionConfig(_Strict):
     devices: PositiveInt | None = None  # mirrored: replicas in this process (GPUs, or logical CPUs)
 
 
+# Validation metrics each task reports (early stopping may watch any of them).
+METRICS = {
+    "classification": ("loss", "accuracy", "precision", "recall", "f1"),
+    "summarization": ("loss", "token_accuracy", "rouge1", "rouge2", "rougeL"),
+}
+
+
 # ----------------------------------------------------------------------------------- experiment
 class ExperimentConfig(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
@@ -207,6 +214,12 @@ class ExperimentConfig(_Strict):
                 f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below "
                 f"train.steps ({self.train.steps})"
             )
+        es = self.train.early_stopping
+        if es:
+            known = METRICS[self.task]
+            if es.metric.removeprefix("val_") not in known:
+                raise ValueError(f"train.early_stopping.metric {es.metric!r} is not computed for {self.task}; "
+                                 f"choose one of {', '.join('val_' + m for m in known)}")
         return self
 
     @property

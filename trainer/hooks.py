@@ -3,6 +3,7 @@ early stopping. The loop calls every hook at the same points and never branches 
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 
 import tensorflow as tf
@@ -32,33 +33,41 @@ class Hook:
     def on_train_end(self, state: LoopState) -> None: ...
 
 
-class ProgressBar(Hook):
-    """tqdm bar: step, loss, throughput, ETA."""
+class Console(Hook):
+    """What a person watching sees: a tqdm bar (step, loss, throughput, ETA) on a terminal, plain lines at
+    every log point otherwise (SLURM and CI logs), and every validation result. Chief only."""
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar = enabled, None
+    def __init__(self, *, enabled: bool, progress_bar: bool):
+        self.enabled, self.use_bar, self.bar = enabled, progress_bar and sys.stderr.isatty(), None
+        self.start_time, self.start_step = 0.0, 0
 
     def on_train_begin(self, state: LoopState) -> None:
-        if self.enabled:
+        self.start_time, self.start_step = time.perf_counter(), state.step
+        if self.enabled and self.use_bar:
             from tqdm import tqdm
 
-            interactive = sys.stderr.isatty()
             self.bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
-                            mininterval=0.5 if interactive else 10.0, file=sys.stderr)
+                            file=sys.stderr)
 
     def on_step_end(self, state: LoopState) -> None:
         if self.bar:
             self.bar.update(1)
 
     def on_log(self, state: LoopState) -> None:
+        logs = state.train_logs
         if self.bar:
-            logs = state.train_logs
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", ex_s=f"{logs['examples_per_sec']:.0f}", refresh=False)
+        elif self.enabled:
+            done = state.step - self.start_step
+            rate = done / max(time.perf_counter() - self.start_time, 1e-9)
+            eta = (state.total_steps - state.step) / max(rate, 1e-9)
+            print(f"step {state.step}/{state.total_steps} loss {logs['loss']:.4f} lr {logs['learning_rate']:.2e} "
+                  f"{logs['examples_per_sec']:.0f} ex/s eta {eta:.0f}s", flush=True)
 
     def on_eval(self, state: LoopState) -> None:
-        if self.bar:
+        if self.enabled:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in state.eval_metrics.items())
-            self.bar.write(f"step {state.step}: validation {shown}")
+            (self.bar.write if self.bar else print)(f"step {state.step}: validation {shown}")
 
     def on_train_end(self, state: LoopState) -> None:
         if self.bar:

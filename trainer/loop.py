@@ -9,8 +9,8 @@ import tensorflow as tf
 from trainer import task as task_lib
 from trainer.data.batches import eval_dataset, train_dataset
 from trainer.experiment import Experiment, model_inputs
-from trainer.hooks import CheckpointHook, EarlyStopping, Hook, LoopState, ProfilerHook, ProgressBar, TensorBoardHook
-from trainer.models.decoding import greedy_decode
+from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
+from trainer.models.decoding import greedy_decoder
 from trainer.optim import current_lr
 from trainer.strategy import Strategy
 from trainer.summaries import TensorBoard, flatten
@@ -85,7 +85,7 @@ def evaluate(exp: Experiment, strategy: Strategy, *, split: str = "val", eval_st
 
 def decode_summaries(exp: Experiment, documents: np.ndarray) -> list[str]:
     """Greedy summaries for token-id documents."""
-    ids = greedy_decode(exp.model, tf.constant(documents), exp.cfg.data.summary_len).numpy()
+    ids = greedy_decoder(exp.model, exp.cfg.data.summary_len)(tf.constant(documents)).numpy()
     return [exp.vocab.decode(row) for row in ids]
 
 
@@ -100,7 +100,7 @@ def summary_scores(exp: Experiment, *, split: str) -> dict[str, float]:
 def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[Hook]:
     cfg = exp.cfg
     hooks: list[Hook] = [
-        ProgressBar(cfg.logging.progress_bar and strategy.is_chief),
+        Console(enabled=strategy.is_chief, progress_bar=cfg.logging.progress_bar),
         TensorBoardHook(tb),
         CheckpointHook(exp.checkpointer, cfg.checkpoint.every),
         ProfilerHook(str(tb.logdir), cfg.logging.profile_steps, strategy.is_chief),
@@ -111,13 +111,14 @@ def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[
     return hooks
 
 
-def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None) -> LoopState:
+def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
+          extra_hooks: list[Hook] | None = None) -> LoopState:
     """Run optimizer steps from the last checkpoint to `train.steps` (or `stop_after` more steps)."""
     cfg = exp.cfg
     start = exp.checkpointer.restore_latest()
     strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
     tb = TensorBoard(exp.run_dir / "tensorboard", enabled=strategy.is_chief)
-    hooks = default_hooks(exp, strategy, tb)
+    hooks = default_hooks(exp, strategy, tb) + list(extra_hooks or [])
     state = LoopState(step=start, total_steps=cfg.train.steps)
     last = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     if start == 0:
@@ -138,7 +139,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None)
         out = train_step(iterator)
         state.step += 1
         window_steps += 1
-        window_tokens += out["tokens"]  # stays a tensor: no host sync between log points
+        window_tokens += out["tokens"]  # a tensor: no host sync between log points
         if state.step % cfg.train.log_every == 0 or state.step == last:
             loss = float(out["loss"])  # waits for the step: the timing window is honest
             elapsed = time.perf_counter() - window_start

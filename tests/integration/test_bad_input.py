@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import CONFIGS, strata
 
 CLASSIFIER = str(CONFIGS / "classifier.yaml")
+GOOD_LINE = '{"text": "good food", "label": 1}'
 
 
 def _write(path: Path, text: str | bytes) -> str:
@@ -40,10 +41,10 @@ CASES = [
     ("data-file-missing", lambda d: ["train", CLASSIFIER, "--set", "data.source=jsonl",
                                      "--set", f"data.train_path={d / 'none.jsonl'}"], "none.jsonl"),
     ("data-malformed-line", lambda d: ["train", CLASSIFIER, "--set", "data.source=jsonl", "--set",
-                                       f"data.train_path={_write(d / 'x.jsonl', chr(10).join([chr(123) + '\"text\": \"good\", \"label\": 1' + chr(125), '{oops']))}"],
-     "line 2"),
+                                       "data.train_path=" + _write(d / "x.jsonl", GOOD_LINE + "\n{oops\n")],
+     "x.jsonl:2"),
     ("data-label-out-of-range", lambda d: ["train", CLASSIFIER, "--set", "data.source=jsonl", "--set",
-                                           f"data.train_path={_write(d / 'x.jsonl', '{\"text\": \"fine\", \"label\": 7}')}"],
+                                           "data.train_path=" + _write(d / "x.jsonl", GOOD_LINE.replace("1", "7"))],
      "label"),
     ("data-empty-file", lambda d: ["train", CLASSIFIER, "--set", "data.source=jsonl",
                                    "--set", f"data.train_path={_write(d / 'e.jsonl', '')}"], "e.jsonl"),
