@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from launch import doctor, tensorboard
+from launch import doctor, launcher, tensorboard
+from launch.errors import LaunchError
 
 TRAINER = [sys.executable, "-m", "trainer"]
 
@@ -47,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     tb.add_argument("--port", type=int, default=6006)
     sub.add_parser("doctor", help="what is installed and usable here")
+    la = sub.add_parser("launch", help="start N data-parallel workers (Horovod or MultiWorkerMirrored)")
+    la.add_argument("-np", type=int, required=True, dest="np", help="number of worker processes (ranks)")
+    la.add_argument("-H", dest="hosts", default=None, help="hosts and slots, e.g. node1:4,node2:4 (default localhost:NP)")
+    la.add_argument("--hostfile", default=None, help="file of `host slots=N` lines")
+    la.add_argument("--backend", choices=["horovod", "multi_worker"], default=None,
+                    help="default: the config's distribution.backend if it is one of these, else horovod")
+    la.add_argument("--mpi", action="store_true", help="Horovod's MPI controller instead of Gloo")
+    la.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping ranks")
+    la.add_argument("config")
+    la.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
 
 
@@ -75,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             return doctor.run()
         if args.command == "tensorboard":
             return tensorboard.serve(args.run_dir, host=args.host, port=args.port)
+        if args.command == "launch":
+            launch_plan = launcher.plan(np=args.np, hosts_spec=args.hosts, hostfile=args.hostfile,
+                                        backend=args.backend, mpi=args.mpi, config=args.config,
+                                        overrides=args.overrides)
+            return launcher.run(launch_plan, grace_seconds=args.grace)
         command = trainer_argv(args)
-    except UsageError as err:
+    except (UsageError, LaunchError) as err:
         print(f"strata: error: {err}", file=sys.stderr)
         return 2
     sys.stdout.flush()

@@ -136,8 +136,12 @@ def _train(cfg, *, stop_after: int | None) -> int:
     from trainer.loop import train
     from trainer.strategy import make_strategy
 
-    strategy = make_strategy(cfg.distribution)
+    strategy = make_strategy(cfg)
     configure_runtime(cfg)
+    if strategy.is_chief:
+        per_replica = cfg.data.batch_size // strategy.num_replicas
+        print(f"strata: {strategy.describe()} | global batch {cfg.data.batch_size} = "
+              f"{strategy.num_replicas} x {per_replica} per replica", flush=True)
     exp = prepare(cfg, strategy, training=True, splits=splits)
     state = train(exp, strategy, stop_after=stop_after)
     if strategy.is_chief:

@@ -171,11 +171,27 @@ class LoggingConfig(_Strict):
         return self
 
 
+class HorovodOptions(_Strict):
+    """Passed to Horovod (as its HOROVOD_* environment variables) before hvd.init()."""
+
+    compression: Literal["none", "fp16"] = "none"  # fp16: halve all-reduce bytes
+    fusion_threshold_mb: Annotated[float, Field(ge=0)] | None = None  # Horovod's default is 64 MB
+    cycle_time_ms: Annotated[float, Field(gt=0)] | None = None  # Horovod's default is 1 ms (5 ms on Gloo)
+    hierarchical_allreduce: bool = False
+    timeline: str | None = None  # a JSON trace of every collective, for chrome://tracing
+
+
 class DistributionConfig(_Strict):
-    """How replicas are formed. Filled in by the data-parallel and pipeline issues."""
+    """How replicas are formed.
+
+    single: one device. mirrored: replicas on the GPUs of one process (logical CPUs without GPUs).
+    multi_worker: one process per worker, cluster from TF_CONFIG. horovod: one process per replica.
+    data.batch_size is always the GLOBAL batch; each replica gets batch_size / replicas.
+    """
 
     backend: Literal["single", "mirrored", "multi_worker", "horovod"] = "single"
-    devices: PositiveInt | None = None  # mirrored: replicas in this process (GPUs, or logical CPUs)
+    devices: PositiveInt | None = None  # mirrored: replicas in this process (default: all GPUs, or 1 CPU)
+    horovod: HorovodOptions = HorovodOptions()
 
 
 # Validation metrics each task reports (early stopping may watch any of them).
@@ -206,6 +222,12 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"train.grad_accum ({accum}) must divide data.batch_size ({b}); try grad_accum "
                 f"{max(d for d in range(1, accum + 1) if b % d == 0)}"
+            )
+        devices = self.distribution.devices
+        if devices and self.distribution.backend == "mirrored" and b % (devices * accum):
+            raise ValueError(
+                f"data.batch_size ({b}) must be divisible by distribution.devices ({devices}) x "
+                f"train.grad_accum ({accum}) so every replica gets whole micro-batches"
             )
         if self.model.kind == "classifier" and self.data.source == "tfds":
             raise ValueError("data.source tfds is supported for the summarizers only")

@@ -1,6 +1,7 @@
 """The outer loop: steps, evaluation, hooks. One training step reads top to bottom in `make_train_step`."""
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -50,33 +51,32 @@ def make_train_step(exp: Experiment, strategy: Strategy):
     return train_step
 
 
-def make_eval_step(exp: Experiment, strategy: Strategy):
+def make_eval_step(exp: Experiment):
+    """A compiled forward pass returning additive counts. Evaluation runs per process on its own shard
+    (no collective inside), and the counts are summed over processes afterwards."""
     model, task = exp.model, exp.cfg.task
 
-    def replica_eval(batch: dict) -> dict:
+    @tf.function
+    def eval_step(batch: dict) -> dict:
         outputs = model(model_inputs(task, batch), training=False)
         return task_lib.eval_counts(task, batch, outputs)
-
-    @tf.function
-    def eval_step(batch) -> dict:
-        return strategy.run(replica_eval, batch)
 
     return eval_step
 
 
 def evaluate(exp: Experiment, strategy: Strategy, *, split: str = "val", eval_step=None) -> dict[str, float]:
-    """Metrics over a whole split, counts summed over every replica before ratios are taken."""
+    """Metrics over a whole split: counts summed over every process before ratios are taken."""
     cfg = exp.cfg
-    eval_step = eval_step or make_eval_step(exp, strategy)
-    shard, shards = strategy.input_shard()
-    per_process = max(cfg.data.batch_size // shards, 1)
-    dataset = eval_dataset(exp.arrays[split], batch_size=per_process, shard_index=shard, num_shards=shards)
+    eval_step = eval_step or make_eval_step(exp)
+    batch_size = max(cfg.data.batch_size // strategy.world_size, 1)
+    dataset = eval_dataset(exp.arrays[split], batch_size=batch_size, shard_index=strategy.rank,
+                           num_shards=strategy.world_size)
     if cfg.eval.max_batches:
         dataset = dataset.take(cfg.eval.max_batches)
-    totals: dict[str, float] = {}
-    for batch in strategy.distribute_dataset(dataset):
+    totals = {key: 0.0 for key in task_lib.COUNTS[cfg.task]}
+    for batch in dataset:
         for key, value in eval_step(batch).items():
-            totals[key] = totals.get(key, 0.0) + float(value)
+            totals[key] += float(value)
     metrics = task_lib.metrics_from_counts(cfg.task, strategy.all_reduce_sum(totals))
     if cfg.task == "summarization":
         metrics.update(summary_scores(exp, split=split))
@@ -128,7 +128,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     dataset = train_dataset(exp.arrays["train"], global_batch=cfg.data.batch_size, seed=cfg.seed,
                             start_step=start, shard_index=shard, num_shards=shards)
     iterator = strategy.distribute_dataset(dataset)
-    train_step, eval_step = make_train_step(exp, strategy), make_eval_step(exp, strategy)
+    train_step, eval_step = make_train_step(exp, strategy), make_eval_step(exp)
 
     for hook in hooks:
         hook.on_train_begin(state)
@@ -164,7 +164,32 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
         run_eval(exp, strategy, state, hooks, tb, eval_step)
     for hook in hooks:
         hook.on_train_end(state)
+    if strategy.world_size > 1:
+        check_replicas_in_sync(exp, strategy)
     return state
+
+
+def weights_digest(variables) -> tuple[str, float]:
+    """(sha256 of every weight's bytes, a float summary of them): identical weights give identical values."""
+    digest, summary = hashlib.sha256(), 0.0
+    for i, v in enumerate(variables):
+        array = np.asarray(v.numpy() if hasattr(v, "numpy") else v)
+        digest.update(array.tobytes())
+        summary += (i + 1) * float(np.sum(array, dtype=np.float64))
+    return digest.hexdigest()[:16], summary
+
+
+def check_replicas_in_sync(exp: Experiment, strategy: Strategy) -> None:
+    """Every process must end with the chief's weights; a silent divergence is an error, not a warning."""
+    digest, f = weights_digest(exp.model.trainable_variables)
+    print(f"strata: rank {strategy.rank} weights sha256 {digest}", flush=True)
+    sums = strategy.all_reduce_sum({"f": f, "f2": f * f})
+    n = strategy.world_size
+    spread = sums["f2"] / n - (sums["f"] / n) ** 2  # variance of the ranks' summaries: 0 iff all equal
+    if spread > 1e-9 * max(1.0, (sums["f"] / n) ** 2):
+        raise RuntimeError(f"replicas diverged: weights differ across the {n} ranks (variance {spread:.3g})")
+    if strategy.is_chief:
+        print(f"strata: weights identical on all {n} ranks", flush=True)
 
 
 def run_eval(exp, strategy, state, hooks, tb, eval_step) -> None:

@@ -13,6 +13,7 @@ from trainer.data.tokenizer import PAD
 
 CLASSIFICATION_COUNTS = ("loss_sum", "examples", "tp", "fp", "fn", "tn")
 SUMMARIZATION_COUNTS = ("loss_sum", "examples", "token_correct", "tokens")
+COUNTS = {"classification": CLASSIFICATION_COUNTS, "summarization": SUMMARIZATION_COUNTS}
 
 
 def per_example_loss(task: str, batch: dict, outputs: dict) -> tf.Tensor:

@@ -2,17 +2,65 @@
 calls tf.distribute."""
 from __future__ import annotations
 
-from trainer.config import DistributionConfig
+import os
+
+from trainer.config import ExperimentConfig
+from trainer.errors import ConfigError
 from trainer.strategy.base import Strategy
 
+# Variables that horovodrun / mpirun / srun set in every rank they start.
+_LAUNCHER_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
-def make_strategy(dist: DistributionConfig) -> Strategy:
-    """Build the backend named by `distribution.backend`."""
+
+def launched_world_size() -> int:
+    """How many ranks an external launcher (horovodrun, mpirun) started, 1 when none did."""
+    for key in _LAUNCHER_SIZE_VARS:
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def make_strategy(cfg: ExperimentConfig) -> Strategy:
+    """Build the backend named by `distribution.backend` and check the batch splits evenly over it."""
+    dist = cfg.distribution
+    ranks = launched_world_size()
+    if ranks > 1 and dist.backend not in ("horovod",):
+        raise ConfigError(
+            f"started as {ranks} ranks (horovodrun/mpirun) but distribution.backend is {dist.backend}; "
+            f"add --set distribution.backend=horovod"
+        )
     if dist.backend == "single":
         from trainer.strategy.single import SingleDevice
 
-        return SingleDevice()
-    raise NotImplementedError(f"distribution.backend {dist.backend!r} is not available yet")
+        strategy: Strategy = SingleDevice()
+    elif dist.backend == "mirrored":
+        from trainer.strategy.tf_distribute import Mirrored
+
+        strategy = Mirrored(dist.devices)
+    elif dist.backend == "multi_worker":
+        from trainer.strategy.tf_distribute import MultiWorker
+
+        try:
+            strategy = MultiWorker()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        from trainer.strategy.horovod import Horovod
+
+        strategy = Horovod(dist)
+    check_batch_split(cfg, strategy.num_replicas)
+    return strategy
 
 
-__all__ = ["Strategy", "make_strategy"]
+def check_batch_split(cfg: ExperimentConfig, replicas: int) -> int:
+    """Per-replica batch; a one-line error when the global batch does not divide into whole micro-batches."""
+    b, accum = cfg.data.batch_size, cfg.train.grad_accum
+    if b % replicas or (b // replicas) % accum:
+        raise ConfigError(
+            f"data.batch_size ({b}) must be divisible by replicas ({replicas}) x train.grad_accum ({accum}); "
+            f"try data.batch_size={replicas * accum * max(1, b // (replicas * accum))}"
+        )
+    return b // replicas
+
+
+__all__ = ["Strategy", "make_strategy", "check_batch_split", "launched_world_size"]

@@ -1,0 +1,208 @@
+"""`strata launch`: check everything, then start N data-parallel workers under Horovod or MultiWorker.
+
+Checks happen before any worker starts (a bad plan costs seconds, not an allocation): host list and slot
+count, the config (validated by the worker's own schema in a child `python -m trainer validate`), that the
+global batch divides over the ranks, that Horovod was built with the requested controller, and that
+remote hosts answer over ssh.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.env import child_environ, free_ports, rank_env, tf_config
+from launch.errors import LaunchError
+from launch.horovod import horovodrun_argv
+from launch.hosts import Host, assign_ranks, is_local, parse_hostfile, parse_hosts
+from launch.local import run_local
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything `strata launch` decided, before it starts anything."""
+
+    np: int
+    hosts: list[Host]
+    backend: str  # horovod | multi_worker
+    controller: str  # gloo | mpi (horovod only)
+    config: str
+    overrides: list[str]
+    resolved: dict  # the worker's validated config
+
+    def worker_command(self) -> list[str]:
+        argv = [sys.executable, "-m", "trainer", "train", self.config]
+        for item in [*self.overrides, f"distribution.backend={self.backend}"]:
+            argv += ["--set", item]
+        return argv
+
+
+def validate_config(config: str, overrides: list[str]) -> dict:
+    """The worker's resolved config, or LaunchError with the worker's one-line message."""
+    argv = [sys.executable, "-m", "trainer", "validate", config]
+    for item in overrides:
+        argv += ["--set", item]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise LaunchError((lines[-1] if lines else "config validation failed").removeprefix("strata: error: "))
+    return json.loads(done.stdout)
+
+
+def check_batch_divides(resolved: dict, np: int) -> None:
+    b, accum = resolved["data"]["batch_size"], resolved["train"]["grad_accum"]
+    if b % (np * accum):
+        raise LaunchError(f"data.batch_size ({b}) must be divisible by -np ({np}) x train.grad_accum ({accum}); "
+                          f"try -np {next(n for n in range(np, 0, -1) if b % (n * accum) == 0)} "
+                          f"or data.batch_size={np * accum * max(1, b // (np * accum))}")
+
+
+def built_controllers(check_build_output: str) -> set[str]:
+    """Controllers marked [X] in `horovodrun --check-build` output (pure)."""
+    section = check_build_output.split("Available Controllers:", 1)[-1].split("Available Tensor", 1)[0]
+    return {name.lower() for name in re.findall(r"\[X\]\s+(\w+)", section)}
+
+
+def _horovod_build_key() -> str | None:
+    """Identifies the installed Horovod build (its TensorFlow extension's path and mtime), without importing it."""
+    spec = importlib.util.find_spec("horovod")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libs = sorted(Path(spec.submodule_search_locations[0]).glob("tensorflow/mpi_lib*.so"))
+    return f"{libs[0]}:{libs[0].stat().st_mtime_ns}" if libs else None
+
+
+def horovod_controllers() -> set[str]:
+    """Controllers Horovod was built with. `horovodrun --check-build` imports TensorFlow (seconds, a minute on
+    a busy node), so its answer is cached per build of Horovod."""
+    horovodrun = shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun")
+    key = _horovod_build_key()
+    if key is None or not Path(horovodrun).exists():
+        raise LaunchError("Horovod is not installed; run `make setup` (it builds Horovod with Gloo and MPI)")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "strata" / "horovod-build.json"
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return set(saved["controllers"])
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        done = subprocess.run([horovodrun, "--check-build"], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise LaunchError("`horovodrun --check-build` did not answer in 300 s; is this node overloaded?") from None
+    built = built_controllers(done.stdout)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "controllers": sorted(built)}))
+    except OSError:
+        pass  # a read-only home only costs the next launch a few seconds
+    return built
+
+
+def check_horovod_controller(controller: str) -> None:
+    built = horovod_controllers()
+    if controller not in built:
+        raise LaunchError(f"Horovod was built without the {controller} controller (built: {', '.join(sorted(built)) or 'none'}); "
+                          f"use {'--gloo' if controller == 'mpi' else '--mpi'} or rebuild with `make setup`")
+
+
+def check_reachable(hosts: list[Host], *, timeout_s: int = 5) -> None:
+    """Remote hosts must answer a non-interactive ssh within a few seconds."""
+    for host in hosts:
+        if is_local(host):
+            continue
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout_s}", host.name, "true"]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s + 5)
+            reason = (done.stderr.strip().splitlines() or [""])[-1]
+            ok = done.returncode == 0
+        except (subprocess.TimeoutExpired, FileNotFoundError) as err:
+            ok, reason = False, str(err)
+        if not ok:
+            raise LaunchError(f"host {host.name} is unreachable over ssh ({reason or 'no answer'}); "
+                              f"check the name and passwordless ssh, or drop it from -H")
+
+
+def plan(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str | None, mpi: bool,
+         config: str, overrides: list[str]) -> LaunchPlan:
+    """Check the whole launch; raise LaunchError (one line) on the first problem."""
+    if hosts_spec and hostfile:
+        raise LaunchError("give either -H or --hostfile, not both")
+    hosts = parse_hosts(hosts_spec) if hosts_spec else parse_hostfile(hostfile) if hostfile else [Host("localhost", max(np, 1))]
+    assign_ranks(hosts, np)  # -np >= 1 and within the slots
+    resolved = validate_config(config, overrides)
+    chosen = backend or (resolved["distribution"]["backend"] if resolved["distribution"]["backend"] in
+                         ("horovod", "multi_worker") else "horovod")
+    if mpi and chosen != "horovod":
+        raise LaunchError("--mpi selects Horovod's MPI controller; it needs --backend horovod")
+    resolved = validate_config(config, [*overrides, f"distribution.backend={chosen}"])
+    check_batch_divides(resolved, np)
+    if chosen == "multi_worker" and not all(is_local(h) for h in hosts):
+        raise LaunchError("--backend multi_worker starts workers on this machine only; across nodes use "
+                          "`strata slurm submit` or --backend horovod")
+    controller = "mpi" if mpi else "gloo"
+    if chosen == "horovod":
+        check_horovod_controller(controller)
+    check_reachable(hosts)
+    return LaunchPlan(np, hosts, chosen, controller, config, list(overrides), resolved)
+
+
+def run(p: LaunchPlan, *, grace_seconds: float = 5.0) -> int:
+    """Start the workers and supervise them; the exit code is the job's."""
+    batch = p.resolved["data"]["batch_size"]
+    print(f"strata: launching {p.np} {p.backend} worker(s) on {','.join(f'{h.name}:{h.slots}' for h in p.hosts)}"
+          f" | global batch {batch} = {p.np} x {batch // p.np} per replica", flush=True)
+    if p.backend == "multi_worker":
+        return _run_multi_worker(p, grace_seconds)
+    return _run_horovodrun(p)
+
+
+def _run_multi_worker(p: LaunchPlan, grace_seconds: float) -> int:
+    placements = assign_ranks(p.hosts, p.np)
+    workers = [f"127.0.0.1:{port}" for port in free_ports(p.np)]
+    envs = [child_environ(os.environ, rank_env(pl, world_size=p.np, backend="multi_worker",
+                                               tf_config_json=tf_config(workers, pl.rank))) for pl in placements]
+    return run_local([p.worker_command()] * p.np, envs, grace_seconds=grace_seconds)
+
+
+_FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
+
+
+def _run_horovodrun(p: LaunchPlan) -> int:
+    opts = p.resolved["distribution"]["horovod"]
+    argv = horovodrun_argv(np=p.np, hosts=p.hosts, controller=p.controller, command=p.worker_command(),
+                           as_root=os.geteuid() == 0,
+                           program=shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun"))
+    env = child_environ(os.environ, {"STRATA_BACKEND": "horovod"})
+    for key, value in (("HOROVOD_FUSION_THRESHOLD", opts["fusion_threshold_mb"]),):
+        if value is not None:
+            env[key] = str(int(float(value) * 1024 * 1024))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
+    failed: list[tuple[str, str]] = []
+
+    def stop(signum, _frame):  # forward Ctrl-C / SIGTERM to horovodrun, which stops its ranks
+        os.killpg(proc.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            failed += _FAILED_PROCESS.findall(line)
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if code != 0:
+        real = [(r, c) for r, c in failed if c not in ("0",)]
+        who = ", ".join(f"rank {r} exited with code {c}" for r, c in real[:1]) or f"horovodrun exited with code {code}"
+        print(f"strata: job failed: {who}; the other ranks were stopped", file=sys.stderr, flush=True)
+    return code
