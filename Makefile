@@ -9,8 +9,8 @@ PYTEST_ARGS ?=
 setup:  ## apt packages, virtual environment, pinned deps, Horovod built from source
 	@bash .ci/setup.sh
 
-demo: setup  ## train the default config on the built-in data, then show metrics and where TensorBoard logs are
-	$(STRATA) train configs/classifier.yaml
+demo: setup  ## train the default config with 2 data-parallel Horovod workers, then show test metrics
+	$(STRATA) launch -np 2 configs/classifier.yaml
 	$(STRATA) evaluate runs/classifier --split test
 	$(STRATA) classify runs/classifier "a wonderful and delightful story" "a dull and dreadful mess"
 
@@ -20,8 +20,11 @@ test: setup  ## the whole test suite (what CI runs)
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest -q -ra -m "not slow and not multi_process and not cluster" tests
 
-bench: setup
+bench: setup  ## the benchmarks in the README's table (minutes; run on a quiet machine)
 	$(PY) bench/overhead.py
+	$(PY) bench/overhead.py --model summarizer --steps 150
+	$(PY) bench/scaling.py
+	$(PY) bench/allreduce.py
 
 doctor: setup
 	$(STRATA) doctor

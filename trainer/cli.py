@@ -129,6 +129,9 @@ def _classify(exp, texts: list[str]) -> None:
 
 
 def _train(cfg, *, stop_after: int | None) -> int:
+    from trainer.cpu_affinity import pin_from_env
+
+    pin_from_env()  # opt-in (STRATA_PIN_CPU=1), before any thread starts
     from trainer.data.splits import load_splits
 
     splits = load_splits(cfg.data, cfg.task)  # data-file errors surface here, before TensorFlow loads

@@ -161,8 +161,9 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
         if state.step % cfg.eval.every == 0 or state.step == cfg.train.steps:
             run_eval(exp, strategy, state, hooks, tb, eval_step)
             window_start = time.perf_counter()  # evaluation time is not training throughput
-    if state.stop_requested and state.step % cfg.eval.every:
-        run_eval(exp, strategy, state, hooks, tb, eval_step)
+    already_done = start >= last
+    if (state.stop_requested and state.step % cfg.eval.every) or already_done:
+        run_eval(exp, strategy, state, hooks, tb, eval_step)  # early stop off the grid, or nothing left to do
     for hook in hooks:
         hook.on_train_end(state)
     if strategy.world_size > 1:
