@@ -294,7 +294,7 @@ def one_round(args, work: Path, cores: list[int], r: int) -> dict[str, Result]:
         check_pinned(run, [core])
     kept = [read_windows(run)[args.skip_windows:] for run in pair]
     if not all(kept):
-        raise BenchError(f"independent runs logged too few windows; raise --steps or lower --log-every")
+        raise BenchError("independent runs logged too few windows; raise --steps or lower --log-every")
     both = (max(w[0][0] for w in kept), min(w[-1][1] for w in kept))
     for run in pair:
         results[run.name] = measured(run, args.skip_windows, args.min_windows, within=both)

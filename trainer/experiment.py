@@ -21,7 +21,7 @@ from trainer.data.tokenizer import Vocabulary
 from trainer.errors import ConfigError
 from trainer.models import LevelModel, build_model
 from trainer.optim import build_optimizer
-from trainer.strategy import Strategy
+from trainer.strategy.base import Strategy
 
 CONFIG_FILE = "config.yaml"
 VOCAB_FILE = "vocab.json"

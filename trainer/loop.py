@@ -14,7 +14,7 @@ from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopStat
 from trainer.faults import fault_hooks
 from trainer.models.decoding import greedy_decoder
 from trainer.optim import current_lr
-from trainer.strategy import Strategy
+from trainer.strategy.base import Strategy
 from trainer.summaries import TensorBoard, flatten
 
 

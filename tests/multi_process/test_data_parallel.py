@@ -69,8 +69,13 @@ def test_mirrored_two_logical_cpus(reference: Path, tmp_path: Path):
                          ids=["multi_worker", "horovod-gloo", "horovod-mpi"])
 def test_two_processes_via_strata_launch(reference: Path, tmp_path: Path, backend_args: list[str]):
     run_dir = tmp_path / "run"
-    done = strata("launch", "-np", "2", *backend_args, CONFIG, *COMMON, "--set", f"run_dir={run_dir}", timeout=400)
+    timeline = tmp_path / "timeline.json"
+    extra = ["--set", f"distribution.horovod.timeline={timeline}"] if "horovod" in backend_args else []
+    done = strata("launch", "-np", "2", *backend_args, CONFIG, *COMMON, "--set", f"run_dir={run_dir}", *extra,
+                  timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    if extra:  # Horovod options from the config reach Horovod: its timeline records the gradient all-reduces
+        assert "ALLREDUCE" in timeline.read_text() and "grad_0" in timeline.read_text()
     digests = _rank_digests(done.stdout)
     assert set(digests) == {0, 1} and digests[0] == digests[1], digests
     assert "weights identical on all 2 ranks" in done.stdout

@@ -2,7 +2,6 @@
 within seconds with a message naming the rank."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

@@ -1,12 +1,16 @@
 """Distribution backends behind one interface (see base.py). The only package that imports horovod or
-calls tf.distribute."""
+calls tf.distribute. Importing this package does not import TensorFlow (pipeline_plan.py is pure and
+serves `strata plan`); each backend is imported when it is chosen."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from trainer.config import ExperimentConfig
 from trainer.errors import ConfigError
-from trainer.strategy.base import Strategy
+
+if TYPE_CHECKING:
+    from trainer.strategy.base import Strategy
 
 # Variables that horovodrun / mpirun / srun set in every rank they start.
 _LAUNCHER_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
@@ -20,7 +24,7 @@ def launched_world_size() -> int:
     return 1
 
 
-def make_strategy(cfg: ExperimentConfig) -> Strategy:
+def make_strategy(cfg: ExperimentConfig) -> "Strategy":
     """Build the backend named by `distribution.backend` and check the batch splits evenly over it."""
     dist = cfg.distribution
     ranks = launched_world_size()
@@ -32,7 +36,7 @@ def make_strategy(cfg: ExperimentConfig) -> Strategy:
     if dist.backend == "single":
         from trainer.strategy.single import SingleDevice
 
-        strategy: Strategy = SingleDevice()
+        strategy: "Strategy" = SingleDevice()
     elif dist.backend == "mirrored":
         from trainer.strategy.tf_distribute import Mirrored
 
@@ -63,4 +67,4 @@ def check_batch_split(cfg: ExperimentConfig, replicas: int) -> int:
     return b // replicas
 
 
-__all__ = ["Strategy", "make_strategy", "check_batch_split", "launched_world_size"]
+__all__ = ["make_strategy", "check_batch_split", "launched_world_size"]

@@ -1,0 +1,36 @@
+"""Learning-rate schedule and replica scaling."""
+from __future__ import annotations
+
+import pytest
+
+from trainer.config import OptimizerConfig
+from trainer.optim import WarmupSchedule, build_optimizer
+
+
+def test_warmup_then_cosine_to_the_floor():
+    s = WarmupSchedule(1.0, warmup_steps=10, total_steps=110, decay="cosine", min_ratio=0.1)
+    assert float(s(0)) == pytest.approx(0.1)
+    assert float(s(9)) == pytest.approx(1.0)
+    assert float(s(10)) == pytest.approx(1.0)
+    assert float(s(60)) == pytest.approx(0.55)
+    assert float(s(110)) == pytest.approx(0.1)
+
+
+def test_linear_and_constant():
+    lin = WarmupSchedule(2.0, warmup_steps=0, total_steps=100, decay="linear", min_ratio=0.0)
+    assert float(lin(50)) == pytest.approx(1.0)
+    const = WarmupSchedule(2.0, warmup_steps=0, total_steps=100, decay="constant", min_ratio=0.0)
+    assert float(const(99)) == pytest.approx(2.0)
+
+
+def test_learning_rate_scales_with_replicas_only_when_asked():
+    plain = build_optimizer(OptimizerConfig(lr=0.01), total_steps=10, num_replicas=4, mixed_precision="off")
+    scaled = build_optimizer(OptimizerConfig(lr=0.01, scale_lr_with_replicas=True), total_steps=10, num_replicas=4,
+                             mixed_precision="off")
+    assert plain.learning_rate.numpy() == pytest.approx(0.01)
+    assert scaled.learning_rate.numpy() == pytest.approx(0.04)
+
+
+def test_float16_gets_loss_scaling():
+    opt = build_optimizer(OptimizerConfig(), total_steps=10, num_replicas=1, mixed_precision="float16")
+    assert hasattr(opt, "inner_optimizer") and hasattr(opt, "scale_loss")

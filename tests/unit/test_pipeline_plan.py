@@ -1,0 +1,414 @@
+"""Pipeline planning (pure): stage partitions, GPipe/1F1B schedules and their simulated bubble and memory,
+config checks and the `strata plan` text."""
+from __future__ import annotations
+
+import itertools
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MODULE = Path(__file__).resolve().parents[2] / "trainer" / "strategy" / "pipeline_plan.py"
+
+
+import trainer.strategy.pipeline_plan as pp  # noqa: E402  (pure: no TensorFlow import)
+
+LEVELS = ["embed", "encoder_1", "encoder_2", "decoder", "output"]
+
+
+def _one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+# ============================================================================ explicit_partition
+def test_explicit_partition_returns_half_open_ranges():
+    stages = [["embed", "encoder_1"], ["encoder_2", "decoder"], ["output"]]
+    assert pp.explicit_partition(LEVELS, stages) == [(0, 2), (2, 4), (4, 5)]
+    assert pp.explicit_partition(LEVELS, [LEVELS]) == [(0, 5)]
+    assert pp.stage_level_names(LEVELS, [(0, 2), (2, 4), (4, 5)]) == stages
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([["embed", "encoder_1", "encoder_2", "decoder"], ["decoder", "output"]],
+     "level 'decoder' is in stage 0 and stage 1; keep it in one stage"),
+    ([["embed", "embed", "encoder_1", "encoder_2", "decoder", "output"]],
+     "level 'embed' is listed twice in stage 0"),
+    ([["encoder_1", "encoder_2", "decoder", "output"], ["embed"]],
+     "stages must follow the model's level order: 'embed' (stage 1) is listed after 'output' (stage 0)"),
+    ([["embed", "encoder_2", "encoder_1", "decoder", "output"]],
+     "stages must follow the model's level order: 'encoder_1' (stage 0) is listed after 'encoder_2'"),
+    ([["embed", "encoder_1"], ["encoder_2", "decoder"]],
+     "level 'output' is in no stage; add it to stage 1"),
+    ([["encoder_1"], ["encoder_2", "decoder", "output"]],
+     "level 'embed' is in no stage; add it to stage 0"),
+    ([["embed", "encoder_1"], ["decoder", "output"]],
+     "level 'encoder_2' is in no stage; add it to stage 0 or stage 1"),
+    ([["embed", "encoder_2"], ["decoder", "output"]],
+     "level 'encoder_1' is in no stage; add it to stage 0"),
+    ([["embed", "encoder_1"], ["encoder_2", "decodr", "output"]],
+     "unknown level 'decodr'; levels are: embed, encoder_1, encoder_2, decoder, output; did you mean 'decoder'?"),
+    ([["embed", "encoder_1"], [], ["encoder_2", "decoder", "output"]],
+     "stage 1 is empty; give every stage at least one level"),
+    ([], "no stages given"),
+    (["embed", "encoder_1"], "stage 0 is the string 'embed'"),
+])
+def test_explicit_partition_errors_name_the_level_and_fix(stages, message):
+    with pytest.raises(ValueError) as excinfo:
+        pp.explicit_partition(LEVELS, stages)
+    assert message in _one_line_error(excinfo)
+
+
+# ============================================================================ balanced_partition
+def _brute_force(costs, stages, memory=None, capacity=None):
+    """Best (max stage cost, earliest boundaries) split by enumeration; None when nothing fits."""
+    n = len(costs)
+    best = None
+    # combinations() yields boundary tuples in lexicographic order, so the first optimum is the earliest.
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = [0, *cuts, n]
+        split = list(zip(bounds, bounds[1:]))
+        if memory is not None and any(sum(memory[i:j]) > capacity[k] + 1e-9 for k, (i, j) in enumerate(split)):
+            continue
+        worst = max(sum(costs[i:j]) for i, j in split)
+        if best is None or worst < best[0] - 1e-9:
+            best = (worst, split)
+    return best
+
+
+def test_balanced_partition_matches_brute_force_and_prefers_earlier_boundaries():
+    rng = random.Random(1234)
+    for _ in range(300):
+        n = rng.randint(1, 9)
+        stages = rng.randint(1, n)
+        # Small integer costs make ties common, which exercises the tie-break.
+        costs = [float(rng.randint(0, 4)) for _ in range(n)]
+        expected = _brute_force(costs, stages)
+        got = pp.balanced_partition(costs, stages)
+        assert got == expected[1], (costs, stages)
+        assert max(pp.stage_costs(costs, got)) == expected[0]
+
+
+def test_balanced_partition_with_memory_matches_brute_force():
+    rng = random.Random(99)
+    checked_infeasible = 0
+    for _ in range(300):
+        n = rng.randint(1, 8)
+        stages = rng.randint(1, n)
+        costs = [float(rng.randint(1, 5)) for _ in range(n)]
+        memory = [float(rng.randint(1, 6)) for _ in range(n)]
+        capacity = [float(rng.randint(3, 14)) for _ in range(stages)]
+        expected = _brute_force(costs, stages, memory, capacity)
+        if expected is None:
+            checked_infeasible += 1
+            with pytest.raises(ValueError, match="fits in memory"):
+                pp.balanced_partition(costs, stages, memory=memory, capacity=capacity)
+            continue
+        got = pp.balanced_partition(costs, stages, memory=memory, capacity=capacity)
+        assert got == expected[1], (costs, memory, capacity)
+    assert checked_infeasible > 10
+
+
+def test_balanced_partition_examples():
+    assert pp.balanced_partition([1, 2, 3, 4, 5, 6, 7, 8, 9], 3) == [(0, 5), (5, 7), (7, 9)]
+    assert pp.balanced_partition([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
+    assert pp.balanced_partition([5, 1, 1, 1], 2) == [(0, 1), (1, 4)]
+    assert pp.balanced_partition([3, 1, 2], 3) == [(0, 1), (1, 2), (2, 3)]
+    # Tie: [1 | 1 1] and [1 1 | 1] are both optimal (2); the earlier boundary wins.
+    assert pp.balanced_partition([1, 1, 1], 2) == [(0, 1), (1, 3)]
+    # Memory pushes the heavy level off the small device even though it makes the slowest stage slower.
+    assert pp.balanced_partition([1, 1, 1, 1], 2, memory=[1, 1, 1, 5], capacity=[10, 5]) == [(0, 3), (3, 4)]
+    # One capacity for every stage; floating-point sums that fit exactly still fit.
+    assert pp.balanced_partition([1, 1, 1], 1, memory=[0.1, 0.2, 0.0], capacity=0.3) == [(0, 3)]
+
+
+def test_balanced_partition_errors():
+    with pytest.raises(ValueError) as excinfo:
+        pp.balanced_partition([1, 2, 3], 4)
+    assert "more stages (4) than levels (3)" in _one_line_error(excinfo)
+    with pytest.raises(ValueError) as excinfo:
+        pp.balanced_partition([5, 5, 5, 5], 2, memory=[3, 3, 9, 3], capacity=[8, 8])
+    # Best split [3 3 | 9 3] over-fills stage 1 by 4, less than any other split.
+    assert "at best stage 1 (levels 2-3) needs 12 but its capacity is 8" in _one_line_error(excinfo)
+    with pytest.raises(ValueError, match=r"1 level into 1 stage fits in memory: at best stage 0 \(level 0\) needs 9"):
+        pp.balanced_partition([1], 1, memory=[9], capacity=[8])
+    with pytest.raises(ValueError, match="both memory"):
+        pp.balanced_partition([1, 2], 1, memory=[1, 1])
+    with pytest.raises(ValueError, match="capacity has 1 entries but there are 2 stages"):
+        pp.balanced_partition([1, 2], 2, memory=[1, 1], capacity=[4])
+    with pytest.raises(ValueError, match=r"costs\[1\] is -1"):
+        pp.balanced_partition([1, -1], 1)
+    with pytest.raises(ValueError, match="positive integer"):
+        pp.balanced_partition([1, 2], 0)
+
+
+def test_stage_costs_and_imbalance():
+    costs = [1.0, 2.0, 3.0, 6.0]
+    assert pp.stage_costs(costs, [(0, 3), (3, 4)]) == [6.0, 6.0]
+    assert pp.imbalance(costs, [(0, 3), (3, 4)]) == 1.0
+    assert pp.imbalance(costs, [(0, 1), (1, 4)]) == pytest.approx(11 / 6)
+    assert pp.imbalance([0.0, 0.0], [(0, 1), (1, 2)]) == 1.0
+    with pytest.raises(ValueError, match="stage 1 covers levels"):
+        pp.stage_costs(costs, [(0, 2), (3, 4)])
+    with pytest.raises(ValueError, match="covers levels \\[0, 3\\) but the model has 4 levels"):
+        pp.stage_costs(costs, [(0, 3)])
+
+
+# ============================================================================ schedules
+KM = [(k, m) for k in (1, 2, 3, 4, 6) for m in (1, 2, 3, 4, 5, 8, 13)]
+SCHEDULE_FNS = {"gpipe": pp.gpipe_schedule, "1f1b": pp.one_f_one_b_schedule}
+
+
+@pytest.mark.parametrize("name", SCHEDULE_FNS)
+def test_every_op_appears_exactly_once_per_stage(name):
+    for k, m in KM:
+        schedule = SCHEDULE_FNS[name](k, m)
+        assert len(schedule) == k
+        want = sorted((kind, i) for kind in "FB" for i in range(m))
+        for ops in schedule:
+            assert sorted(ops) == want
+            # A stage never runs a backward before its own forward of that micro-batch.
+            assert all(ops.index(("F", i)) < ops.index(("B", i)) for i in range(m))
+
+
+def test_gpipe_runs_all_forwards_then_backwards_last_micro_batch_first():
+    assert pp.gpipe_schedule(2, 3) == [
+        [("F", 0), ("F", 1), ("F", 2), ("B", 2), ("B", 1), ("B", 0)],
+    ] * 2
+
+
+def test_one_f_one_b_warmup_steady_cooldown():
+    schedule = pp.one_f_one_b_schedule(4, 6)
+    for s, ops in enumerate(schedule):
+        warmup = min(4 - s - 1, 6)
+        assert ops[:warmup] == [("F", m) for m in range(warmup)]
+        assert ops[warmup] == ("F", warmup)  # steady state starts with one forward ...
+        assert ops[warmup + 1] == ("B", 0)  # ... then one backward
+    assert schedule[3] == [(kind, m) for m in range(6) for kind in "FB"]  # the last stage: pure 1F1B
+    assert schedule[0] == [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("F", 4), ("B", 1),
+                           ("F", 5), ("B", 2), ("B", 3), ("B", 4), ("B", 5)]
+    # Fewer micro-batches than warm-up slots: all forwards, then all backwards in order.
+    assert pp.one_f_one_b_schedule(4, 2)[0] == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
+
+
+@pytest.mark.parametrize("name", SCHEDULE_FNS)
+@pytest.mark.parametrize("backward_time", [2.0, 1.0, 3.0])
+def test_simulated_bubble_equals_theory_for_uniform_stages(name, backward_time):
+    for k, m in KM:  # includes M < K
+        timeline = pp.simulate(SCHEDULE_FNS[name](k, m), forward_time=1.0, backward_time=backward_time)
+        theory = pp.theoretical_bubble(k, m)
+        assert timeline.bubble == pytest.approx(theory, abs=1e-12), (k, m)
+        assert timeline.stage_bubble == pytest.approx([theory] * k, abs=1e-12)
+        assert timeline.makespan == pytest.approx((m + k - 1) * (1.0 + backward_time))
+        assert timeline.busy == pytest.approx([m * (1.0 + backward_time)] * k)
+
+
+def test_peak_live_activations_gpipe_m_and_1f1b_at_most_k():
+    for k, m in KM:
+        gpipe = pp.simulate(pp.gpipe_schedule(k, m)).peak_live
+        one_f_one_b = pp.simulate(pp.one_f_one_b_schedule(k, m)).peak_live
+        assert gpipe[0] == m
+        assert gpipe == [m] * k
+        assert one_f_one_b == [min(k - s, m) for s in range(k)]
+        assert max(one_f_one_b) <= k
+    assert pp.peak_live_micro_batches("1f1b", 4, 16) == [4, 3, 2, 1]
+    assert pp.peak_live_micro_batches("gpipe", 4, 16) == [16] * 4
+
+
+@pytest.mark.parametrize("name", SCHEDULE_FNS)
+def test_simulated_times_respect_dependencies(name):
+    for k, m in KM:
+        # Unequal stage times so that dependencies, not symmetry, decide the start times.
+        fwd = [1.0 + 0.5 * s for s in range(k)]
+        bwd = [2.5 - 0.25 * s for s in range(k)]
+        tl = pp.simulate(SCHEDULE_FNS[name](k, m), forward_time=fwd, backward_time=bwd)
+        for s in range(k):
+            ops = tl.ops[s]
+            assert [(t.kind, t.micro_batch) for t in ops] == SCHEDULE_FNS[name](k, m)[s]
+            for prev, cur in zip(ops, ops[1:]):
+                assert cur.start >= prev.end  # one op at a time, in order
+            for t in ops:
+                assert t.end - t.start == (fwd[s] if t.kind == "F" else bwd[s])
+                if t.kind == "F" and s > 0:
+                    assert t.start >= tl.op(s - 1, "F", t.micro_batch).end
+                if t.kind == "B":
+                    assert t.start >= tl.op(s, "F", t.micro_batch).end
+                    if s < k - 1:
+                        assert t.start >= tl.op(s + 1, "B", t.micro_batch).end
+        assert tl.makespan == max(t.end for ops in tl.ops for t in ops)
+        assert tl.ops[0][0].start == 0.0
+
+
+def test_unbalanced_stages_have_a_bigger_bubble():
+    tl = pp.simulate(pp.one_f_one_b_schedule(2, 8), forward_time=[1.0, 3.0], backward_time=[2.0, 6.0])
+    assert tl.bubble > pp.theoretical_bubble(2, 8)
+    assert tl.stage_bubble[1] < tl.stage_bubble[0]  # the slow stage is the busy one
+
+
+@pytest.mark.parametrize("schedule, stuck", [
+    # Stage 0 wants B0 before it has run F0 itself.
+    ([[("B", 0), ("F", 0)], [("F", 0), ("B", 0)]], "stage 0 waits at B0 for F0 on stage 0"),
+    # Stage 0 waits for B1 from stage 1, which waits for F1 that stage 0 only runs after B1.
+    ([[("F", 0), ("B", 1), ("F", 1), ("B", 0)], [("F", 0), ("F", 1), ("B", 1), ("B", 0)]],
+     "stage 1 waits at F1 for F1 on stage 0"),
+    # Stage 1 insists on B1 first; stage 0 runs the forwards but stage 1's order blocks B0 forever.
+    ([[("F", 0), ("F", 1), ("B", 0), ("B", 1)], [("F", 0), ("B", 1), ("F", 1), ("B", 0)]],
+     "stage 1 waits at B1 for F1 on stage 1"),
+])
+def test_deadlocking_schedule_raises(schedule, stuck):
+    with pytest.raises(pp.ScheduleDeadlock) as excinfo:
+        pp.simulate(schedule)
+    assert isinstance(excinfo.value, ValueError)
+    msg = _one_line_error(excinfo)
+    assert msg.startswith("schedule deadlocks: ") and stuck in msg
+
+
+@pytest.mark.parametrize("schedule, message", [
+    ([[("F", 0), ("B", 0)], [("F", 0)]], "stage 1 never runs ('B', 0)"),
+    ([[("F", 0), ("B", 0), ("B", 0)]], "stage 0 runs ('B', 0) twice"),
+    ([[("F", 0), ("X", 0), ("B", 0)]], "stage 0 has op ('X', 0)"),
+    ([[("F", 0), ("B", 0)], [("F", 1), ("B", 1)]], "stage 1 has op ('F', 1)"),
+    ([], "no stages"),
+    ([[("B", 0)]], "stage 0 runs no forward"),
+])
+def test_malformed_schedule_raises(schedule, message):
+    with pytest.raises(ValueError, match=None) as excinfo:
+        pp.simulate(schedule)
+    assert not isinstance(excinfo.value, pp.ScheduleDeadlock)
+    assert message in _one_line_error(excinfo)
+
+
+def test_bubble_and_speedup_formulas():
+    assert pp.theoretical_bubble(1, 5) == 0.0
+    assert pp.theoretical_bubble(4, 4) == pytest.approx(3 / 7)
+    assert pp.theoretical_bubble(2, 2) == pytest.approx(1 / 3)
+    assert pp.gpipe_speedup_bound(4, 4) == pytest.approx(16 / 7)
+    assert pp.gpipe_speedup_bound(4, 4) == pytest.approx(4 * (1 - pp.theoretical_bubble(4, 4)))
+    assert pp.gpipe_speedup_bound(1, 7) == 1.0
+    with pytest.raises(ValueError, match="micro_batches must be a positive integer"):
+        pp.theoretical_bubble(2, 0)
+    with pytest.raises(ValueError, match="unknown schedule 'interleaved'"):
+        pp.make_schedule("interleaved", 2, 2)
+
+
+# ============================================================================ validate_pipeline
+def test_validate_pipeline_ok():
+    assert pp.validate_pipeline(256, 2, 8, 4, LEVELS, 8) == (128, 16)
+    assert pp.validate_pipeline(32, 1, 4, 2, 5, ["GPU:0", "GPU:1"]) == (32, 8)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((32, 1, 3, 2, 5, 2), "micro_batches (3) must divide the per-replica batch (32); try micro_batches=2"),
+    ((64, 2, 3, 2, 5, 4), "micro_batches (3) must divide the per-replica batch (32)"),
+    ((32, 1, 4, 4, 3, 8), "more stages (4) than levels (3)"),
+    ((32, 1, 4, 3, LEVELS, 2), "more stages (3) than devices (2)"),
+    ((32, 2, 4, 2, 5, 3), "stages (2) x replicas (2) needs 4 devices but there are 3; use replicas=1"),
+    ((30, 4, 1, 1, 5, 4), "replicas (4) must divide the global batch (30); try a global batch of 32"),
+    ((32, 1, 0, 1, 5, 1), "micro_batches must be a positive integer"),
+])
+def test_validate_pipeline_errors(args, message):
+    with pytest.raises(ValueError) as excinfo:
+        pp.validate_pipeline(*args)
+    assert message in _one_line_error(excinfo)
+
+
+# ============================================================================ PipelinePlan / format_plan
+def _plan(**overrides):
+    fields = dict(
+        stages=2, micro_batches=8, schedule="1f1b",
+        stage_levels=[["embed", "encoder_1", "encoder_2"], ["decoder", "output"]],
+        global_batch=128, replicas=2,
+        stage_params=[1_500_000, 2_000_000], stage_activation_bytes=[64 * 2**20, 32 * 2**20],
+        stage_costs=[1.0, 1.1], device_memory_bytes=16 * 2**30,
+    )
+    fields.update(overrides)
+    return pp.PipelinePlan(**fields)
+
+
+def test_plan_numbers():
+    plan = _plan()
+    assert (plan.per_replica_batch, plan.micro_batch_size) == (64, 8)
+    assert plan.bubble == pytest.approx(1 / 9)
+    assert plan.peak_live == [2, 1]
+    assert plan.activation_bytes(0) == 2 * 64 * 2**20
+    assert plan.memory_bytes(1) == 2_000_000 * 16 + 32 * 2**20
+    assert _plan(schedule="gpipe").peak_live == [8, 8]
+    assert plan.warnings() == []
+
+
+def test_plan_warnings():
+    few = _plan(micro_batches=2, global_batch=64)
+    assert few.warnings() == ["micro_batches (2) < 4 x stages (2): bubble 33%; use >= 8"]
+
+    unbalanced = _plan(stage_costs=[1.0, 3.0])
+    (warning,) = unbalanced.warnings()
+    assert warning.startswith("stages are unbalanced: costs 1, 3 (slowest/mean 1.50 > 1.25); move levels off stage 1")
+
+    assert _plan(stage_costs=[1.0, 1.5]).warnings() == []  # 1.2 <= 1.25
+
+    tight = _plan(schedule="gpipe", device_memory_bytes=[16 * 2**30, 256 * 2**20])
+    (warning,) = tight.warnings()
+    assert warning.startswith("stage 1 needs ~")
+    assert "(params 30.5 MiB + activations 8 x 32.0 MiB) but GPU:1 has 256.0 MiB" in warning
+    assert "use the 1f1b schedule" in warning
+    assert _plan(device_memory_bytes=[16 * 2**30, 256 * 2**20]).warnings() == []  # 1F1B keeps only 1 alive
+
+    assert all("\n" not in w for w in few.warnings() + unbalanced.warnings() + tight.warnings())
+
+
+def test_plan_rejects_inconsistent_fields():
+    with pytest.raises(ValueError, match="stage_levels has 1 entries but there are 2 stages"):
+        _plan(stage_levels=[LEVELS])
+    with pytest.raises(ValueError, match="unknown schedule 'zb'"):
+        _plan(schedule="zb")
+
+
+def test_format_plan_table():
+    text = pp.format_plan(_plan(devices=["/gpu:0", "/gpu:1"], micro_batches=4, global_batch=64))
+    lines = text.splitlines()
+    assert lines[0] == "pipeline: 2 stages x 2 replicas, 4 devices"
+    assert [c.strip() for c in lines[1].split("|")] == ["stage", "device", "levels", "params", "activation memory"]
+    assert set(lines[2]) <= {"-", "+"}
+    assert [c.strip() for c in lines[3].split("|")] == [
+        "0", "/gpu:0", "embed, encoder_1, encoder_2", "1.5M", "128.0 MiB (2 x 64.0 MiB)"]
+    assert [c.strip() for c in lines[4].split("|")] == ["1", "/gpu:1", "decoder, output", "2.0M", "32.0 MiB (1 x 32.0 MiB)"]
+    # Columns line up.
+    assert len({line.index("|") for line in lines[1:5] if "|" in line}) == 1
+    assert "schedule: 1f1b, 4 micro-batches per step" in text
+    assert "bubble: 20.0% idle = (K-1)/(M+K-1) = 1/5" in text
+    assert "micro-batch size 8 (32 / 4)" in text
+    assert "warnings:\n  - micro_batches (4) < 4 x stages (2): bubble 20%; use >= 8" in text
+
+
+def test_format_plan_without_estimates():
+    plan = pp.PipelinePlan(stages=1, micro_batches=1, schedule="gpipe", stage_levels=[LEVELS], global_batch=8)
+    text = pp.format_plan(plan)
+    assert "| GPU:0  |" in text and "| -" in text
+    assert "bubble: 0.0% idle" in text
+    assert "warnings" not in text
+
+
+# ============================================================================ purity and speed
+def test_module_imports_no_tensorflow():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('pp', {str(MODULE)!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['pp'] = m; spec.loader.exec_module(m)\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('tensorflow', 'keras', 'numpy', 'trainer'))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_large_plan_is_fast():
+    import time
+
+    t0 = time.perf_counter()
+    timeline = pp.simulate(pp.one_f_one_b_schedule(16, 128))
+    assert timeline.bubble == pytest.approx(pp.theoretical_bubble(16, 128))
+    pp.balanced_partition([float(i % 7 + 1) for i in range(48)], 8)
+    assert time.perf_counter() - t0 < 1.0
