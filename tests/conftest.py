@@ -41,3 +41,20 @@ def trainer(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+_SERVE = """
+import json, sys, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+result = model.signatures["serving_default"](text=tf.constant(json.loads(sys.argv[2])))
+print(json.dumps([x.decode() if isinstance(x, bytes) else x.item() for x in result[sys.argv[3]].numpy()]))
+"""
+
+
+def serve_in_fresh_process(saved_model: Path, texts: list[str], output: str) -> list:
+    """Load an exported SavedModel in a new process that imports only TensorFlow; raw text in, `output` out."""
+    import json
+
+    done = run_cmd([sys.executable, "-c", _SERVE, str(saved_model), json.dumps(texts), output], timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

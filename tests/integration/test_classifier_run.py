@@ -3,13 +3,12 @@ export and serve from a fresh process. One training run is shared by the tests o
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from tests.conftest import CONFIGS, TINY_CLASSIFIER, run_cmd, strata
+from tests.conftest import CONFIGS, TINY_CLASSIFIER, serve_in_fresh_process, strata
 
 pytestmark = pytest.mark.slow
 STEPS, LOG_EVERY, EVAL_EVERY = 150, 10, 50
@@ -71,13 +70,4 @@ def test_evaluate_classify_and_export(trained: Path, tmp_path: Path):
     out = tmp_path / "served"
     done = strata("export", str(trained), "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
-    # Serve from a fresh process that imports only TensorFlow: raw text in, label out.
-    code = (
-        "import json, sys, tensorflow as tf\n"
-        f"m = tf.saved_model.load({str(out)!r})\n"
-        "r = m.signatures['serving_default'](text=tf.constant(json.loads(sys.argv[1])))\n"
-        "print(json.dumps([int(x) for x in r['label'].numpy()]))\n"
-    )
-    served = run_cmd([sys.executable, "-c", code, json.dumps(texts)], timeout=120)
-    assert served.returncode == 0, served.stderr[-2000:]
-    assert json.loads(served.stdout.strip().splitlines()[-1]) == labels
+    assert serve_in_fresh_process(out, texts, "label") == labels

@@ -4,13 +4,12 @@ exported SavedModel loaded in a fresh process."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from tests.conftest import CONFIGS, run_cmd, strata
+from tests.conftest import CONFIGS, serve_in_fresh_process, strata
 from trainer.config import load_config
 from trainer.data.splits import load_splits
 from trainer.task import lead_baseline, rouge
@@ -68,15 +67,7 @@ def test_summarize_and_served_export_agree(summarizer: Path, tmp_path: Path):
 
     out = tmp_path / "served"
     assert strata("export", str(summarizer), "--out", str(out)).returncode == 0
-    code = (
-        "import json, sys, tensorflow as tf\n"
-        f"m = tf.saved_model.load({str(out)!r})\n"
-        "r = m.signatures['serving_default'](text=tf.constant(json.loads(sys.argv[1])))\n"
-        "print(json.dumps([s.decode() for s in r['summary'].numpy()]))\n"
-    )
-    served = run_cmd([sys.executable, "-c", code, json.dumps(documents)], timeout=180)
-    assert served.returncode == 0, served.stderr[-2000:]
-    assert json.loads(served.stdout.strip().splitlines()[-1]) == summaries
+    assert serve_in_fresh_process(out, documents, "summary") == summaries
 
 
 def test_transformer_trains_resumes_and_evaluates(tmp_path: Path):
