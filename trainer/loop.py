@@ -30,8 +30,7 @@ def make_train_step(exp: Experiment, strategy: Strategy):
         variables = model.trainable_variables
         local_batch = tf.shape(next(iter(batch.values())))[0]
         micro = local_batch // accum
-        grads = [tf.zeros_like(v) for v in variables]
-        loss = tf.constant(0.0)
+        grads, loss = None, tf.constant(0.0)
         for i in range(accum):  # gradient accumulation: `accum` micro-slices of this replica's batch
             part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
             with tf.GradientTape() as tape:
@@ -39,7 +38,8 @@ def make_train_step(exp: Experiment, strategy: Strategy):
                 # Normalise by the GLOBAL batch; replicas' gradients are then summed (strategy/base.py).
                 part_loss = tf.reduce_sum(task_lib.per_example_loss(task, part, outputs)) / global_batch
                 scaled = optimizer.scale_loss(part_loss) if loss_scaling else part_loss
-            grads = [g + d for g, d in zip(grads, tape.gradient(scaled, variables))]
+            part_grads = tape.gradient(scaled, variables)
+            grads = part_grads if grads is None else [_add(g, d) for g, d in zip(grads, part_grads)]
             loss += part_loss
         grads = strategy.reduce_gradients(grads)
         optimizer.apply_gradients(zip(grads, variables))
@@ -50,6 +50,13 @@ def make_train_step(exp: Experiment, strategy: Strategy):
         return strategy.run(replica_step, next(iterator))
 
     return train_step
+
+
+def _add(a, b):
+    """Sum two gradients; embedding gradients are IndexedSlices, whose sum is their concatenation."""
+    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.concat([a.values, b.values], 0), tf.concat([a.indices, b.indices], 0), a.dense_shape)
+    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
 
 
 def make_eval_step(exp: Experiment):
