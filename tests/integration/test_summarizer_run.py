@@ -18,14 +18,17 @@ pytestmark = pytest.mark.slow
 SMALL = ["--set", "data.builtin.train_examples=2000", "--set", "data.builtin.val_examples=100",
          "--set", "data.builtin.test_examples=100", "--set", "eval.rouge_examples=100",
          "--set", "logging.progress_bar=false"]
+# Long and gentle enough that the run is past the plateau where the model learns to copy names: before
+# it, when a run escapes the plateau depends on float rounding, so two equivalent runs can differ a lot
+# (seen at 500 steps, lr 5e-3: ROUGE-L 0.97 vs 0.48); after it they agree (1000 steps, lr 3e-3: 0.62 vs 0.65).
+QUALITY_RUN = ["--set", "train.steps=1000", "--set", "eval.every=500", "--set", "optimizer.lr=0.003"]
 
 
 @pytest.fixture(scope="module")
 def summarizer(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("summarizer") / "run"
     done = strata("train", str(CONFIGS / "summarizer.yaml"), *SMALL, "--set", f"run_dir={run_dir}",
-                  "--set", "train.steps=500", "--set", "eval.every=250", "--set", "optimizer.lr=0.005",
-                  timeout=900)
+                  *QUALITY_RUN, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 
@@ -40,7 +43,7 @@ def test_heldout_rouge_beats_lead_baseline(summarizer: Path):
     words = max(len(ex["summary"].split()) for ex in test)
     baseline = rouge([ex["summary"] for ex in test], lead_baseline([ex["document"] for ex in test], words))
     print(f"held-out ROUGE-L: model {model_scores['rougeL']:.3f} vs lead-{words} baseline {baseline['rougeL']:.3f}")
-    assert model_scores["rougeL"] > baseline["rougeL"] + 0.1
+    assert model_scores["rougeL"] > baseline["rougeL"] + 0.2
     assert model_scores["rouge1"] > baseline["rouge1"]
 
 
@@ -51,7 +54,7 @@ def test_attention_image_and_rouge_in_tensorboard(summarizer: Path):
     for tag in ("val/rouge1", "val/rouge2", "val/rougeL", "val/token_accuracy", "val/attention"):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     image = acc.Tensors("val/attention")[-1]
-    assert image.step == 500
+    assert image.step == 1000
     # An image summary is [width, height, encoded PNG...] as strings.
     width, height = (int(x) for x in image.tensor_proto.string_val[:2])
     assert width > 0 and height > 0 and image.tensor_proto.string_val[2].startswith(b"\x89PNG")
@@ -87,14 +90,13 @@ def test_transformer_trains_resumes_and_evaluates(tmp_path: Path):
 def test_two_horovod_workers_reach_the_same_quality(summarizer: Path, tmp_path: Path):
     """Same global batch, 2 Horovod ranks x 16 vs 1 x 32: the same quality on the held-out split.
 
-    The math is the same, but float sums in another order make 500 steps of a GRU drift apart a little
+    The math is the same, but float sums in another order make a long GRU run drift apart
     (step-for-step equality over a short run is tested in tests/multi_process/test_data_parallel.py), so
-    the comparison is of quality: within 0.1 ROUGE-L and 25% loss, both far above the lead baseline.
-    (Observed on the 2-core VM: ROUGE-L 0.650 vs 0.715, loss 1.22 vs 1.00 — mid-descent, where rounding
-    differences show most.)"""
+    the comparison is of quality after QUALITY_RUN: within 0.1 ROUGE-L and 25% loss, both far above the
+    lead baseline (observed on the 2-core VM: ROUGE-L 0.620 vs 0.653, loss 1.133 vs 1.079)."""
     run_dir = tmp_path / "run"
     done = strata("launch", "-np", "2", str(CONFIGS / "summarizer.yaml"), *SMALL, "--set", f"run_dir={run_dir}",
-                  "--set", "train.steps=500", "--set", "eval.every=250", "--set", "optimizer.lr=0.005", timeout=900)
+                  *QUALITY_RUN, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "weights identical on all 2 ranks" in done.stdout
     scores = []
@@ -107,4 +109,4 @@ def test_two_horovod_workers_reach_the_same_quality(summarizer: Path, tmp_path: 
           f"2 Horovod workers ROUGE-L {two['rougeL']:.3f} loss {two['loss']:.3f}")
     assert abs(one["rougeL"] - two["rougeL"]) < 0.1
     assert abs(one["loss"] - two["loss"]) < 0.25 * max(one["loss"], two["loss"])
-    assert min(one["rougeL"], two["rougeL"]) > 0.4
+    assert min(one["rougeL"], two["rougeL"]) > 0.45
