@@ -93,7 +93,7 @@ def test_two_horovod_workers_reach_the_same_quality(summarizer: Path, tmp_path: 
     The math is the same, but float sums in another order make a long GRU run drift apart
     (step-for-step equality over a short run is tested in tests/multi_process/test_data_parallel.py), so
     the comparison is of quality after QUALITY_RUN: within 0.1 ROUGE-L and 25% loss, both far above the
-    lead baseline (observed on the 2-core VM: ROUGE-L 0.620 vs 0.653, loss 1.133 vs 1.079)."""
+    lead baseline (observed on the 2-core VM: ROUGE-L 0.608-0.620 vs 0.653, loss 1.133-1.146 vs 1.077-1.079)."""
     run_dir = tmp_path / "run"
     done = strata("launch", "-np", "2", str(CONFIGS / "summarizer.yaml"), *SMALL, "--set", f"run_dir={run_dir}",
                   *QUALITY_RUN, timeout=900)
