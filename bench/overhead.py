@@ -49,7 +49,8 @@ def strata_throughput(config: str, steps: int, warmup: int, run_dir: Path) -> fl
 
 
 class WindowClock(Hook):
-    """Wall time from the end of step `first_step` to the end of training (tracing excluded)."""
+    """Wall time from the end of step `first_step` to the end of the last step: tracing, the final
+    evaluation and the final checkpoint are excluded (model.fit does none of them)."""
 
     def __init__(self, first_step: int):
         self.first_step, self.start, self.elapsed = first_step, 0.0, 0.0
@@ -57,9 +58,8 @@ class WindowClock(Hook):
     def on_step_end(self, state) -> None:
         if state.step == self.first_step:
             self.start = time.perf_counter()
-
-    def on_train_end(self, state) -> None:
-        self.elapsed = time.perf_counter() - self.start
+        if state.step == state.total_steps:
+            self.elapsed = time.perf_counter() - self.start
 
 
 def keras_throughput(config: str, steps: int, warmup: int) -> float:
