@@ -176,14 +176,11 @@ _FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
 
 
 def _run_horovodrun(p: LaunchPlan) -> int:
-    opts = p.resolved["distribution"]["horovod"]
     argv = horovodrun_argv(np=p.np, hosts=p.hosts, controller=p.controller, command=p.worker_command(),
                            as_root=os.geteuid() == 0,
                            program=shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun"))
     env = child_environ(os.environ, {"STRATA_BACKEND": "horovod"})
-    for key, value in (("HOROVOD_FUSION_THRESHOLD", opts["fusion_threshold_mb"]),):
-        if value is not None:
-            env[key] = str(int(float(value) * 1024 * 1024))
+    # Horovod options from the config (distribution.horovod) are applied by each rank before hvd.init().
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
     failed: list[tuple[str, str]] = []
