@@ -37,6 +37,10 @@ class ClassifierModel(_Strict):
     hidden_dim: PositiveInt = 32
     dropout: Probability = 0.0
 
+    def level_names(self) -> list[str]:
+        """The model's levels in order (what pipeline stages are made of); must match the built model."""
+        return ["embed", "pool", "hidden", "output"]
+
 
 class SummarizerModel(_Strict):
     """Hierarchical seq2seq summarizer: embed -> encoder levels -> decoder -> attention -> output."""
@@ -46,6 +50,11 @@ class SummarizerModel(_Strict):
     hidden_dim: PositiveInt = 128
     encoder_layers: PositiveInt = 1
     dropout: Probability = 0.0
+
+    def level_names(self) -> list[str]:
+        """The model's levels in order (what pipeline stages are made of); must match the built model."""
+        encoders = [f"encoder_{i}" for i in range(1, self.encoder_layers + 1)]
+        return ["embed", *encoders, "decoder", "attention", "output"]
 
 
 class TransformerModel(_Strict):
@@ -58,6 +67,12 @@ class TransformerModel(_Strict):
     encoder_layers: PositiveInt = 2
     decoder_layers: PositiveInt = 2
     dropout: Probability = 0.1
+
+    def level_names(self) -> list[str]:
+        """The model's levels in order (what pipeline stages are made of); must match the built model."""
+        encoders = [f"encoder_block_{i}" for i in range(self.encoder_layers)]
+        decoders = [f"decoder_block_{j}" for j in range(self.decoder_layers)]
+        return ["embed", *encoders, *decoders, "output"]
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "TransformerModel":
@@ -157,6 +172,9 @@ class EvalConfig(_Strict):
 class CheckpointConfig(_Strict):
     every: PositiveInt = 200
     keep: PositiveInt = 3
+    # Refuse to start when the run directory's disk cannot hold keep + 1 checkpoints (false: skip the check,
+    # e.g. when the filesystem reports its free space wrongly; a full disk then fails at the save instead).
+    check_free_space: bool = True
 
 
 class LoggingConfig(_Strict):
@@ -181,6 +199,24 @@ class HorovodOptions(_Strict):
     timeline: str | None = None  # a JSON trace of every collective, for chrome://tracing
 
 
+class PipelineConfig(_Strict):
+    """Pipeline parallelism inside each replica: the model's levels cut into `stages` on their own devices.
+
+    Each replica's batch is split into `micro_batches`; stages work on different micro-batches at once.
+    partition: `auto` (balance measured per-level cost) or one list of level names per stage.
+    devices: one per stage (`/gpu:0`, ...); default: the GPUs of this process's local rank, or logical CPUs.
+    """
+
+    stages: PositiveInt = 2
+    micro_batches: PositiveInt = 4
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    partition: Union[Literal["auto"], list[list[str]]] = "auto"
+    devices: list[Annotated[str, Field(min_length=1)]] | None = None
+    recompute: bool = False  # keep only stage-boundary activations; re-run each stage's forward in backward
+    profile_steps: PositiveInt = 3  # partition=auto: timed repeats per level
+    device_memory_gb: Annotated[float, Field(gt=0)] | None = None  # per device; default: what the GPU reports
+
+
 class DistributionConfig(_Strict):
     """How replicas are formed.
 
@@ -192,6 +228,7 @@ class DistributionConfig(_Strict):
     backend: Literal["single", "mirrored", "multi_worker", "horovod"] = "single"
     devices: PositiveInt | None = None  # mirrored: replicas in this process (default: all GPUs, or 1 CPU)
     horovod: HorovodOptions = HorovodOptions()
+    pipeline: PipelineConfig | None = None  # absent: no pipeline (one stage, the whole model per replica)
 
 
 # Validation metrics each task reports (early stopping may watch any of them).
@@ -229,6 +266,8 @@ class ExperimentConfig(_Strict):
                 f"data.batch_size ({b}) must be divisible by distribution.devices ({devices}) x "
                 f"train.grad_accum ({accum}) so every replica gets whole micro-batches"
             )
+        if self.distribution.pipeline is not None:
+            self._check_pipeline()
         if self.model.kind == "classifier" and self.data.source == "tfds":
             raise ValueError("data.source tfds is supported for the summarizers only")
         if self.optimizer.warmup_steps >= self.train.steps and self.optimizer.warmup_steps:
@@ -243,6 +282,60 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"train.early_stopping.metric {es.metric!r} is not computed for {self.task}; "
                                  f"choose one of {', '.join('val_' + m for m in known)}")
         return self
+
+    def _check_pipeline(self) -> None:
+        """What can be checked without knowing the number of replicas (the launcher checks the rest)."""
+        pipe, dist = self.distribution.pipeline, self.distribution
+        assert pipe is not None
+        levels = self.model.level_names()
+        if pipe.stages > len(levels):
+            raise ValueError(
+                f"distribution.pipeline.stages ({pipe.stages}) exceeds the {len(levels)} levels of the "
+                f"{self.model.kind} ({', '.join(levels)}); use at most {len(levels)} stages"
+            )
+        if pipe.partition != "auto":
+            if len(pipe.partition) != pipe.stages:
+                raise ValueError(
+                    f"distribution.pipeline.partition lists {len(pipe.partition)} stages but stages is "
+                    f"{pipe.stages}; give one level list per stage"
+                )
+            from trainer.strategy.pipeline_plan import explicit_partition  # pure, no TensorFlow
+
+            try:
+                explicit_partition(levels, pipe.partition)
+            except ValueError as err:
+                raise ValueError(f"distribution.pipeline.partition: {err}") from None
+        if pipe.devices is not None and len(pipe.devices) != pipe.stages:
+            raise ValueError(
+                f"distribution.pipeline.devices lists {len(pipe.devices)} devices for {pipe.stages} stages; "
+                "give one device per stage"
+            )
+        if self.data.batch_size % pipe.micro_batches:
+            raise ValueError(
+                f"distribution.pipeline.micro_batches ({pipe.micro_batches}) must divide data.batch_size "
+                f"({self.data.batch_size}); try micro_batches="
+                f"{max(d for d in range(1, pipe.micro_batches + 1) if self.data.batch_size % d == 0)}"
+            )
+        if dist.backend == "mirrored":
+            raise ValueError(
+                "distribution.pipeline does not combine with backend mirrored (both want this process's devices); "
+                "use backend single, horovod or multi_worker"
+            )
+        if self.train.grad_accum > 1:
+            raise ValueError(
+                "train.grad_accum must be 1 with distribution.pipeline: micro-batches already accumulate "
+                "gradients; raise distribution.pipeline.micro_batches instead"
+            )
+        if pipe.recompute and getattr(self.model, "dropout", 0.0) > 0:
+            raise ValueError(
+                f"distribution.pipeline.recompute needs a deterministic forward but model.dropout is "
+                f"{self.model.dropout}; set model.dropout=0.0 or recompute=false"
+            )
+        if self.train.mixed_precision == "float16":
+            raise ValueError(
+                "train.mixed_precision float16 (loss scaling) is not supported with distribution.pipeline; "
+                "use bfloat16"
+            )
 
     @property
     def task(self) -> str:

@@ -83,6 +83,9 @@ class TensorBoardHook(Hook):
         self.tb.scalars(state.step, {k: logs[k] for k in ("loss", "learning_rate")}, prefix="train")
         perf = ("examples_per_sec", "tokens_per_sec", "step_time_ms")
         self.tb.scalars(state.step, {k: logs[k] for k in perf}, prefix="perf")
+        stages = {k.removeprefix("pipeline/"): v for k, v in logs.items() if k.startswith("pipeline/")}
+        if stages:  # per-stage compute time and measured idle fraction (pipeline runs only)
+            self.tb.scalars(state.step, stages, prefix="pipeline")
 
     def on_eval(self, state: LoopState) -> None:
         self.tb.scalars(state.step, state.eval_metrics, prefix="val")

@@ -28,28 +28,50 @@ def make_train_step(exp: Experiment, strategy: Strategy):
 
     def replica_step(batch: dict) -> dict:
         variables = model.trainable_variables
-        local_batch = tf.shape(next(iter(batch.values())))[0]
-        micro = local_batch // accum
-        grads, loss = None, tf.constant(0.0)
-        for i in range(accum):  # gradient accumulation: `accum` micro-slices of this replica's batch
-            part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
-            with tf.GradientTape() as tape:
-                outputs = model(model_inputs(task, part), training=True)
-                # Normalise by the GLOBAL batch; replicas' gradients are then summed (strategy/base.py).
-                part_loss = tf.reduce_sum(task_lib.per_example_loss(task, part, outputs)) / global_batch
-                scaled = optimizer.scale_loss(part_loss) if loss_scaling else part_loss
-            part_grads = tape.gradient(scaled, variables)
-            grads = part_grads if grads is None else [_add(g, d) for g, d in zip(grads, part_grads)]
-            loss += part_loss
+        extras = {}
+        if exp.pipeline is not None:  # stages on their devices, micro-batches flowing through them
+            loss, grads, timing = exp.pipeline.gradients(batch)
+            extras = {"stage_busy_s": timing["stage_busy_s"], "step_span_s": timing["step_span_s"]}
+        else:
+            local_batch = tf.shape(next(iter(batch.values())))[0]
+            micro = local_batch // accum
+            grads, loss = None, tf.constant(0.0)
+            for i in range(accum):  # gradient accumulation: `accum` micro-slices of this replica's batch
+                part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
+                with tf.GradientTape() as tape:
+                    outputs = model(model_inputs(task, part), training=True)
+                    # Normalise by the GLOBAL batch; replicas' gradients are then summed (strategy/base.py).
+                    part_loss = tf.reduce_sum(task_lib.per_example_loss(task, part, outputs)) / global_batch
+                    scaled = optimizer.scale_loss(part_loss) if loss_scaling else part_loss
+                part_grads = tape.gradient(scaled, variables)
+                grads = part_grads if grads is None else [_add(g, d) for g, d in zip(grads, part_grads)]
+                loss += part_loss
         grads = strategy.reduce_gradients(grads)
         optimizer.apply_gradients(zip(grads, variables))
-        return {"loss": loss, "tokens": tf.cast(task_lib.tokens_in(task, batch), tf.float32)}
+        return {"loss": loss, "tokens": tf.cast(task_lib.tokens_in(task, batch), tf.float32), **extras}
 
     @tf.function
     def train_step(iterator) -> dict:
         return strategy.run(replica_step, next(iterator))
 
     return train_step
+
+
+def pipeline_logs(out: dict, replicas: int) -> dict[str, float]:
+    """Per-stage compute time and idle (bubble) fraction of the latest step, averaged over replicas
+    (the step's outputs are summed over replicas); empty without a pipeline."""
+    if "stage_busy_s" not in out:
+        return {}
+    busy = np.asarray(out["stage_busy_s"], dtype=np.float64) / replicas
+    span = max(float(out["step_span_s"]) / replicas, 1e-12)
+    logs = {}
+    for s, seconds in enumerate(busy):
+        logs[f"pipeline/stage_{s}_compute_ms"] = 1000.0 * seconds
+        logs[f"pipeline/stage_{s}_idle_fraction"] = max(0.0, 1.0 - seconds / span)
+    logs["pipeline/bubble_fraction"] = float(np.mean([logs[f"pipeline/stage_{s}_idle_fraction"]
+                                                      for s in range(len(busy))]))
+    logs["pipeline/step_span_ms"] = 1000.0 * span
+    return logs
 
 
 def _add(a, b):
@@ -157,6 +179,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
                 "examples_per_sec": window_steps * cfg.data.batch_size / elapsed,
                 "tokens_per_sec": float(tf.add_n(window_tokens)) / elapsed,
                 "step_time_ms": 1000.0 * elapsed / window_steps,
+                **pipeline_logs(out, strategy.num_replicas),
             }
             if not np.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {state.step}")

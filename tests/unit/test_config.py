@@ -66,3 +66,47 @@ def test_resolved_config_round_trips():
     import yaml
 
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+# ------------------------------------------------------------------------------- pipeline section
+def _pipeline_cfg(pipeline: dict, **sections) -> dict:
+    raw = {"name": "p", "model": {"kind": "summarizer", "encoder_layers": 2}, "data": {"batch_size": 32},
+           "distribution": {"pipeline": pipeline}}
+    raw.update(sections)
+    return raw
+
+
+def test_pipeline_section_defaults_and_explicit_partition():
+    cfg = config_from_dict(_pipeline_cfg({"stages": 2}))
+    pipe = cfg.distribution.pipeline
+    assert (pipe.stages, pipe.micro_batches, pipe.schedule, pipe.partition, pipe.recompute) == (2, 4, "1f1b", "auto", False)
+    split = [["embed", "encoder_1", "encoder_2"], ["decoder", "attention", "output"]]
+    assert config_from_dict(_pipeline_cfg({"stages": 2, "partition": split})).distribution.pipeline.partition == split
+
+
+@pytest.mark.parametrize("pipeline, sections, message", [
+    ({"stages": 7}, {}, "stages (7) exceeds the 6 levels of the summarizer"),
+    ({"stages": 2, "micro_batches": 5}, {}, "micro_batches (5) must divide data.batch_size (32)"),
+    ({"stages": 2, "partition": [["embed", "encoder_1"], ["decoder", "attention", "output"]]}, {},
+     "level 'encoder_2' is in no stage"),
+    ({"stages": 2, "partition": [["embed", "decodr"], ["attention", "output"]]}, {}, "did you mean 'decoder'"),
+    ({"stages": 3, "partition": [["embed"], ["encoder_1", "encoder_2", "decoder", "attention", "output"]]}, {},
+     "lists 2 stages but stages is 3"),
+    ({"stages": 2, "devices": ["/gpu:0"]}, {}, "lists 1 devices for 2 stages"),
+    ({"stages": 2}, {"train": {"grad_accum": 2}}, "train.grad_accum must be 1 with distribution.pipeline"),
+    ({"stages": 2}, {"train": {"mixed_precision": "float16"}}, "float16"),
+    ({"stages": 2, "recompute": True}, {"model": {"kind": "summarizer", "dropout": 0.1}}, "model.dropout"),
+    ({"stages": 2, "schedule": "zigzag"}, {}, "distribution.pipeline.schedule"),
+    ({"stages": 2, "micro_batches": 0}, {}, "distribution.pipeline.micro_batches"),
+])
+def test_pipeline_errors_name_the_field(pipeline, sections, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_pipeline_cfg(pipeline, **sections))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_pipeline_refuses_mirrored_backend():
+    raw = _pipeline_cfg({"stages": 2})
+    raw["distribution"]["backend"] = "mirrored"
+    with pytest.raises(ConfigError, match="does not combine with backend mirrored"):
+        config_from_dict(raw)

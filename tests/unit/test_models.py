@@ -108,6 +108,8 @@ def test_mixed_bfloat16_keeps_float32_outputs(kind):
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_level_names_unique_and_stable(models, kind):
     assert models[kind].level_names == EXPECTED_LEVELS[kind]
+    # The config knows the names without building (pipeline partitions are checked before TensorFlow).
+    assert CONFIGS[kind].level_names() == EXPECTED_LEVELS[kind]
     assert make_model(kind).level_names == EXPECTED_LEVELS[kind]  # a rebuild gets the same names
     assert models[kind].level_index("output") == len(EXPECTED_LEVELS[kind]) - 1
     assert models[kind].task == ("classification" if kind == "classifier" else "summarization")

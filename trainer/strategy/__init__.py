@@ -33,6 +33,8 @@ def make_strategy(cfg: ExperimentConfig) -> "Strategy":
             f"started as {ranks} ranks (horovodrun/mpirun) but distribution.backend is {dist.backend}; "
             f"add --set distribution.backend=horovod"
         )
+    if dist.pipeline is not None and dist.pipeline.devices is None:
+        _split_cpu_for_stages(dist.pipeline.stages)  # before any backend starts TensorFlow's runtime
     if dist.backend == "single":
         from trainer.strategy.single import SingleDevice
 
@@ -56,9 +58,29 @@ def make_strategy(cfg: ExperimentConfig) -> "Strategy":
     return strategy
 
 
+def _split_cpu_for_stages(stages: int) -> None:
+    """Without GPUs, pipeline stages run on logical CPU devices, which must exist before the runtime starts."""
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        from trainer.strategy.tf_distribute import use_logical_cpus
+
+        use_logical_cpus(stages)
+        # Stages overlap only if the executor has a thread for each stage that can run at once.
+        if tf.config.threading.get_inter_op_parallelism_threads() == 0:
+            tf.config.threading.set_inter_op_parallelism_threads(max(2 * stages, 4))
+
+
 def check_batch_split(cfg: ExperimentConfig, replicas: int) -> int:
     """Per-replica batch; a one-line error when the global batch does not divide into whole micro-batches."""
     b, accum = cfg.data.batch_size, cfg.train.grad_accum
+    pipe = cfg.distribution.pipeline
+    if pipe is not None and (b % replicas or (b // replicas) % pipe.micro_batches):
+        raise ConfigError(
+            f"data.batch_size ({b}) must be divisible by replicas ({replicas}) x distribution.pipeline."
+            f"micro_batches ({pipe.micro_batches}); try data.batch_size="
+            f"{replicas * pipe.micro_batches * max(1, b // (replicas * pipe.micro_batches))}"
+        )
     if b % replicas or (b // replicas) % accum:
         raise ConfigError(
             f"data.batch_size ({b}) must be divisible by replicas ({replicas}) x train.grad_accum ({accum}); "

@@ -38,6 +38,11 @@ class Strategy(abc.ABC):
         return 1
 
     @property
+    def local_rank(self) -> int:
+        """This process's index among the processes on its host (selects its GPUs)."""
+        return 0
+
+    @property
     def is_chief(self) -> bool:
         """Only the chief writes checkpoints and TensorBoard events."""
         return self.rank == 0

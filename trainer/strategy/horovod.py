@@ -49,9 +49,12 @@ class Horovod(Strategy):
         hvd.init()
         self.hvd = hvd
         gpus = tf.config.list_physical_devices("GPU")
-        if gpus:  # one GPU per process, chosen by local rank
+        if gpus and dist.pipeline is None:  # one GPU per process, chosen by local rank
             tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
             tf.config.experimental.set_memory_growth(gpus[hvd.local_rank() % len(gpus)], True)
+        elif gpus:  # a pipeline uses K GPUs per process; pipeline_setup.stage_devices picks the block
+            for gpu in gpus:
+                tf.config.experimental.set_memory_growth(gpu, True)
         self.compression = hvd.Compression.fp16 if dist.horovod.compression == "fp16" else hvd.Compression.none
 
     @property
@@ -65,6 +68,10 @@ class Horovod(Strategy):
     @property
     def world_size(self) -> int:
         return self.hvd.size()
+
+    @property
+    def local_rank(self) -> int:
+        return self.hvd.local_rank()
 
     def run(self, replica_fn: Callable[[Any], dict], batch: Any) -> dict[str, tf.Tensor]:
         outputs = replica_fn(batch)

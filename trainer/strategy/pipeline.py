@@ -36,10 +36,12 @@ the strategy (`Strategy.reduce_gradients`).
 from __future__ import annotations
 
 import numbers
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from trainer import task as task_lib
@@ -81,6 +83,24 @@ def split_micro_batches(batch: Mapping[str, Any], micro_batches: int) -> list[di
     with tf.control_dependencies(checks):
         parts = {k: tf.split(v, micro_batches, axis=0) for k, v in tensors.items()}
     return [{k: parts[k][m] for k in tensors} for m in range(micro_batches)]
+
+
+def _now() -> tf.Tensor:
+    """Wall-clock seconds as a graph op. tf.timestamp refuses to run under op determinism (Strata's
+    default), so then the clock is read through a (stateful, tiny) host callback instead."""
+    if not _determinism_enabled():
+        return tf.timestamp()
+    return tf.numpy_function(_perf_counter, [], tf.float64, stateful=True)
+
+
+def _perf_counter() -> np.float64:
+    return np.float64(time.perf_counter())
+
+
+def _determinism_enabled() -> bool:
+    from tensorflow.python.framework import config as tf_config  # no public getter in TF 2.21
+
+    return bool(tf_config.is_op_determinism_enabled())
 
 
 def _float_keys(carry: Mapping[str, tf.Tensor]) -> list[str]:
@@ -247,7 +267,9 @@ class PipelineEngine:
 
         Returns (loss = sum over micro-batches of sum(per-example loss) / global_batch, one gradient per
         `model.trainable_variables` entry (None where the loss does not depend on it, like tape.gradient),
-        extras {"micro_batch_losses": float32 [M]}).
+        extras {"micro_batch_losses": float32 [M], "stage_busy_s": float32 [K] seconds each stage computed,
+        "step_span_s": seconds from the first op's start to the last op's end}). A stage's idle (bubble)
+        fraction is 1 - stage_busy_s / step_span_s.
         """
         stage_vars = self._built()
         K, M = self.num_stages, self.micro_batches
@@ -266,6 +288,7 @@ class PipelineEngine:
             with tf.device(self.devices[s]), tf.control_dependencies(previous[s]):
                 carry = self._model_inputs(micro[m]) if s == 0 else stage_out[s - 1][m]
                 stage_in[s][m] = carry
+                started(s, list(carry.values()))
                 if self.recompute:
                     out, loss = self._stage_forward(s, carry, micro[m])
                 else:
@@ -286,6 +309,7 @@ class PipelineEngine:
             carry = stage_in[s].pop(m)
             keys = _float_keys(carry)
             with tf.device(self.devices[s]), tf.control_dependencies(previous[s]):
+                started(s, list(carry.values()) + list(grad_in[s + 1].get(m, {}).values() if s < K - 1 else []))
                 if self.recompute:
                     tape = tf.GradientTape()
                     with tape:
@@ -314,7 +338,21 @@ class PipelineEngine:
             stage_out[s].pop(m, None)
             mark(s, BACKWARD, m, list(grad_in[s][m].values()) + [g for g in acc[s] if g is not None])
 
+        # Measured timing: a timestamp when an op's inputs are ready (and its stage is free), one when its
+        # outputs exist. Busy time per stage = sum of (end - start); the step spans first start..last end.
+        starts: list[list[tf.Tensor]] = [[] for _ in range(K)]
+        busy: list[list[tf.Tensor]] = [[] for _ in range(K)]
+        ends: list[tf.Tensor] = []
+
+        def started(s: int, inputs: list[tf.Tensor]) -> None:
+            with tf.control_dependencies(inputs):
+                starts[s].append(_now())
+
         def mark(s: int, kind: str, m: int, tensors: list[tf.Tensor]) -> None:
+            with tf.device(self.devices[s]), tf.control_dependencies(tensors):
+                end = _now()
+            busy[s].append(end - starts[s][-1])
+            ends.append(end)
             previous[s] = tensors  # the next op on stage s waits for these
             self.op_markers[(s, kind, m)] = tensors
 
@@ -347,7 +385,10 @@ class PipelineEngine:
             per_micro = tf.stack([losses[m] for m in range(M)])
             loss = tf.reduce_sum(per_micro)
         grads = [acc[s][i] for s, i in (self._slot[id(v)] for v in self.model.trainable_variables)]
-        return loss, grads, {"micro_batch_losses": per_micro}
+        span = tf.reduce_max(tf.stack(ends)) - tf.reduce_min(tf.stack([t for st in starts for t in st]))
+        stage_busy = tf.cast(tf.stack([tf.add_n(b) for b in busy]), tf.float32)
+        return loss, grads, {"micro_batch_losses": per_micro, "stage_busy_s": stage_busy,
+                             "step_span_s": tf.cast(span, tf.float32)}
 
 
 __all__ = ["PipelineEngine", "split_micro_batches"]
