@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     tb.add_argument("--port", type=int, default=6006)
     sub.add_parser("doctor", help="what is installed and usable here")
+    pl = sub.add_parser("plan", help="show ranks -> hosts -> devices -> stages -> levels, memory and schedule")
+    pl.add_argument("config")
+    pl.add_argument("-np", type=int, default=1, dest="np", help="number of data-parallel replicas (ranks)")
+    pl.add_argument("-H", dest="hosts", default=None, help="hosts and slots, e.g. node1:4,node2:4")
+    pl.add_argument("--hostfile", default=None, help="file of `host slots=N` lines")
+    pl.add_argument("--dry-run", action="store_true",
+                    help="also build the model, measure each level and run one pipelined step (no training)")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     la = sub.add_parser("launch", help="start N data-parallel workers (Horovod or MultiWorkerMirrored)")
     la.add_argument("-np", type=int, required=True, dest="np", help="number of worker processes (ranks)")
     la.add_argument("-H", dest="hosts", default=None, help="hosts and slots, e.g. node1:4,node2:4 (default localhost:NP)")
@@ -74,6 +82,11 @@ def trainer_argv(args: argparse.Namespace) -> list[str]:
         return [*TRAINER, "evaluate", args.run_dir, "--split", args.split]
     if args.command in ("classify", "summarize"):
         return [*TRAINER, args.command, args.run_dir, "--", *args.texts]
+    if args.command == "plan":
+        argv = [*TRAINER, "plan", args.config, "--ranks", ",".join(args.placement)]
+        for item in args.overrides:
+            argv += ["--set", item]
+        return argv + (["--dry-run"] if args.dry_run else [])
     if args.command == "export":
         return [*TRAINER, "export", args.run_dir] + (["--out", args.out] if args.out else [])
     raise ValueError(args.command)
@@ -91,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                                         backend=args.backend, mpi=args.mpi, config=args.config,
                                         overrides=args.overrides)
             return launcher.run(launch_plan, grace_seconds=args.grace)
+        if args.command == "plan":
+            args.placement = launcher.rank_hosts(np=args.np, hosts_spec=args.hosts, hostfile=args.hostfile)
         command = trainer_argv(args)
     except (UsageError, LaunchError) as err:
         print(f"strata: error: {err}", file=sys.stderr)

@@ -58,6 +58,13 @@ def validate_config(config: str, overrides: list[str]) -> dict:
 
 def check_batch_divides(resolved: dict, np: int) -> None:
     b, accum = resolved["data"]["batch_size"], resolved["train"]["grad_accum"]
+    pipe = resolved["distribution"].get("pipeline")
+    if pipe and b % (np * pipe["micro_batches"]):
+        m = pipe["micro_batches"]
+        raise LaunchError(f"data.batch_size ({b}) must be divisible by -np ({np}) x distribution.pipeline."
+                          f"micro_batches ({m}): each replica splits its {b / np:g} examples into {m} micro-batches; "
+                          f"try -np {next(n for n in range(np, 0, -1) if b % (n * m) == 0)} "
+                          f"or data.batch_size={np * m * max(1, b // (np * m))}")
     if b % (np * accum):
         raise LaunchError(f"data.batch_size ({b}) must be divisible by -np ({np}) x train.grad_accum ({accum}); "
                           f"try -np {next(n for n in range(np, 0, -1) if b % (n * accum) == 0)} "
@@ -128,6 +135,14 @@ def check_reachable(hosts: list[Host], *, timeout_s: int = 5) -> None:
         if not ok:
             raise LaunchError(f"host {host.name} is unreachable over ssh ({reason or 'no answer'}); "
                               f"check the name and passwordless ssh, or drop it from -H")
+
+
+def rank_hosts(*, np: int, hosts_spec: str | None, hostfile: str | None) -> list[str]:
+    """`host:local_rank` of every rank, in rank order (what `strata plan` shows); LaunchError if they don't fit."""
+    if hosts_spec and hostfile:
+        raise LaunchError("give either -H or --hostfile, not both")
+    hosts = parse_hosts(hosts_spec) if hosts_spec else parse_hostfile(hostfile) if hostfile else [Host("localhost", max(np, 1))]
+    return [f"{r.host}:{r.local_rank}" for r in assign_ranks(hosts, np)]
 
 
 def plan(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str | None, mpi: bool,

@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop after N more steps (checkpointed), e.g. to split a run into chunks")
     v = sub.add_parser("validate", help="check a config and print it resolved, as JSON")
     with_overrides(v)
+    pl = sub.add_parser("plan", help="print ranks, devices, stages, levels, memory and schedule")
+    with_overrides(pl)
+    pl.add_argument("--ranks", default="localhost:0", help="host:local_rank of every rank, comma-separated")
+    pl.add_argument("--dry-run", action="store_true", help="measure levels and run one pipelined step")
     e = sub.add_parser("evaluate", help="metrics of a trained run on a split")
     e.add_argument("run_dir")
     e.add_argument("--split", choices=["val", "test"], default="test")
@@ -70,6 +74,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         print(json.dumps(cfg.model_dump(mode="json")))
         return 0
+    if args.command == "plan":
+        from trainer.plan import parse_ranks, run_plan
+
+        cfg = load_config(args.config, args.overrides)
+        return run_plan(cfg, parse_ranks(args.ranks), dry_run=args.dry_run)
     if args.command == "train":
         cfg = load_config(args.config, args.overrides)
         if args.stop_after is not None and args.stop_after < 1:

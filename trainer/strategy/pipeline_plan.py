@@ -575,6 +575,11 @@ class PipelinePlan:
     device_memory_bytes: float | list[float] | None = None  # one number for all devices or one per stage
     # fp32 weights + fp32 gradients + Adam's two fp32 moments = 16 bytes per parameter.
     bytes_per_param: float = 16.0
+    # Recomputation: each live micro-batch keeps only the stage's input (boundary) activations, plus one
+    # micro-batch's full activations while its backward re-runs the forward.
+    recompute: bool = False
+    stage_boundary_bytes: list[float] | None = None  # per stage, per micro-batch
+    balanced: bool = False  # the split is already the best contiguous one for `stage_costs`
     # Simulated once per (schedule, stages, micro_batches): format_plan asks for it on every row.
     _peak_live: dict[tuple[str, int, int], list[int]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -584,7 +589,8 @@ class PipelinePlan:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; use one of: {', '.join(SCHEDULES)}")
         _check_schedule_args(self.stages, self.micro_batches)
-        for what in ("stage_levels", "stage_params", "stage_activation_bytes", "stage_costs", "devices"):
+        for what in ("stage_levels", "stage_params", "stage_activation_bytes", "stage_costs", "devices",
+                     "stage_boundary_bytes"):
             values = getattr(self, what)
             if values is not None and len(values) != self.stages:
                 raise ValueError(f"{what} has {len(values)} entries but there are {self.stages} stages")
@@ -627,6 +633,8 @@ class PipelinePlan:
         """Peak activation memory of a stage: per-micro-batch bytes x micro-batches alive at once."""
         if self.stage_activation_bytes is None:
             return None
+        if self.recompute and self.stage_boundary_bytes is not None:
+            return self.stage_boundary_bytes[stage] * self.peak_live[stage] + self.stage_activation_bytes[stage]
         return self.stage_activation_bytes[stage] * self.peak_live[stage]
 
     def memory_bytes(self, stage: int) -> float | None:
@@ -653,10 +661,12 @@ class PipelinePlan:
             ratio = max(self.stage_costs) / mean if mean > 0 else 1.0
             if ratio > IMBALANCE_LIMIT:
                 slowest = max(range(k), key=lambda s: (self.stage_costs[s], -s))  # type: ignore[index]
+                fix = (f"no contiguous split does better: make the heaviest level of stage {slowest} "
+                       "smaller (e.g. more, thinner layers) or use fewer stages" if self.balanced else
+                       f"move levels off stage {slowest} or use partition: auto")
                 out.append(
                     f"stages are unbalanced: costs {', '.join(_num(c) for c in self.stage_costs)} "
-                    f"(slowest/mean {ratio:.2f} > {IMBALANCE_LIMIT}); move levels off stage {slowest} "
-                    f"or use a balanced partition"
+                    f"(slowest/mean {ratio:.2f} > {IMBALANCE_LIMIT}); {fix}"
                 )
         for s in range(k):
             need, cap = self.memory_bytes(s), self.device_memory(s)
@@ -677,10 +687,16 @@ class PipelinePlan:
         if params is not None:
             parts.append(f"params {_bytes(params)}")
         if self.stage_activation_bytes is not None:
-            parts.append(
-                f"activations {self.peak_live[stage]} x {_bytes(self.stage_activation_bytes[stage])}"
-            )
+            parts.append(f"activations {self._activation_formula(stage)}")
         return " + ".join(parts)
+
+    def _activation_formula(self, stage: int) -> str:
+        """How a stage's activation memory adds up, e.g. `4 x 1.0 MiB` or `4 x 64 KiB inputs + 1.0 MiB`."""
+        assert self.stage_activation_bytes is not None
+        live, full = self.peak_live[stage], _bytes(self.stage_activation_bytes[stage])
+        if self.recompute and self.stage_boundary_bytes is not None:
+            return f"{live} x {_bytes(self.stage_boundary_bytes[stage])} inputs + {full} recomputed"
+        return f"{live} x {full}"
 
 
 def format_plan(plan: PipelinePlan) -> str:
@@ -692,8 +708,7 @@ def format_plan(plan: PipelinePlan) -> str:
         if plan.stage_activation_bytes is None:
             act = "-"
         else:
-            per_mb = plan.stage_activation_bytes[s]
-            act = f"{_bytes(per_mb * plan.peak_live[s])} ({plan.peak_live[s]} x {_bytes(per_mb)})"
+            act = f"{_bytes(plan.activation_bytes(s) or 0.0)} ({plan._activation_formula(s)})"
         rows.append([str(s), plan.device(s), ", ".join(plan.stage_levels[s]), params, act])
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
 
@@ -707,7 +722,8 @@ def format_plan(plan: PipelinePlan) -> str:
         line(header),
         "-+-".join("-" * w for w in widths),
         *(line(r) for r in rows),
-        f"schedule: {plan.schedule}, {_plural(m, 'micro-batch', 'micro-batches')} per step",
+        f"schedule: {plan.schedule}, {_plural(m, 'micro-batch', 'micro-batches')} per step"
+        + (", recomputation on" if plan.recompute else ""),
         f"bubble: {plan.bubble:.1%} idle = (K-1)/(M+K-1) = {k - 1}/{m + k - 1}; "
         f"speed-up bound {gpipe_speedup_bound(k, m):.2f}x over one device",
         f"batch: global {plan.global_batch} = {_plural(plan.replicas, 'replica')} "

@@ -78,6 +78,7 @@ class LevelCost:
     seconds: float  # forward + backward, median of the timed repeats
     params: int
     activation_bytes: float  # float tensors the level's forward creates, per micro-batch (an upper bound)
+    input_bytes: float = 0.0  # the level's input carry per micro-batch (what recomputation keeps)
 
 
 def profile_levels(model: LevelModel, example: Mapping[str, Any], task: str, device: str,
@@ -87,26 +88,43 @@ def profile_levels(model: LevelModel, example: Mapping[str, Any], task: str, dev
     The model is run level by level eagerly to get each level's input; each level is then compiled alone
     and timed (median of `repeats` runs of 3 calls, after a warm-up). Builds the model if needed.
     """
+    def timed(i: int, carry: Mapping[str, tf.Tensor]) -> float:
+        fb = _forward_backward(model, i, task, example if i == model.num_levels - 1 else None)
+        fb(carry)  # trace + warm up
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            for _ in range(3):
+                result = fb(carry)
+            _ = [np.asarray(r) for r in tf.nest.flatten(result)]  # wait for the device
+            times.append((time.perf_counter() - begin) / 3)
+        return statistics.median(times)
+
+    return _walk_levels(model, example, device, timed)
+
+
+def static_costs(model: LevelModel, example: Mapping[str, Any]) -> list[LevelCost]:
+    """Parameters and activation estimates per level, without timing anything (seconds = 0)."""
+    return _walk_levels(model, example, None, lambda i, carry: 0.0)
+
+
+def _walk_levels(model: LevelModel, example: Mapping[str, Any], device: str | None,
+                 seconds: Callable[[int, Mapping[str, tf.Tensor]], float]) -> list[LevelCost]:
     costs = []
     with tf.device(device):
         carry = {k: tf.cast(example[k], spec.dtype) for k, spec in model.input_specs.items()}
         for i, level in enumerate(model.levels):
-            last = i == model.num_levels - 1
             out = model.run_levels(carry, i, i + 1, training=False)  # builds the level, gives next input
-            fb = _forward_backward(model, i, task, example if last else None)
-            fb(carry)  # trace + warm up
-            times = []
-            for _ in range(repeats):
-                begin = time.perf_counter()
-                for _ in range(3):
-                    result = fb(carry)
-                _ = [np.asarray(r) for r in tf.nest.flatten(result)]  # wait for the device
-                times.append((time.perf_counter() - begin) / 3)
             params = int(sum(np.prod(v.shape) for v in level.trainable_variables))
-            costs.append(LevelCost(level.name, statistics.median(times), params,
-                                   _activation_bytes(model, i, carry)))
+            inputs = float(sum(v.shape.num_elements() * v.dtype.size for v in carry.values()))
+            costs.append(LevelCost(level.name, seconds(i, carry), params, _activation_bytes(model, i, carry), inputs))
             carry = out
     return costs
+
+
+def balanced_by_params(costs: list[LevelCost], stages: int) -> list[tuple[int, int]]:
+    """The split that balances parameter counts (a stand-in for `auto` when nothing was timed)."""
+    return balanced_partition([float(max(c.params, 1)) for c in costs], stages)
 
 
 def _forward_backward(model: LevelModel, index: int, task: str, batch: Mapping[str, Any] | None) -> Callable:
@@ -190,22 +208,26 @@ def describe_costs(costs: list[LevelCost]) -> str:
 
 def make_plan(cfg: ExperimentConfig, level_names: list[str], partition: list[tuple[int, int]],
               devices: list[str], replicas: int, costs: list[LevelCost] | None,
-              device_memory: float | None) -> PipelinePlan:
-    """The `strata plan` view of this run (also printed at the start of training)."""
+              device_memory: float | None, *, timed: bool = True) -> PipelinePlan:
+    """The `strata plan` view of this run (also printed at the start of training). Stage times (and the
+    imbalance warning) only when `timed`, i.e. the costs were measured."""
     pipe = cfg.distribution.pipeline
     assert pipe is not None
     names = [level_names[a:b] for a, b in partition]
-    per_stage = None if costs is None else stage_costs([c.seconds for c in costs], partition)
+    per_stage = None if costs is None or not timed else stage_costs([c.seconds for c in costs], partition)
     params = None if costs is None else [sum(c.params for c in costs[a:b]) for a, b in partition]
     acts = None if costs is None else [sum(c.activation_bytes for c in costs[a:b]) for a, b in partition]
+    boundary = None if costs is None else [costs[a].input_bytes for a, _ in partition]
     return PipelinePlan(stages=pipe.stages, micro_batches=pipe.micro_batches, schedule=pipe.schedule,
                         stage_levels=names, global_batch=cfg.data.batch_size, replicas=replicas,
                         stage_params=params, stage_activation_bytes=acts, stage_costs=per_stage,
+                        recompute=pipe.recompute, stage_boundary_bytes=boundary,
+                        balanced=timed and pipe.partition == "auto",
                         devices=list(devices), device_memory_bytes=device_memory,
                         bytes_per_param=BYTES_PER_PARAM)
 
 
-__all__ = ["LevelCost", "build_pipeline", "choose_partition", "describe_costs", "device_memory_bytes", "format_plan",
+__all__ = ["LevelCost", "balanced_by_params", "build_pipeline", "choose_partition", "static_costs", "describe_costs", "device_memory_bytes", "format_plan",
            "gpu_indices", "make_plan", "profile_levels", "stage_devices"]
 
 
@@ -243,8 +265,11 @@ def build_pipeline(cfg: ExperimentConfig, strategy: Any, new_model: Callable[[],
                             schedule=pipe.schedule, recompute=pipe.recompute, global_batch=cfg.data.batch_size)
     engine.build(model_inputs(cfg.task, {k: v[:2] for k, v in example.items()}))
     if strategy.is_chief:
-        if costs is not None:
+        timed = costs is not None
+        if timed:
             print(describe_costs(costs), flush=True)
-        plan = make_plan(cfg, level_names, partition, devices, strategy.num_replicas, costs, memory)
+        else:  # explicit split: still show parameters and activation estimates per stage
+            costs = static_costs(model, example)
+        plan = make_plan(cfg, level_names, partition, devices, strategy.num_replicas, costs, memory, timed=timed)
         print(format_plan(plan), flush=True)
     return model, engine

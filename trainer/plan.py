@@ -1,0 +1,138 @@
+"""`strata plan`: what a job will do, before it spends GPU hours.
+
+Prints ranks -> hosts -> devices -> stages -> levels, parameters and estimated activation memory per
+stage, the micro-batch schedule, the theoretical bubble, global / per-replica / micro-batch sizes and
+warnings. `--dry-run` also measures every level, chooses the `auto` split, builds the pipelined model
+on this machine's devices and runs one forward/backward step (no optimizer update, nothing written).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from trainer.config import ExperimentConfig
+from trainer.errors import ConfigError
+from trainer.strategy.pipeline_plan import format_plan, validate_pipeline
+
+
+def parse_ranks(text: str) -> list[tuple[str, int]]:
+    """`host:local_rank,...` (from the launcher) -> [(host, local_rank), ...] in rank order."""
+    out = []
+    for item in text.split(","):
+        host, _, local = item.rpartition(":")
+        if not host or not local.isdigit():
+            raise ConfigError(f"--ranks {text!r}: expected host:local_rank entries, e.g. localhost:0,localhost:1")
+        out.append((host, int(local)))
+    return out
+
+
+def device_label(pipe, stage: int, local_rank: int, gpus_here: int) -> str:
+    """The device a rank's stage will use: explicit, the local rank's block of GPUs, or a logical CPU."""
+    if pipe.devices is not None:
+        return pipe.devices[stage]
+    if gpus_here:
+        return f"/gpu:{local_rank * pipe.stages + stage}"
+    return f"/cpu:{stage} (logical)"
+
+
+def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bool) -> int:
+    """Print the plan; with `dry_run`, measure and run one pipelined step. Raises ConfigError if it cannot run."""
+    replicas = len(ranks)
+    pipe = cfg.distribution.pipeline
+    b = cfg.data.batch_size
+    stages = pipe.stages if pipe else 1
+    micro_batches = pipe.micro_batches if pipe else cfg.train.grad_accum
+    try:
+        per_replica, micro = validate_pipeline(b, replicas, micro_batches, stages, cfg.model.level_names(),
+                                               stages * replicas)
+    except ValueError as err:
+        raise ConfigError(f"{cfg.name}: {err}") from None
+
+    from trainer.data.splits import load_splits
+
+    splits = load_splits(cfg.data, cfg.task)
+    import tensorflow as tf
+
+    from trainer.strategy import _split_cpu_for_stages
+
+    if pipe is not None and pipe.devices is None:
+        _split_cpu_for_stages(stages)
+    gpus_here = len(tf.config.list_physical_devices("GPU"))
+    print(f"strata plan: {cfg.name} ({cfg.model.kind}) | {replicas} replica(s) x {stages} stage(s) = "
+          f"{replicas * stages} device(s) | global batch {b} = {replicas} x {per_replica} per replica"
+          + (f", micro-batch {micro}" if pipe else ""))
+    print("ranks:")
+    for rank, (host, local) in enumerate(ranks):
+        if pipe is None:
+            device = f"/gpu:{local}" if gpus_here else "/cpu:0"
+            print(f"  rank {rank}  host {host}  local rank {local}  device {device}")
+        else:
+            shown = ", ".join(f"stage {s} {device_label(pipe, s, local, gpus_here)}" for s in range(stages))
+            print(f"  rank {rank}  host {host}  local rank {local}  {shown}")
+    if pipe is None:
+        print("no pipeline (distribution.pipeline is not set): every replica holds the whole model")
+        return 0
+
+    from trainer.experiment import configure_runtime, model_inputs
+    from trainer.data.splits import encode_splits, training_texts
+    from trainer.data.tokenizer import Vocabulary
+    from trainer.models import build_model
+    from trainer.strategy import pipeline_setup as ps
+
+    configure_runtime(cfg)
+    vocab = Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
+    arrays = encode_splits(splits, vocab, cfg.data, cfg.task)["train"]
+
+    def new_model():
+        return build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len, summary_len=cfg.data.summary_len)
+
+    devices = ps.stage_devices(pipe, 0)
+    example = {k: tf.constant(v[:micro]) for k, v in arrays.items()}
+    memory = ps.device_memory_bytes(pipe, devices)
+    names = cfg.model.level_names()
+    if dry_run:
+        costs = ps.profile_levels(new_model(), example, cfg.task, devices[0], repeats=pipe.profile_steps)
+        print(ps.describe_costs(costs))
+    else:
+        costs = ps.static_costs(new_model(), example)  # parameters and activation estimates, no timing
+    if pipe.partition == "auto" and not dry_run:
+        print("partition: auto - chosen from measured level times at the start of training "
+              "(--dry-run measures them now); shown: the split balancing parameters")
+        partition = ps.balanced_by_params(costs, stages)
+    else:
+        partition = ps.choose_partition(cfg, names, costs if dry_run else None, memory)
+    plan = ps.make_plan(cfg, names, partition, [device_label(pipe, s, 0, gpus_here) for s in range(stages)],
+                        replicas, costs, memory, timed=dry_run)
+    print(format_plan(plan))
+    if dry_run:
+        _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica, model_inputs)
+    return 0
+
+
+def _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica, model_inputs) -> None:
+    """Build the pipelined model and time one forward/backward step (traced, then run twice)."""
+    import keras
+    import tensorflow as tf
+
+    from trainer.strategy.pipeline import PipelineEngine
+
+    pipe = cfg.distribution.pipeline
+    keras.utils.set_random_seed(cfg.seed)
+    model = new_model()
+    engine = PipelineEngine(model, cfg.task, partition, devices, micro_batches=pipe.micro_batches,
+                            schedule=pipe.schedule, recompute=pipe.recompute, global_batch=cfg.data.batch_size)
+    engine.build(model_inputs(cfg.task, {k: v[:2] for k, v in arrays.items()}))
+    batch = {k: tf.constant(v[:per_replica]) for k, v in arrays.items()}
+    step = tf.function(engine.gradients)
+    began = time.perf_counter()
+    loss, _, timing = step(batch)
+    traced = time.perf_counter() - began
+    began = time.perf_counter()
+    loss, _, timing = step(batch)
+    ran = time.perf_counter() - began
+    busy = np.asarray(timing["stage_busy_s"])
+    span = float(timing["step_span_s"])
+    stages = ", ".join(f"stage {s} {1e3 * t:.1f} ms busy / {1 - t / span:.0%} idle" for s, t in enumerate(busy))
+    print(f"dry run: one pipelined step (forward+backward, no update) traced+ran in {traced:.1f} s, then ran in "
+          f"{1e3 * ran:.1f} ms; loss {float(loss):.4f}; {stages}")
