@@ -141,6 +141,10 @@ def _train(cfg, *, stop_after: int | None) -> int:
     from trainer.cpu_affinity import pin_from_env
 
     pin_from_env()  # opt-in (STRATA_PIN_CPU=1), before any thread starts
+    from trainer import preemption
+
+    if preemption.enabled():  # SLURM ranks: a warning signal during start-up is kept, not fatal
+        preemption.install_handlers()
     from trainer.data.splits import load_splits
 
     splits = load_splits(cfg.data, cfg.task)  # data-file errors surface here, before TensorFlow loads
@@ -162,7 +166,7 @@ def _train(cfg, *, stop_after: int | None) -> int:
         print(f"strata: step {state.step}/{cfg.train.steps}{reason} | validation {shown or '(not evaluated yet)'}")
         print(f"strata: run directory {exp.run_dir} | TensorBoard: strata tensorboard {exp.run_dir}")
         (exp.run_dir / "metrics.json").write_text(json.dumps({"step": state.step, **state.eval_metrics}))
-    return 0
+    return preemption.exit_code(state)  # 75 = preempted, checkpoint saved: requeue me
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from trainer.data.batches import eval_dataset, train_dataset
 from trainer.experiment import Experiment, model_inputs
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
 from trainer.faults import fault_hooks
+from trainer.preemption import preemption_hooks
 from trainer.models.decoding import greedy_decoder
 from trainer.optim import current_lr
 from trainer.strategy.base import Strategy
@@ -138,7 +139,7 @@ def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[
     if cfg.train.early_stopping:
         es = cfg.train.early_stopping
         hooks.append(EarlyStopping(es.metric, es.mode, es.patience))
-    return hooks + fault_hooks(strategy.rank)
+    return hooks + fault_hooks(strategy.rank) + preemption_hooks(strategy, exp.checkpointer)
 
 
 def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
