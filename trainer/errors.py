@@ -13,3 +13,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file is missing, empty or malformed."""
+
+
+class StorageError(UserError):
+    """The run directory cannot take the files: disk full, read-only, not a directory."""

@@ -5,7 +5,8 @@ an incompatible existing run directory) happens before the run directory is crea
 """
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from trainer.checkpoint import Checkpointer, random_state
 from trainer.config import ExperimentConfig, config_from_dict
 from trainer.data.splits import Splits, encode_splits, load_splits, training_texts
 from trainer.data.tokenizer import Vocabulary
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, StorageError
 from trainer.models import LevelModel, build_model
 from trainer.optim import build_optimizer
 from trainer.strategy.base import Strategy
@@ -85,9 +86,60 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
 
 
 def ensure_writable(run_dir: Path) -> None:
-    parent = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{run_dir}: cannot write here ({parent} is not writable); choose another run_dir")
+    """Refuse a run directory that cannot be created or written, before anything is written.
+
+    Permission bits are not enough (root ignores them, a read-only mount does not show in them), so this
+    creates and removes a probe file in the nearest directory that exists.
+    """
+    existing = _nearest_existing(run_dir)
+    if not existing.is_dir():
+        raise StorageError(f"{run_dir}: cannot create the run directory: {existing} is a file, not a directory; "
+                           "choose another run_dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise StorageError(f"{run_dir}: cannot write here ({existing}: {err.strerror}); choose another run_dir") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next((p for p in [path, *path.parents] if p.exists()), Path("."))
+
+
+def checkpoint_bytes(variables) -> int:
+    """Bytes of one checkpoint of `variables` (their values; TensorFlow's index adds a little)."""
+    return sum(tf.as_dtype(v.dtype).size * int(np.prod(v.shape)) for v in variables)
+
+
+def check_free_space(run_dir: Path, *, per_checkpoint: int, keep: int) -> None:
+    """Refuse to start a run whose checkpoints cannot fit on the disk of its run directory.
+
+    A save writes the new checkpoint before deleting the oldest, so keep + 1 must fit; space the run's
+    existing checkpoints already take is counted as available (resuming replaces them).
+    """
+    checkpoints = run_dir / "checkpoints"
+    used = sum(f.stat().st_size for f in checkpoints.iterdir() if f.is_file()) if checkpoints.is_dir() else 0
+    needed = (keep + 1) * (per_checkpoint + per_checkpoint // 20 + (64 << 10)) - used  # 5% + 64 KiB margin
+    existing = _nearest_existing(run_dir)
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        mib = 1 << 20
+        raise StorageError(
+            f"{run_dir}: not enough disk space for checkpoints: {keep + 1} x {per_checkpoint / mib:.2f} MiB "
+            f"(checkpoint.keep + 1) need {needed / mib:.2f} MiB, {existing} has {free / mib:.2f} MiB free; "
+            "free space, lower checkpoint.keep, or set checkpoint.check_free_space=false")
+
+
+def write_run_files(cfg: ExperimentConfig, run_dir: Path, vocab: Vocabulary) -> None:
+    """Create the run directory with its resolved config and vocabulary; a full disk is a one-line error."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        if not (run_dir / VOCAB_FILE).is_file():
+            vocab.save(run_dir / VOCAB_FILE)
+    except OSError as err:
+        raise StorageError(f"{run_dir}: cannot write the run directory ({err.strerror}); "
+                           "free space or choose another run_dir") from None
 
 
 def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits: Splits | None = None) -> Experiment:
@@ -109,12 +161,6 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
         n = len(splits.train)
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) exceeds the {n} training examples; lower it")
 
-    if training and strategy.is_chief:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-        if not vocab_path.is_file():
-            vocab.save(vocab_path)
-
     with strategy.scope():
         model = build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len,
                             summary_len=cfg.data.summary_len)
@@ -122,9 +168,14 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
         optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.train.steps,
                                     num_replicas=strategy.num_replicas, mixed_precision=cfg.train.mixed_precision)
         optimizer.build(model.trainable_variables)
+    rng = random_state(model)
+    if training and strategy.is_chief:  # the run directory appears only now that every check has passed
+        if cfg.checkpoint.check_free_space:
+            per_checkpoint = checkpoint_bytes([*model.variables, *optimizer.variables, *rng.states])
+            check_free_space(run_dir, per_checkpoint=per_checkpoint, keep=cfg.checkpoint.keep)
+        write_run_files(cfg, run_dir, vocab)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
-                                write=training and strategy.is_chief, model=model, optimizer=optimizer,
-                                rng=random_state(model))
+                                write=training and strategy.is_chief, model=model, optimizer=optimizer, rng=rng)
     return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer)
 
 
