@@ -66,7 +66,48 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping ranks")
     la.add_argument("config")
     la.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _slurm_parser(sub)
     return p
+
+
+def _slurm_parser(sub) -> None:
+    s = sub.add_parser("slurm", help="submit to SLURM (sbatch), or run one rank inside a SLURM job")
+    ssub = s.add_subparsers(dest="slurm_command", required=True, parser_class=_Parser)
+    su = ssub.add_parser("submit", help="render slurm/strata.sbatch.j2 for CONFIG and sbatch it")
+    su.add_argument("config")
+    su.add_argument("--nodes", type=int, default=1)
+    su.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU only (default)")
+    su.add_argument("--ntasks-per-node", type=int, default=None,
+                    help="ranks per node (default: one per GPU, or per pipeline's devices; 1 without GPUs)")
+    su.add_argument("--time", default=None, help="time limit, e.g. 2:00:00 or 1-00:00:00")
+    su.add_argument("--partition", default=None)
+    su.add_argument("--account", default=None)
+    su.add_argument("--job-name", default=None, help="default: strata-<config name>")
+    su.add_argument("--backend", choices=["horovod", "multi_worker"], default=None,
+                    help="default: the config's distribution.backend if it is one of these, else horovod")
+    su.add_argument("--warning", type=int, default=90, metavar="SECONDS",
+                    help="preemption warning: SIGUSR1 this many seconds before the time limit (default 90)")
+    su.add_argument("--template", default=None, help="your own copy of slurm/strata.sbatch.j2")
+    su.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    su.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rr = ssub.add_parser("run-rank", help="(inside a job, under srun) start this task's rank of CONFIG")
+    rr.add_argument("config")
+    rr.add_argument("--backend", choices=["horovod", "multi_worker"], required=True)
+    rr.add_argument("--gpus-per-node", type=int, default=0)
+    rr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from launch import slurm_jobs
+
+    if args.slurm_command == "submit":
+        return slurm_jobs.submit(config=args.config, overrides=args.overrides, backend=args.backend,
+                                 nodes=args.nodes, ntasks_per_node=args.ntasks_per_node,
+                                 gpus_per_node=args.gpus_per_node, time=args.time, partition=args.partition,
+                                 account=args.account, job_name=args.job_name, warning=args.warning,
+                                 template=args.template, dry_run=args.dry_run)
+    return slurm_jobs.run_rank(config=args.config, overrides=args.overrides, backend=args.backend,
+                               gpus_per_node=args.gpus_per_node)
 
 
 def trainer_argv(args: argparse.Namespace) -> list[str]:
@@ -104,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                                         backend=args.backend, mpi=args.mpi, config=args.config,
                                         overrides=args.overrides)
             return launcher.run(launch_plan, grace_seconds=args.grace)
+        if args.command == "slurm":
+            return _slurm(args)
         if args.command == "plan":
             args.placement = launcher.rank_hosts(np=args.np, hosts_spec=args.hosts, hostfile=args.hostfile)
         command = trainer_argv(args)

@@ -1,0 +1,147 @@
+"""SLURM jobs, the part that talks to SLURM: `strata slurm submit` and `strata slurm run-rank`.
+
+submit: validate the config (the trainer's own schema, in a child process), check the resources against
+it and against SLURM (`sinfo` for the partition, `sbatch --test-only` for the rest), then write the config
+snapshot and the batch script into RUN_DIR/slurm/ and `sbatch` it. Bad input stops before anything is
+written or submitted. The snapshot is what every start of the job trains, so editing the YAML while the
+job waits or after a requeue cannot change a run halfway.
+
+run-rank: executed by srun once per rank; reads SLURM's variables, builds the rank's environment
+(launch/slurm.py) and execs `python -m trainer train` with it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from launch import slurm
+from launch.errors import LaunchError
+from launch.hostlist import expand_hostlist
+from launch.launcher import validate_config
+
+SBATCH_TIMEOUT_S = 60
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise LaunchError(f"`{name}` not found: run this on a SLURM login node, or start a local cluster with "
+                          "`slurm/local-cluster.sh start` (see the README); --dry-run prints the script without SLURM")
+    return path
+
+
+def _run(argv: list[str], *, input_text: str | None = None, timeout: float = SBATCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, input=input_text, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"`{' '.join(argv[:2])}` did not answer in {timeout:.0f} s; is slurmctld up "
+                          "(`scontrol ping`)?") from None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
+
+
+def partitions() -> list[str] | None:
+    """Partition names SLURM knows, or None when it cannot say (no sinfo, controller down)."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        return None
+    return sorted({line.strip() for line in done.stdout.splitlines() if line.strip()})
+
+
+def check_partition(partition: str | None) -> None:
+    known = partitions()
+    if partition and known is not None and partition not in known:
+        raise LaunchError(f"--partition {partition!r}: SLURM has no such partition (known: {', '.join(known) or 'none'}); "
+                          "pick one of those or leave --partition out for the default")
+
+
+def test_only(script: str) -> None:
+    """`sbatch --test-only`: SLURM's own check that the request can ever be satisfied (nodes, GPUs, time)."""
+    done = _run([_tool("sbatch"), "--test-only"], input_text=script)
+    if done.returncode != 0:
+        reason = _last_line(done.stderr).removeprefix("sbatch: error: ")
+        raise LaunchError(f"SLURM refuses this job: {reason}; change --nodes/--ntasks-per-node/--gpus-per-node/"
+                          "--time/--partition to what the cluster has (`sinfo`)")
+
+
+def submit(*, config: str, overrides: list[str], backend: str | None, nodes: int, ntasks_per_node: int | None,
+           gpus_per_node: int, time: str | None, partition: str | None, account: str | None,
+           job_name: str | None, warning: int, template: str | None, dry_run: bool) -> int:
+    first = validate_config(config, overrides)
+    chosen = backend or (first["distribution"]["backend"] if first["distribution"]["backend"] in slurm.BACKENDS
+                         else "horovod")
+    resolved = validate_config(config, [*overrides, f"distribution.backend={chosen}"])
+    resources = slurm.check_resources(resolved, backend=chosen, nodes=nodes, ntasks_per_node=ntasks_per_node,
+                                      gpus_per_node=gpus_per_node, time=time, warning_seconds=warning)
+    run_dir = Path(resolved["run_dir"] or Path("runs") / resolved["name"]).absolute()
+    resolved["run_dir"] = str(run_dir)
+    job_dir = run_dir / "slurm"
+    job = slurm.JobScript(
+        job_name=job_name or f"strata-{resolved['name']}", resources=resources, backend=chosen,
+        python=sys.executable, config=str(job_dir / "config.yaml"), workdir=str(Path.cwd()),
+        log_dir=str(job_dir), partition=partition, account=account)
+    script = slurm.render_script(job, template=Path(template) if template else None)
+    if dry_run:
+        sys.stdout.write(script)
+        print(f"# (dry run: nothing written or submitted; {job.config} would hold the resolved config)", file=sys.stderr)
+        return 0
+    check_partition(partition)
+    test_only(script)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    Path(job.config).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    script_path = job_dir / "job.sbatch"
+    script_path.write_text(script, encoding="utf-8")
+    done = _run([_tool("sbatch"), "--parsable", str(script_path)])
+    if done.returncode != 0:
+        raise LaunchError(f"sbatch refused {script_path}: {_last_line(done.stderr).removeprefix('sbatch: error: ')}")
+    job_id = done.stdout.strip().split(";")[0]
+    logs = job_dir / f"slurm-{job_id}"
+    print(f"strata: submitted job {job_id}: {resources.nodes} node(s) x {resources.tasks_per_node} task(s), {chosen}"
+          f"{f', {resources.gpus_per_node} GPU(s) per node' if resources.gpus_per_node else ''}", flush=True)
+    print(f"strata: script {script_path}")
+    print(f"strata: follow: tail -f {slurm.sh(f'{logs}.out')} {slurm.sh(f'{logs}.err')} | squeue -j {job_id} | "
+          f"cancel: scancel {job_id}")
+    return 0
+
+
+def node_list(environ) -> list[str]:
+    """The step's nodes, expanded by `scontrol show hostnames` (the pure expansion when scontrol is absent)."""
+    expr = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not expr:
+        raise LaunchError("SLURM_JOB_NODELIST is not set: run this under srun inside a SLURM job")
+    scontrol = shutil.which("scontrol")
+    if scontrol:
+        try:
+            done = subprocess.run([scontrol, "show", "hostnames", expr], capture_output=True, text=True, timeout=30)
+            if done.returncode == 0 and done.stdout.split():
+                return done.stdout.split()
+        except subprocess.TimeoutExpired:
+            pass
+    return expand_hostlist(expr)
+
+
+def run_rank(*, config: str, overrides: list[str], backend: str, gpus_per_node: int) -> int:
+    environ = dict(os.environ)
+    rank = slurm.read_rank(environ, node_list(environ))
+    env = slurm.rank_environment(environ, rank, backend=backend, gpus_per_node=gpus_per_node)
+    print(slurm.describe_rank(rank, env), flush=True)
+    argv = slurm.trainer_command(sys.executable, config, overrides, backend=backend)
+    # Until the trainer installs its handler (after Python starts), an early preemption warning is ignored
+    # rather than fatal (SIGUSR1's default action kills); SIGTERM keeps its default. Ignored survives exec.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    os.execve(argv[0], argv, env)
+    return 0  # not reached
