@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -40,6 +41,8 @@ class Experiment:
     model: LevelModel
     optimizer: keras.optimizers.Optimizer
     checkpointer: Checkpointer
+    # Training with distribution.pipeline: runs each replica's forward/backward over the stages.
+    pipeline: Any = None  # trainer.strategy.pipeline.PipelineEngine (imported only when used)
 
 
 def configure_runtime(cfg: ExperimentConfig) -> None:
@@ -161,10 +164,19 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
         n = len(splits.train)
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) exceeds the {n} training examples; lower it")
 
+    def new_model() -> LevelModel:
+        return build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len,
+                           summary_len=cfg.data.summary_len)
+
+    pipeline = None
     with strategy.scope():
-        model = build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len,
-                            summary_len=cfg.data.summary_len)
-        model(example_inputs(arrays["train"], cfg.task))  # create the variables
+        if training and cfg.distribution.pipeline is not None:
+            from trainer.strategy.pipeline_setup import build_pipeline
+
+            model, pipeline = build_pipeline(cfg, strategy, new_model, arrays["train"])
+        else:
+            model = new_model()
+            model(example_inputs(arrays["train"], cfg.task))  # create the variables
         optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.train.steps,
                                     num_replicas=strategy.num_replicas, mixed_precision=cfg.train.mixed_precision)
         optimizer.build(model.trainable_variables)
@@ -176,7 +188,7 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
         write_run_files(cfg, run_dir, vocab)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                 write=training and strategy.is_chief, model=model, optimizer=optimizer, rng=rng)
-    return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer)
+    return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer, pipeline)
 
 
 def model_inputs(task: str, batch: dict) -> dict:
