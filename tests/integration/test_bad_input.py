@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, strata
+from tests.conftest import CONFIGS, TINY_CLASSIFIER as TINY, strata
 
 CLASSIFIER = str(CONFIGS / "classifier.yaml")
 GOOD_LINE = '{"text": "good food", "label": 1}'
@@ -15,6 +15,10 @@ GOOD_LINE = '{"text": "good food", "label": 1}'
 def _write(path: Path, text: str | bytes) -> str:
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(path)
+
+
+def _jsonl(d: Path, text: str | bytes) -> list[str]:
+    return ["train", CLASSIFIER, "--set", "data.source=jsonl", "--set", "data.train_path=" + _write(d / "x.jsonl", text)]
 
 
 # (id, build argv from tmp dir, fragment the message must contain)
@@ -53,6 +57,40 @@ CASES = [
     ("unknown-flag", lambda d: ["train", CLASSIFIER, "--bogus"], "--bogus"),
     ("evaluate-not-a-run", lambda d: ["evaluate", str(d)], "not a Strata run directory"),
     ("tensorboard-missing-dir", lambda d: ["tensorboard", str(d / "missing")], "no such run directory"),
+    # --- more config values
+    ("unknown-section", lambda d: ["train", CLASSIFIER, "--set", "trainer.steps=5"], "trainer: unknown key"),
+    ("bool-wrong-type", lambda d: ["train", CLASSIFIER, "--set", "train.deterministic=maybe"], "train.deterministic"),
+    ("zero-steps", lambda d: ["train", CLASSIFIER, "--set", "train.steps=0"], "train.steps"),
+    ("negative-lr", lambda d: ["train", CLASSIFIER, "--set", "optimizer.lr=-0.1"], "optimizer.lr"),
+    ("keep-zero", lambda d: ["train", CLASSIFIER, "--set", "checkpoint.keep=0"], "checkpoint.keep"),
+    ("fraction-out-of-range", lambda d: ["train", CLASSIFIER, "--set", "data.val_fraction=1.5"], "data.val_fraction"),
+    ("tfds-for-classifier", lambda d: ["train", CLASSIFIER, "--set", "data.source=tfds", "--set", "data.tfds_name=x",
+                                       "--set", f"data.tfds_data_dir={d}"], "supported for the summarizers only"),
+    # --- more data files
+    ("data-not-utf8", lambda d: _jsonl(d, b'{"text": "caf\xe9", "label": 1}\n'), "x.jsonl:1: not valid UTF-8"),
+    ("data-missing-key", lambda d: _jsonl(d, '{"text": "good food"}\n'), "x.jsonl:1: missing key 'label'"),
+    ("data-text-not-string", lambda d: _jsonl(d, '{"text": 5, "label": 1}\n'), "'text' must be a string"),
+    ("data-is-a-directory", lambda d: ["train", CLASSIFIER, "--set", "data.source=jsonl",
+                                       "--set", f"data.train_path={d}"], "is a directory"),
+    ("csv-header-only", lambda d: ["train", CLASSIFIER, "--set", "data.source=csv", "--set",
+                                   "data.train_path=" + _write(d / "x.csv", "text,label\n")], "no examples"),
+    ("csv-missing-column", lambda d: ["train", CLASSIFIER, "--set", "data.source=csv", "--set",
+                                      "data.train_path=" + _write(d / "x.csv", "text,lbl\nhi,1\n")], "missing label"),
+    # --- command lines, host lists and run directories
+    ("stop-after-zero", lambda d: ["train", CLASSIFIER, "--stop-after", "0"], "--stop-after 0"),
+    ("evaluate-bad-split", lambda d: ["evaluate", str(d), "--split", "train"], "invalid choice: 'train'"),
+    ("tensorboard-bad-port", lambda d: ["tensorboard", str(d), "--port", "http"], "invalid int value"),
+    ("hostfile-bad-slots", lambda d: ["launch", "-np", "2", "--hostfile", _write(d / "hosts", "localhost slots=two\n"),
+                                      CLASSIFIER], "hosts:1: slots 'two' is not a whole number"),
+    ("hostfile-bad-line", lambda d: ["launch", "-np", "2", "--hostfile",
+                                     _write(d / "hosts", "# rack 1\nlocalhost slots=2 gpus=4\n"), CLASSIFIER],
+     "hosts:2: cannot read"),
+    ("hostfile-missing", lambda d: ["launch", "-np", "2", "--hostfile", str(d / "nope"), CLASSIFIER], "not found"),
+    ("hosts-empty-entry", lambda d: ["launch", "-np", "2", "-H", "localhost:1,,b:1", CLASSIFIER], "empty entry"),
+    ("run-dir-under-a-file", lambda d: ["train", CLASSIFIER, *TINY, "--set",
+                                        f"run_dir={_write(d / 'file.txt', 'x')}/run"], "is a file, not a directory"),
+    # Pipeline cases ("micro-batches not dividing the batch", "stages > levels") come with distribution.pipeline,
+    # from its owner.
 ]
 
 
@@ -60,7 +98,7 @@ CASES = [
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, argv_for, fragment: str):
     run_dir = tmp_path / "run"
     argv = argv_for(tmp_path)
-    if argv[0] == "train":
+    if argv[0] in ("train", "launch") and not any(a.startswith("run_dir=") for a in argv):
         argv += ["--set", f"run_dir={run_dir}"]
     done = strata(*argv, cwd=tmp_path, timeout=120)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
