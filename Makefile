@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STRATA := $(VENV)/bin/strata
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench doctor clean
+.PHONY: setup cluster cluster-stop demo test test-fast bench doctor clean
 
 setup:  ## apt packages, virtual environment, pinned deps, Horovod built from source
 	@bash .ci/setup.sh
@@ -14,7 +14,13 @@ demo: setup  ## train the default config with 2 data-parallel Horovod workers, t
 	$(STRATA) evaluate runs/classifier --split test
 	$(STRATA) classify runs/classifier "a wonderful and delightful story" "a dull and dreadful mess"
 
-test: setup  ## the whole test suite (what CI runs)
+cluster:  ## a real single-node SLURM cluster on this machine (munge, slurmctld, slurmd); idempotent
+	@bash slurm/local-cluster.sh start
+
+cluster-stop:
+	@bash slurm/local-cluster.sh stop
+
+test: setup cluster  ## the whole test suite (what CI runs), including real sbatch jobs
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 test-fast: setup  ## unit tests only

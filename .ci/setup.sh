@@ -23,9 +23,10 @@ fi
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# 1. System packages: MPI (for Horovod's MPI controller and mpi4py), compilers, cmake.
+# 1. System packages: MPI (for Horovod's MPI controller and mpi4py), compilers, cmake, and SLURM with munge
+#    for the local test cluster (slurm/local-cluster.sh; srun's PMIx plugin comes with slurmd, libpmix with MPI).
 need_apt=()
-for pkg in openmpi-bin libopenmpi-dev g++ make cmake python3-venv; do
+for pkg in openmpi-bin libopenmpi-dev g++ make cmake python3-venv slurmctld slurmd slurm-client munge; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -6,8 +6,8 @@
 #   slurm/local-cluster.sh status   exit 0 when the node answers and is usable
 #   slurm/local-cluster.sh stop     stop the daemons this script started (pid files), keep the config
 #
-# Idempotent: `start` on a running cluster only checks it. Daemons listen on this machine's name only and
-# the cluster has exactly one node: this one. Everything the daemons write lives under $STATE
+# Idempotent: `start` on a running cluster only checks it. The daemons bind 127.0.0.1 only and the cluster
+# has exactly one node: this one. Everything the daemons write lives under $STATE
 # (/var/lib/strata-slurm: spool, state, logs, pid files). The config goes to /etc/slurm/slurm.conf, where
 # sbatch/srun/squeue look by default, but only if that file is absent or was written by this script: a real
 # cluster's config is never overwritten.
@@ -32,6 +32,16 @@ install_packages() {
   fi
 }
 
+ensure_resolvable() {
+  # Jobs address ranks by node name (TF_CONFIG): the name must resolve. Most machines list it in /etc/hosts.
+  local host
+  host="$(hostname -s)"
+  if ! getent hosts "$host" >/dev/null; then
+    log "adding '127.0.0.1 $host' to /etc/hosts (the node name must resolve)"
+    echo "127.0.0.1 $host  # added by Strata's slurm/local-cluster.sh" | as_root tee -a /etc/hosts >/dev/null
+  fi
+}
+
 write_config() {
   local host cpus mem
   host="$(hostname -s)"
@@ -48,7 +58,8 @@ write_config() {
   as_root tee "$CONF.tmp" >/dev/null <<CONF
 $MARK (state in $STATE). Safe to delete.
 ClusterName=strata-local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -68,7 +79,7 @@ SelectTypeParameters=CR_Core
 JobCompType=jobcomp/none
 KillWait=30
 MinJobAge=600
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
   as_root mv "$CONF.tmp" "$CONF"
@@ -85,6 +96,7 @@ node_ready() {
 
 start() {
   install_packages
+  ensure_resolvable
   write_config
   # munge: the package creates /etc/munge/munge.key; create one if it is missing.
   as_root mkdir -p /run/munge /var/log/munge /var/lib/munge
