@@ -3,7 +3,9 @@
 Set STRATA_FAULT="RANK:STEP:KIND" in the environment of a run, e.g. `1:5:kill`. KIND is one of
   exit   the rank exits with code 3 after step STEP,
   kill   the rank sends itself SIGKILL after step STEP (as the OOM killer would),
-  hang   the rank stops making progress (sleeps) before step STEP+1.
+  hang   the rank stops making progress (sleeps) before step STEP+1,
+  usr1   the rank sends itself SIGUSR1 after step STEP and goes on (a preemption warning that reached
+         only this rank; see trainer/preemption.py).
 Unset (the default), nothing happens: the hook is not even installed.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 
 from trainer.hooks import Hook, LoopState
 
-KINDS = ("exit", "kill", "hang")
+KINDS = ("exit", "kill", "hang", "usr1")
 
 
 def parse_fault(spec: str) -> tuple[int, int, str]:
@@ -42,6 +44,9 @@ class FaultInjection(Hook):
             os._exit(3)
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "usr1":
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
         while True:  # hang
             time.sleep(60)
 

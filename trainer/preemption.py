@@ -10,8 +10,10 @@ evaluation an off-grid stop triggers), so the next start resumes exactly there: 
 is a pure function of (seed, s), no step is lost and none is done twice.
 
 Enabled by STRATA_PREEMPTION=1, which `strata slurm run-rank` sets for every SLURM rank (set it yourself
-under another scheduler). STRATA_PREEMPTION_SYNC_EVERY (default 1) trades how many steps a stop may lag
-the signal against one small all-reduce per step; see the README for the measured cost.
+under another scheduler). STRATA_PREEMPTION_SYNC_EVERY (default 10) is how many steps a stop may lag the
+signal, traded against one small eager all-reduce per agreement: measured on 2 CPU ranks with the tiny
+classifier (~9 ms steps), agreeing every step cost Horovod about 25% of its throughput, every 10 steps a
+few percent; with real steps (100 ms to seconds) the lag stays seconds, well inside the 90 s warning.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def enabled(environ=os.environ) -> bool:
 
 
 def sync_every(environ=os.environ) -> int:
-    raw = environ.get("STRATA_PREEMPTION_SYNC_EVERY", "1")
+    raw = environ.get("STRATA_PREEMPTION_SYNC_EVERY", "10")
     if not raw.isdigit() or int(raw) < 1:
         raise UserError(f"STRATA_PREEMPTION_SYNC_EVERY={raw!r}: must be a whole number of steps >= 1")
     return int(raw)

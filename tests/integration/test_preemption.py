@@ -1,0 +1,83 @@
+"""Preemption in the trainer (trainer/preemption.py), without SLURM: a signal makes every rank stop after the
+same step, checkpoint it and exit 75; the next start resumes there and no step is done twice.
+(tests/cluster/ runs the same through real sbatch, srun and scontrol requeue.)"""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from tests.conftest import CONFIGS, STRATA, TINY_CLASSIFIER, child_env, run_cmd, strata
+
+pytestmark = pytest.mark.slow
+CONFIG = str(CONFIGS / "classifier.yaml")
+COMMON = [*TINY_CLASSIFIER, "--set", "train.log_every=1", "--set", "eval.every=1000", "--set", "checkpoint.every=1000",
+          "--set", "optimizer.warmup_steps=0"]
+
+
+def _saved_step(run_dir: Path) -> int:
+    return int(tf.train.load_checkpoint(str(run_dir / "checkpoints")).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def _tb_steps(run_dir: Path) -> list[int]:
+    acc = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0},
+                                             purge_orphaned_data=False)  # keep duplicates, if any
+    acc.Reload()
+    return [e.step for e in acc.Tensors("train/loss")]
+
+
+def test_agreed_stop_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    args = ["train", CONFIG, *COMMON, "--set", f"run_dir={run_dir}", "--set", "train.steps=20"]
+    # The signal arrives after step 7; with agreement every 5 steps the run stops after step 10.
+    first = run_cmd([STRATA, *args], STRATA_PREEMPTION="1", STRATA_PREEMPTION_SYNC_EVERY="5", STRATA_FAULT="0:7:usr1")
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert "preempted: checkpointed step 10 on all ranks" in first.stdout
+    assert _saved_step(run_dir) == 10
+    resumed = strata(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.findall(r"^step (\d+)/20 loss", resumed.stdout, re.M)[0] == "11"
+    assert _tb_steps(run_dir) == list(range(1, 21))
+
+
+def test_a_real_sigterm_mid_run(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([STRATA, "train", CONFIG, *COMMON, "--set", f"run_dir={run_dir}", "--set", "train.steps=5000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=child_env(STRATA_PREEMPTION="1", STRATA_PREEMPTION_SYNC_EVERY="1"))
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step 30/5000"):
+                sent = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 75, out[-3000:]
+    (stop,) = [int(s) for s in re.findall(r"preempted: checkpointed step (\d+)", out)]
+    assert 30 <= stop < 5000 and _saved_step(run_dir) == stop
+    print(f"SIGTERM at step 30 -> stopped and checkpointed at step {stop}, exit 75 after {time.monotonic() - sent:.1f} s")
+
+
+@pytest.mark.multi_process
+def test_a_signal_on_one_rank_stops_both_at_the_same_step(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    done = run_cmd([STRATA, "launch", "-np", "2", "--backend", "horovod", CONFIG, *COMMON, "--set", f"run_dir={run_dir}",
+                    "--set", "train.steps=40"], timeout=300,
+                   STRATA_PREEMPTION="1", STRATA_PREEMPTION_SYNC_EVERY="5", STRATA_FAULT="1:7:usr1")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0  # 75 from the ranks: the launcher reports the job as not completed
+    assert "preempted: checkpointed step 10 on all ranks" in out, out[-3000:]
+    assert "weights identical on all 2 ranks" in out  # rank 0, never signalled, stopped after the same step
+    assert _saved_step(run_dir) == 10
