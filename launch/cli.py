@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--backend", choices=["horovod", "multi_worker"], default=None,
                     help="default: the config's distribution.backend if it is one of these, else horovod")
     la.add_argument("--mpi", action="store_true", help="Horovod's MPI controller instead of Gloo")
+    la.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="stop after N more steps (checkpointed); relaunch to continue")
     la.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping ranks")
     la.add_argument("config")
     la.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "launch":
             launch_plan = launcher.plan(np=args.np, hosts_spec=args.hosts, hostfile=args.hostfile,
                                         backend=args.backend, mpi=args.mpi, config=args.config,
-                                        overrides=args.overrides)
+                                        overrides=args.overrides, stop_after=args.stop_after)
             return launcher.run(launch_plan, grace_seconds=args.grace)
         if args.command == "slurm":
             return _slurm(args)

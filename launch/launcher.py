@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,8 +20,10 @@ from pathlib import Path
 from launch.env import child_environ, free_ports, rank_env, tf_config
 from launch.errors import LaunchError
 from launch.horovod import horovodrun_argv
+from launch.horovod_job import run_horovodrun
 from launch.hosts import Host, assign_ranks, is_local, parse_hostfile, parse_hosts
 from launch.local import run_local
+from launch.watchdog import heartbeat_dir_for, heartbeat_settings, remove_heartbeat_dir, supervision_env
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,14 @@ class LaunchPlan:
     config: str
     overrides: list[str]
     resolved: dict  # the worker's validated config
+    stop_after: int | None = None  # train this many more steps, then checkpoint and stop
 
     def worker_command(self) -> list[str]:
         argv = [sys.executable, "-m", "trainer", "train", self.config]
         for item in [*self.overrides, f"distribution.backend={self.backend}"]:
             argv += ["--set", item]
+        if self.stop_after is not None:
+            argv += ["--stop-after", str(self.stop_after)]
         return argv
 
 
@@ -146,7 +150,7 @@ def rank_hosts(*, np: int, hosts_spec: str | None, hostfile: str | None) -> list
 
 
 def plan(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str | None, mpi: bool,
-         config: str, overrides: list[str]) -> LaunchPlan:
+         config: str, overrides: list[str], stop_after: int | None = None) -> LaunchPlan:
     """Check the whole launch; raise LaunchError (one line) on the first problem."""
     if hosts_spec and hostfile:
         raise LaunchError("give either -H or --hostfile, not both")
@@ -166,7 +170,9 @@ def plan(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str 
     if chosen == "horovod":
         check_horovod_controller(controller)
     check_reachable(hosts)
-    return LaunchPlan(np, hosts, chosen, controller, config, list(overrides), resolved)
+    if stop_after is not None and stop_after < 1:
+        raise LaunchError(f"--stop-after {stop_after}: must be a positive number of steps")
+    return LaunchPlan(np, hosts, chosen, controller, config, list(overrides), resolved, stop_after)
 
 
 def run(p: LaunchPlan, *, grace_seconds: float = 5.0) -> int:
@@ -174,47 +180,34 @@ def run(p: LaunchPlan, *, grace_seconds: float = 5.0) -> int:
     batch = p.resolved["data"]["batch_size"]
     print(f"strata: launching {p.np} {p.backend} worker(s) on {','.join(f'{h.name}:{h.slots}' for h in p.hosts)}"
           f" | global batch {batch} = {p.np} x {batch // p.np} per replica", flush=True)
-    if p.backend == "multi_worker":
-        return _run_multi_worker(p, grace_seconds)
-    return _run_horovodrun(p)
+    # Hang watchdog over the ranks' heartbeats (train.watchdog_timeout_s; 0 turns it off).
+    timeout_s, startup_s = heartbeat_settings(p.resolved)
+    beats = heartbeat_dir_for(Path(p.resolved["run_dir"] or Path("runs") / p.resolved["name"]), all_local=all(is_local(h) for h in p.hosts)) \
+        if timeout_s > 0 else None
+    try:
+        if p.backend == "multi_worker":
+            return _run_multi_worker(p, grace_seconds, beats, startup_s)
+        return _run_horovodrun(p, grace_seconds, beats, startup_s)
+    finally:
+        if beats is not None:
+            remove_heartbeat_dir(beats)
 
 
-def _run_multi_worker(p: LaunchPlan, grace_seconds: float) -> int:
+def _run_multi_worker(p: LaunchPlan, grace_seconds: float, beats: Path | None, startup_s: float) -> int:
     placements = assign_ranks(p.hosts, p.np)
     workers = [f"127.0.0.1:{port}" for port in free_ports(p.np)]
-    envs = [child_environ(os.environ, rank_env(pl, world_size=p.np, backend="multi_worker",
-                                               tf_config_json=tf_config(workers, pl.rank))) for pl in placements]
-    return run_local([p.worker_command()] * p.np, envs, grace_seconds=grace_seconds)
+    envs = [child_environ(os.environ, {**rank_env(pl, world_size=p.np, backend="multi_worker",
+                                                  tf_config_json=tf_config(workers, pl.rank)),
+                                       **supervision_env(beats)}) for pl in placements]
+    return run_local([p.worker_command()] * p.np, envs, grace_seconds=grace_seconds, heartbeat_dir=beats,
+                     startup_s=startup_s)
 
 
-_FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
-
-
-def _run_horovodrun(p: LaunchPlan) -> int:
+def _run_horovodrun(p: LaunchPlan, grace_seconds: float, beats: Path | None, startup_s: float) -> int:
     argv = horovodrun_argv(np=p.np, hosts=p.hosts, controller=p.controller, command=p.worker_command(),
                            as_root=os.geteuid() == 0,
                            program=shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun"))
-    env = child_environ(os.environ, {"STRATA_BACKEND": "horovod"})
+    env = child_environ(os.environ, {"STRATA_BACKEND": "horovod", **supervision_env(beats)})
     # Horovod options from the config (distribution.horovod) are applied by each rank before hvd.init().
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)
-    failed: list[tuple[str, str]] = []
-
-    def stop(signum, _frame):  # forward Ctrl-C / SIGTERM to horovodrun, which stops its ranks
-        os.killpg(proc.pid, signal.SIGTERM)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            failed += _FAILED_PROCESS.findall(line)
-        code = proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if code != 0:
-        real = [(r, c) for r, c in failed if c not in ("0",)]
-        who = ", ".join(f"rank {r} exited with code {c}" for r, c in real[:1]) or f"horovodrun exited with code {code}"
-        print(f"strata: job failed: {who}; the other ranks were stopped", file=sys.stderr, flush=True)
-    return code
+    return run_horovodrun(argv, env, hosts=[pl.host for pl in assign_ranks(p.hosts, p.np)], heartbeat_dir=beats,
+                          startup_s=startup_s, grace_seconds=grace_seconds)

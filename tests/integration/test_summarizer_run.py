@@ -110,3 +110,28 @@ def test_two_horovod_workers_reach_the_same_quality(summarizer: Path, tmp_path: 
     assert abs(one["rougeL"] - two["rougeL"]) < 0.1
     assert abs(one["loss"] - two["loss"]) < 0.25 * max(one["loss"], two["loss"])
     assert min(one["rougeL"], two["rougeL"]) > 0.45
+
+
+@pytest.mark.multi_process
+def test_two_horovod_workers_by_two_stages_reach_the_same_quality(summarizer: Path, tmp_path: Path):
+    """Hybrid parallelism: 2 Horovod replicas x 2 pipeline stages (4 logical devices, levels split by the
+    measured `auto` partition, 1F1B over 4 micro-batches) vs 1 worker x 1 stage, same global batch and
+    QUALITY_RUN: the same held-out quality, by the bounds of the 2-worker test above."""
+    run_dir = tmp_path / "run"
+    pipeline = "distribution.pipeline={stages: 2, micro_batches: 4, schedule: 1f1b, partition: auto}"
+    done = strata("launch", "-np", "2", str(CONFIGS / "summarizer.yaml"), *SMALL, "--set", f"run_dir={run_dir}",
+                  *QUALITY_RUN, "--set", pipeline, timeout=1500)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "pipeline: 2 stages x 2 replicas, 4 devices" in done.stdout
+    assert "weights identical on all 2 ranks" in done.stdout
+    scores = []
+    for directory in (summarizer, run_dir):
+        ev = strata("evaluate", str(directory), "--split", "test")
+        assert ev.returncode == 0, ev.stderr[-2000:]
+        scores.append(json.loads(ev.stdout.strip().splitlines()[-1]))
+    one, hybrid = scores
+    print(f"held-out: 1 worker x 1 stage ROUGE-L {one['rougeL']:.3f} loss {one['loss']:.3f}, "
+          f"2 workers x 2 stages ROUGE-L {hybrid['rougeL']:.3f} loss {hybrid['loss']:.3f}")
+    assert abs(one["rougeL"] - hybrid["rougeL"]) < 0.1
+    assert abs(one["loss"] - hybrid["loss"]) < 0.25 * max(one["loss"], hybrid["loss"])
+    assert min(one["rougeL"], hybrid["rougeL"]) > 0.45

@@ -1,0 +1,140 @@
+"""Pipeline training through the real commands: the same loss curve as the unpipelined run, per-stage
+timing in TensorBoard, `strata plan`, and checkpoints that do not care about the layout (K=2 stages x 2
+Horovod replicas <-> K=1 x 1 replica, both ways)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from tests.conftest import CONFIGS, strata
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--set", "data.builtin.train_examples=400", "--set", "data.builtin.val_examples=64",
+        "--set", "data.builtin.test_examples=64", "--set", "eval.rouge_examples=8",
+        "--set", "logging.progress_bar=false", "--set", "optimizer.warmup_steps=0"]
+SUMMARIZER = [str(CONFIGS / "summarizer.yaml"), *TINY, "--set", "model.embed_dim=16", "--set", "model.hidden_dim=32",
+              "--set", "train.steps=12", "--set", "train.log_every=3", "--set", "eval.every=12"]
+# The transformer without dropout: micro-batches draw dropout masks per micro-batch, so only a
+# deterministic forward is bit-comparable across layouts.
+TRANSFORMER = [str(CONFIGS / "transformer_small.yaml"), *TINY, "--set", "model.d_model=32", "--set", "model.ff_dim=64",
+               "--set", "model.dropout=0.0", "--set", "train.steps=12", "--set", "eval.every=12",
+               "--set", "checkpoint.every=6", "--set", "train.log_every=6"]
+PIPE_2x4 = "distribution.pipeline={stages: 2, micro_batches: 4, schedule: 1f1b, partition: auto}"
+PIPE_EXPLICIT = ("distribution.pipeline={stages: 2, micro_batches: 2, schedule: gpipe, partition: "
+                 "[[embed, encoder_block_0, encoder_block_1], [decoder_block_0, decoder_block_1, output]]}")
+
+
+def scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar under `prefix` in the run's TensorBoard events, read with TensorBoard's reader."""
+    import tensorflow as tf
+
+    acc = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"] if tag.startswith(prefix)}
+
+
+def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
+    """The trainable weights of the run's latest checkpoint (variable key -> value). TensorFlow stores each
+    variable once, under the first path to it in the object graph: the optimizer's list of trainable variables."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(run_dir / "checkpoints")))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith("optimizer/_trainable_variables/") and k.endswith("VARIABLE_VALUE")}
+
+
+def test_pipelined_summarizer_follows_the_unpipelined_loss_curve(tmp_path: Path):
+    plain, piped = tmp_path / "plain", tmp_path / "piped"
+    a = strata("train", *SUMMARIZER, "--set", f"run_dir={plain}", timeout=400)
+    b = strata("train", *SUMMARIZER, "--set", f"run_dir={piped}", "--set", PIPE_2x4, timeout=400)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert b.returncode == 0, b.stderr[-3000:]
+    # The measured per-level costs and the chosen split are printed before training.
+    assert "level costs (forward+backward per micro-batch, measured)" in b.stdout
+    assert "pipeline: 2 stages x 1 replica" in b.stdout and "schedule: 1f1b, 4 micro-batches" in b.stdout
+    loss_a = scalars(plain, "train/loss")["train/loss"]
+    loss_b = scalars(piped, "train/loss")["train/loss"]
+    assert [s for s, _ in loss_a] == [s for s, _ in loss_b] == [3, 6, 9, 12]
+    np.testing.assert_allclose([v for _, v in loss_b], [v for _, v in loss_a], rtol=1e-4)
+    # Per-stage compute time and measured idle fraction reach TensorBoard.
+    stages = scalars(piped, "pipeline/")
+    for tag in ("pipeline/stage_0_compute_ms", "pipeline/stage_1_compute_ms", "pipeline/stage_0_idle_fraction",
+                "pipeline/stage_1_idle_fraction", "pipeline/bubble_fraction", "pipeline/step_span_ms"):
+        assert [s for s, _ in stages[tag]] == [3, 6, 9, 12], tag
+    for s in (0, 1):
+        assert all(v > 0 for _, v in stages[f"pipeline/stage_{s}_compute_ms"])
+        assert all(0 <= v < 1 for _, v in stages[f"pipeline/stage_{s}_idle_fraction"])
+    # A stage can never be busier than the step is long.
+    for (_, span), (_, busy) in zip(stages["pipeline/step_span_ms"], stages["pipeline/stage_0_compute_ms"]):
+        assert busy <= span * 1.001
+    print("pipeline/bubble_fraction", stages["pipeline/bubble_fraction"])
+
+
+def test_plan_shows_ranks_stages_memory_and_warnings():
+    done = strata("plan", *TRANSFORMER, "-np", "2", "-H", "nodeA:1,nodeB:1", "--set", PIPE_EXPLICIT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "rank 0  host nodeA  local rank 0  stage 0" in out and "rank 1  host nodeB  local rank 0" in out
+    assert "embed, encoder_block_0, encoder_block_1" in out and "decoder_block_0, decoder_block_1, output" in out
+    assert "bubble: 33.3% idle = (K-1)/(M+K-1) = 1/3" in out
+    assert "global 32 = 2 replicas x 16; micro-batch size 8 (16 / 2)" in out
+    assert "micro_batches (2) < 4 x stages (2)" in out  # the M < 4K warning
+    assert "params" in out and "MiB" in out or "KiB" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-np", "3"], "replicas (3) must divide the global batch (32)"),
+    (["-np", "2", "--set", "distribution.pipeline={stages: 2, micro_batches: 32}"],
+     "micro_batches (32) must divide the per-replica batch (16)"),
+    (["--set", "distribution.pipeline={stages: 7}"], "stages (7) exceeds the 6 levels"),
+])
+def test_plan_refuses_impossible_layouts_in_one_line(args, message):
+    done = strata("plan", *TRANSFORMER, *args)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.multi_process
+def test_checkpoints_move_between_layouts(tmp_path: Path):
+    """6 steps as 2 stages x 2 Horovod replicas then 6 as 1 stage x 1 replica, and the other way round,
+    end with the weights of 12 uninterrupted unpipelined steps (same global batch throughout)."""
+    straight, there, back = tmp_path / "straight", tmp_path / "there", tmp_path / "back"
+    done = strata("train", *TRANSFORMER, "--set", f"run_dir={straight}", timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    hybrid = ["launch", "-np", "2", *TRANSFORMER, "--set", PIPE_EXPLICIT]
+    first = strata(*hybrid, "--set", f"run_dir={there}", "--stop-after", "6", timeout=400)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    second = strata("train", *TRANSFORMER, "--set", f"run_dir={there}", timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    first = strata("train", *TRANSFORMER, "--set", f"run_dir={back}", "--stop-after", "6", timeout=400)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = strata(*hybrid, "--set", f"run_dir={back}", timeout=400)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "weights identical on all 2 ranks" in second.stdout
+
+    # The function the model computes is the same: training losses and the final validation loss agree.
+    # Weights agree to well under one Adam step (lr 1e-3): Adam divides each gradient by its own running
+    # RMS, so parameters whose true gradient is ~0 (an attention key bias, a dead ReLU unit's weights) move
+    # by whatever sign the rounding noise of a different summation order has; they do not change the loss.
+    reference, ref_metrics = final_weights(straight), json.loads((straight / "metrics.json").read_text())
+    ref_losses = [v for _, v in scalars(straight, "train/loss")["train/loss"]]
+    assert len(reference) > 10
+    for run in (there, back):
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["step"] == 12
+        losses = [v for _, v in scalars(run, "train/loss")["train/loss"]]
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-4, err_msg=run.name)
+        assert abs(metrics["loss"] - ref_metrics["loss"]) < 1e-4 * ref_metrics["loss"], (metrics, ref_metrics)
+        weights = final_weights(run)
+        assert weights.keys() == reference.keys()
+        worst = max(float(np.max(np.abs(weights[k] - reference[k]))) for k in reference)
+        print(f"{run.name}: train losses {losses} vs {ref_losses}; max |weight difference| {worst:.2e}")
+        assert worst < 1e-3, run.name
