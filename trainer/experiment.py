@@ -5,6 +5,7 @@ an incompatible existing run directory) happens before the run directory is crea
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -169,8 +170,12 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
                            summary_len=cfg.data.summary_len)
 
     pipeline = None
-    with strategy.scope():
-        if training and cfg.distribution.pipeline is not None:
+    pipelined = training and cfg.distribution.pipeline is not None
+    # A pipelined model's variables must stay on their stages' devices, so they are created outside
+    # tf.distribute's scope (which would mirror them onto its own device); under multi_worker the
+    # gradients are then summed by strategy/multi_worker_pipeline.py.
+    with contextlib.nullcontext() if pipelined else strategy.scope():
+        if pipelined:
             from trainer.strategy.pipeline_setup import build_pipeline
 
             model, pipeline = build_pipeline(cfg, strategy, new_model, arrays["train"])

@@ -138,3 +138,21 @@ def test_checkpoints_move_between_layouts(tmp_path: Path):
         worst = max(float(np.max(np.abs(weights[k] - reference[k]))) for k in reference)
         print(f"{run.name}: train losses {losses} vs {ref_losses}; max |weight difference| {worst:.2e}")
         assert worst < 1e-3, run.name
+
+
+@pytest.mark.multi_process
+def test_multi_worker_by_two_stages_follows_the_single_device_run(tmp_path: Path):
+    """2 MultiWorkerMirrored workers x 2 stages (stage variables outside tf.distribute's mirroring,
+    gradients summed by its collectives) train like one device with the same global batch."""
+    short = [*TRANSFORMER, "--set", "train.steps=6", "--set", "eval.every=6", "--set", "train.log_every=3"]
+    single, hybrid = tmp_path / "single", tmp_path / "hybrid"
+    a = strata("train", *short, "--set", f"run_dir={single}", timeout=400)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = strata("launch", "-np", "2", "--backend", "multi_worker", *short, "--set", f"run_dir={hybrid}",
+               "--set", PIPE_EXPLICIT, timeout=400)
+    assert b.returncode == 0, (b.stdout + b.stderr)[-3000:]
+    assert "weights identical on all 2 ranks" in b.stdout and "pipeline: 2 stages x 2 replicas" in b.stdout
+    losses = [[v for _, v in scalars(run, "train/loss")["train/loss"]] for run in (single, hybrid)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    val = [json.loads((run / "metrics.json").read_text())["loss"] for run in (single, hybrid)]
+    assert abs(val[1] - val[0]) < 1e-4 * val[0], val

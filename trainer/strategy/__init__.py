@@ -47,7 +47,12 @@ def make_strategy(cfg: ExperimentConfig) -> "Strategy":
         from trainer.strategy.tf_distribute import MultiWorker
 
         try:
-            strategy = MultiWorker()
+            if dist.pipeline is not None:
+                from trainer.strategy.multi_worker_pipeline import MultiWorkerPipeline
+
+                strategy = MultiWorkerPipeline()
+            else:
+                strategy = MultiWorker()
         except ValueError as err:
             raise ConfigError(str(err)) from None
     else:
