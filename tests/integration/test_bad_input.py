@@ -10,6 +10,8 @@ from tests.conftest import CONFIGS, TINY_CLASSIFIER as TINY, strata
 
 CLASSIFIER = str(CONFIGS / "classifier.yaml")
 GOOD_LINE = '{"text": "good food", "label": 1}'
+SUMMARIZER = str(CONFIGS / "summarizer.yaml")
+PIPE = "stages: 2, micro_batches: 4"
 
 
 def _write(path: Path, text: str | bytes) -> str:
@@ -89,8 +91,21 @@ CASES = [
     ("hosts-empty-entry", lambda d: ["launch", "-np", "2", "-H", "localhost:1,,b:1", CLASSIFIER], "empty entry"),
     ("run-dir-under-a-file", lambda d: ["train", CLASSIFIER, *TINY, "--set",
                                         f"run_dir={_write(d / 'file.txt', 'x')}/run"], "is a file, not a directory"),
-    # Pipeline cases ("micro-batches not dividing the batch", "stages > levels") come with distribution.pipeline,
-    # from its owner.
+    # --- pipeline layouts: refused by the config check, the launcher (replicas known) or `strata plan`
+    ("pipeline-micro-batches", lambda d: ["train", SUMMARIZER, "--set", f"distribution.pipeline={{{PIPE},"
+                                          " micro_batches: 5}"], "micro_batches (5) must divide data.batch_size (32)"),
+    ("pipeline-stages-over-levels", lambda d: ["train", SUMMARIZER, "--set", "distribution.pipeline={stages: 9}"],
+     "stages (9) exceeds the 5 levels"),
+    ("pipeline-level-in-no-stage", lambda d: ["train", SUMMARIZER, "--set", f"distribution.pipeline={{{PIPE}, "
+                                              "partition: [[embed], [decoder, attention, output]]}"],
+     "level 'encoder_1' is in no stage"),
+    ("pipeline-per-replica", lambda d: ["launch", "-np", "2", SUMMARIZER, "--set",
+                                        f"distribution.pipeline={{{PIPE}, micro_batches: 32}}"],
+     "divisible by -np (2) x distribution.pipeline.micro_batches (32)"),
+    ("pipeline-mirrored", lambda d: ["train", SUMMARIZER, "--set", "distribution.backend=mirrored", "--set",
+                                     f"distribution.pipeline={{{PIPE}}}"], "does not combine with backend mirrored"),
+    ("plan-replicas", lambda d: ["plan", SUMMARIZER, "-np", "3", "--set", f"distribution.pipeline={{{PIPE}}}"],
+     "replicas (3) must divide the global batch (32)"),
 ]
 
 

@@ -412,3 +412,38 @@ def test_large_plan_is_fast():
     assert timeline.bubble == pytest.approx(pp.theoretical_bubble(16, 128))
     pp.balanced_partition([float(i % 7 + 1) for i in range(48)], 8)
     assert time.perf_counter() - t0 < 1.0
+
+
+# ---------------------------------------------------------------------------------- strata plan helpers
+def test_plan_rank_placement_and_device_labels():
+    from launch.launcher import rank_hosts
+    from trainer.config import PipelineConfig
+    from trainer.plan import device_label, parse_ranks
+
+    ranks = rank_hosts(np=3, hosts_spec="a:2,b:2", hostfile=None)
+    assert ranks == ["a:0", "a:1", "b:0"]
+    assert parse_ranks(",".join(ranks)) == [("a", 0), ("a", 1), ("b", 0)]
+    pipe = PipelineConfig(stages=2)
+    # The local rank's block of K GPUs; logical CPUs without GPUs; explicit devices win.
+    assert [device_label(pipe, s, 1, gpus_here=4) for s in (0, 1)] == ["/gpu:2", "/gpu:3"]
+    assert device_label(pipe, 1, 1, gpus_here=0) == "/cpu:1 (logical)"
+    explicit = PipelineConfig(stages=2, devices=["/gpu:5", "/gpu:7"])
+    assert device_label(explicit, 1, 0, gpus_here=8) == "/gpu:7"
+
+
+def test_plan_rank_list_errors_are_one_line():
+    from trainer.errors import ConfigError
+    from trainer.plan import parse_ranks
+
+    with pytest.raises(ConfigError, match="host:local_rank"):
+        parse_ranks("a:0,b")
+
+
+def test_recompute_changes_the_activation_estimate():
+    base = dict(stages=2, micro_batches=8, schedule="gpipe", stage_levels=[["a"], ["b"]], global_batch=32,
+                stage_activation_bytes=[100.0, 100.0], stage_boundary_bytes=[10.0, 10.0])
+    keep_all = pp.PipelinePlan(**base)
+    recompute = pp.PipelinePlan(**base, recompute=True)
+    assert keep_all.activation_bytes(0) == 8 * 100.0  # GPipe keeps all M micro-batches
+    assert recompute.activation_bytes(0) == 8 * 10.0 + 100.0  # inputs of M, plus one re-run forward
+    assert "8 x 10 B inputs + 100 B recomputed" in pp.format_plan(recompute)
