@@ -72,6 +72,8 @@ def pipeline_logs(out: dict, replicas: int) -> dict[str, float]:
     logs["pipeline/bubble_fraction"] = float(np.mean([logs[f"pipeline/stage_{s}_idle_fraction"]
                                                       for s in range(len(busy))]))
     logs["pipeline/step_span_ms"] = 1000.0 * span
+    # Stage-seconds of work per second of step: 1.0 = the stages ran one after another, K = all at once.
+    logs["pipeline/overlap"] = float(np.sum(busy)) / span
     return logs
 
 
