@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--mpi", action="store_true", help="Horovod's MPI controller instead of Gloo")
     la.add_argument("--stop-after", type=int, default=None, metavar="N",
                     help="stop after N more steps (checkpointed); relaunch to continue")
+    la.add_argument("--elastic", action="store_true",
+                    help="Horovod elastic: workers may leave and (re)join; hosts from --host-discovery-script")
+    la.add_argument("--min-np", type=int, default=None, help="elastic: fewest workers to keep training (default 1)")
+    la.add_argument("--max-np", type=int, default=None, help="elastic: most workers (default -np)")
+    la.add_argument("--host-discovery-script", default=None, metavar="SCRIPT",
+                    help="elastic: executable printing one `host:slots` line per available host")
+    la.add_argument("--blacklist-cooldown-range", type=int, nargs=2, default=[10, 300], metavar=("LO", "HI"),
+                    help="elastic: seconds before a host whose worker failed may rejoin (default 10 300)")
     la.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping ranks")
     la.add_argument("config")
     la.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -112,6 +120,24 @@ def _slurm(args: argparse.Namespace) -> int:
                                gpus_per_node=args.gpus_per_node)
 
 
+def _elastic_spec(args: argparse.Namespace):
+    """The elastic part of `strata launch`, or None; UsageError for elastic options without --elastic."""
+    from launch.elastic import ElasticSpec
+
+    given = [flag for flag, value in (("--min-np", args.min_np), ("--max-np", args.max_np),
+                                      ("--host-discovery-script", args.host_discovery_script)) if value is not None]
+    if not args.elastic:
+        if given:
+            raise UsageError(f"{given[0]} needs --elastic")
+        return None
+    if args.host_discovery_script is None:
+        raise UsageError("--elastic needs --host-discovery-script SCRIPT (prints `host:slots` lines)")
+    return ElasticSpec(min_np=1 if args.min_np is None else args.min_np,
+                       max_np=args.np if args.max_np is None else args.max_np,
+                       discovery_script=args.host_discovery_script,
+                       cooldown_range=tuple(args.blacklist_cooldown_range))
+
+
 def trainer_argv(args: argparse.Namespace) -> list[str]:
     """The `python -m trainer` command line for a single-process command (pure)."""
     if args.command == "train":
@@ -145,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "launch":
             launch_plan = launcher.plan(np=args.np, hosts_spec=args.hosts, hostfile=args.hostfile,
                                         backend=args.backend, mpi=args.mpi, config=args.config,
-                                        overrides=args.overrides, stop_after=args.stop_after)
+                                        overrides=args.overrides, stop_after=args.stop_after,
+                                        elastic=_elastic_spec(args))
             return launcher.run(launch_plan, grace_seconds=args.grace)
         if args.command == "slurm":
             return _slurm(args)

@@ -104,3 +104,32 @@ def mpirun_argv(*, np: int, hosts: list[Host], command: list[str], as_root: bool
             seen.add(key)
             argv += ["-x", key]
     return [*argv, *command]
+
+
+def horovodrun_elastic_argv(*, np: int, min_np: int, max_np: int, discovery_script: str, command: list[str],
+                            local_only: bool, cooldown_range: tuple[int, int] | None = None,
+                            program: str = "horovodrun") -> list[str]:
+    """`horovodrun -np N --min-np A --max-np B --host-discovery-script S --gloo [options] command...`.
+
+    - Elastic Horovod runs on Gloo only (its driver re-forms the ring; MPI cannot change size).
+    - `--network-interfaces lo` when every host the script lists is this machine: besides skipping NIC
+      discovery, without it Horovod's elastic driver waits for at least two hosts before it starts anything.
+    - `--blacklist-cooldown-range LO HI`: a host whose worker failed is blacklisted; without a cooldown it
+      never comes back, with one it may rejoin after LO..HI seconds (growing with each failure) once the
+      discovery script lists it again.
+    """
+    if not command:
+        raise LaunchError("no command to run under horovodrun")
+    if not 1 <= min_np <= np <= max_np:
+        raise LaunchError(f"elastic sizes must satisfy 1 <= --min-np ({min_np}) <= -np ({np}) <= --max-np ({max_np})")
+    argv = [program, "-np", str(np), "--min-np", str(min_np), "--max-np", str(max_np),
+            "--host-discovery-script", discovery_script, "--gloo"]
+    if local_only:
+        argv += ["--network-interfaces", "lo"]
+    if cooldown_range is not None:
+        low, high = cooldown_range
+        if not 1 <= low <= high <= 3600:
+            raise LaunchError(f"--blacklist-cooldown-range {low} {high}: need 1 <= LO <= HI <= 3600 seconds "
+                              "(Horovod's bounds)")
+        argv += ["--blacklist-cooldown-range", str(low), str(high)]
+    return [*argv, *command]

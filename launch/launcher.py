@@ -19,7 +19,8 @@ from pathlib import Path
 
 from launch.env import child_environ, free_ports, rank_env, tf_config
 from launch.errors import LaunchError
-from launch.horovod import horovodrun_argv
+from launch.elastic import ElasticSpec, all_local, check_sizes, discover_hosts
+from launch.horovod import horovodrun_argv, horovodrun_elastic_argv
 from launch.horovod_job import run_horovodrun
 from launch.hosts import Host, assign_ranks, is_local, parse_hostfile, parse_hosts
 from launch.local import run_local
@@ -38,6 +39,7 @@ class LaunchPlan:
     overrides: list[str]
     resolved: dict  # the worker's validated config
     stop_after: int | None = None  # train this many more steps, then checkpoint and stop
+    elastic: ElasticSpec | None = None  # workers may leave and join (Horovod elastic, launch/elastic.py)
 
     def worker_command(self) -> list[str]:
         argv = [sys.executable, "-m", "trainer", "train", self.config]
@@ -150,19 +152,28 @@ def rank_hosts(*, np: int, hosts_spec: str | None, hostfile: str | None) -> list
 
 
 def plan(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str | None, mpi: bool,
-         config: str, overrides: list[str], stop_after: int | None = None) -> LaunchPlan:
+         config: str, overrides: list[str], stop_after: int | None = None,
+         elastic: ElasticSpec | None = None) -> LaunchPlan:
     """Check the whole launch; raise LaunchError (one line) on the first problem."""
     if hosts_spec and hostfile:
         raise LaunchError("give either -H or --hostfile, not both")
-    hosts = parse_hosts(hosts_spec) if hosts_spec else parse_hostfile(hostfile) if hostfile else [Host("localhost", max(np, 1))]
-    assign_ranks(hosts, np)  # -np >= 1 and within the slots
+    if elastic is not None:  # hosts come from the discovery script, and may change during the job
+        if hosts_spec or hostfile or mpi or backend == "multi_worker":
+            raise LaunchError("--elastic takes its hosts from --host-discovery-script and runs Horovod on Gloo; "
+                              "drop -H/--hostfile/--mpi/--backend multi_worker")
+        check_sizes(elastic, np)
+        hosts = discover_hosts(elastic.discovery_script)
+    else:
+        hosts = parse_hosts(hosts_spec) if hosts_spec else parse_hostfile(hostfile) if hostfile else [Host("localhost", max(np, 1))]
+        assign_ranks(hosts, np)  # -np >= 1 and within the slots
     resolved = validate_config(config, overrides)
     chosen = backend or (resolved["distribution"]["backend"] if resolved["distribution"]["backend"] in
                          ("horovod", "multi_worker") else "horovod")
     if mpi and chosen != "horovod":
         raise LaunchError("--mpi selects Horovod's MPI controller; it needs --backend horovod")
     resolved = validate_config(config, [*overrides, f"distribution.backend={chosen}"])
-    check_batch_divides(resolved, np)
+    for size in range(elastic.min_np, elastic.max_np + 1) if elastic else [np]:
+        check_batch_divides(resolved, size)  # elastic: the global batch is kept at every size
     if chosen == "multi_worker" and not all(is_local(h) for h in hosts):
         raise LaunchError("--backend multi_worker starts workers on this machine only; across nodes use "
                           "`strata slurm submit` or --backend horovod")
@@ -172,7 +183,7 @@ def plan(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str 
     check_reachable(hosts)
     if stop_after is not None and stop_after < 1:
         raise LaunchError(f"--stop-after {stop_after}: must be a positive number of steps")
-    return LaunchPlan(np, hosts, chosen, controller, config, list(overrides), resolved, stop_after)
+    return LaunchPlan(np, hosts, chosen, controller, config, list(overrides), resolved, stop_after, elastic)
 
 
 def run(p: LaunchPlan, *, grace_seconds: float = 5.0) -> int:
@@ -182,6 +193,7 @@ def run(p: LaunchPlan, *, grace_seconds: float = 5.0) -> int:
           f" | global batch {batch} = {p.np} x {batch // p.np} per replica", flush=True)
     # Hang watchdog over the ranks' heartbeats (train.watchdog_timeout_s; 0 turns it off).
     timeout_s, startup_s = heartbeat_settings(p.resolved)
+    timeout_s = 0 if p.elastic else timeout_s  # the watchdog knows a fixed set of ranks; elastic ranks change
     beats = heartbeat_dir_for(Path(p.resolved["run_dir"] or Path("runs") / p.resolved["name"]), all_local=all(is_local(h) for h in p.hosts)) \
         if timeout_s > 0 else None
     try:
@@ -204,10 +216,17 @@ def _run_multi_worker(p: LaunchPlan, grace_seconds: float, beats: Path | None, s
 
 
 def _run_horovodrun(p: LaunchPlan, grace_seconds: float, beats: Path | None, startup_s: float) -> int:
-    argv = horovodrun_argv(np=p.np, hosts=p.hosts, controller=p.controller, command=p.worker_command(),
-                           as_root=os.geteuid() == 0,
-                           program=shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun"))
+    program = shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun")
+    if p.elastic:
+        e = p.elastic
+        argv = horovodrun_elastic_argv(np=p.np, min_np=e.min_np, max_np=e.max_np, discovery_script=e.discovery_script,
+                                       command=p.worker_command(), local_only=all_local(p.hosts),
+                                       cooldown_range=e.cooldown_range, program=program)
+    else:
+        argv = horovodrun_argv(np=p.np, hosts=p.hosts, controller=p.controller, command=p.worker_command(),
+                               as_root=os.geteuid() == 0, program=program)
     env = child_environ(os.environ, {"STRATA_BACKEND": "horovod", **supervision_env(beats)})
     # Horovod options from the config (distribution.horovod) are applied by each rank before hvd.init().
-    return run_horovodrun(argv, env, hosts=[pl.host for pl in assign_ranks(p.hosts, p.np)], heartbeat_dir=beats,
+    hosts = [h.name for h in p.hosts] if p.elastic else [pl.host for pl in assign_ranks(p.hosts, p.np)]
+    return run_horovodrun(argv, env, hosts=hosts, heartbeat_dir=beats,
                           startup_s=startup_s, grace_seconds=grace_seconds)

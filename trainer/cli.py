@@ -159,7 +159,12 @@ def _train(cfg, *, stop_after: int | None) -> int:
         print(f"strata: {strategy.describe()} | global batch {cfg.data.batch_size} = "
               f"{strategy.num_replicas} x {per_replica} per replica", flush=True)
     exp = prepare(cfg, strategy, training=True, splits=splits)
-    state = train(exp, strategy, stop_after=stop_after)
+    if getattr(strategy, "elastic", False):  # started by `strata launch --elastic` (HOROVOD_ELASTIC=1)
+        from trainer.elastic import train_elastic
+
+        state = train_elastic(exp, strategy, stop_after=stop_after)
+    else:
+        state = train(exp, strategy, stop_after=stop_after)
     if strategy.is_chief:
         shown = " ".join(f"{k}={v:.4f}" for k, v in state.eval_metrics.items())
         reason = f" ({state.stop_reason})" if state.stop_reason else ""

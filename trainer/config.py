@@ -160,6 +160,12 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["off", "bfloat16", "float16"] = "off"
     deterministic: bool = True
     log_every: PositiveInt = 10
+    # A step with a non-finite loss or gradient on any rank is skipped on all ranks; this many in a row stop
+    # the run with one line naming the step and the variable (trainer/nonfinite.py).
+    max_bad_steps: PositiveInt = 10
+    # Elastic Horovod (`strata launch --elastic`): commit the training state to host memory every this many
+    # steps; a lost worker costs the survivors at most this many steps, redone (trainer/elastic.py).
+    elastic_commit_every: PositiveInt = 10
     early_stopping: EarlyStopping | None = None
 
 

@@ -21,6 +21,9 @@ class LoopState:
     train_logs: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     stop_requested: bool = False
+    # 0: the last step updated the weights; else it was skipped on every rank for a non-finite value, and
+    # this is 1 + the index of the first one (1: the loss, 2: the first gradient...; trainer/nonfinite.py).
+    nonfinite: int = 0
     stop_reason: str = ""
 
 

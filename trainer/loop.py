@@ -11,9 +11,10 @@ from trainer import task as task_lib
 from trainer.data.batches import eval_dataset, train_dataset
 from trainer.experiment import Experiment, model_inputs
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
-from trainer.faults import fault_hooks
+from trainer.faults import fault_hooks, gradient_fault
 from trainer.preemption import preemption_hooks
 from trainer.models.decoding import greedy_decoder
+from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags, poison
 from trainer.optim import current_lr
 from trainer.strategy.base import Strategy
 from trainer.summaries import TensorBoard, flatten
@@ -26,6 +27,7 @@ def make_train_step(exp: Experiment, strategy: Strategy):
     global_batch = cfg.data.batch_size
     accum = cfg.train.grad_accum
     loss_scaling = hasattr(optimizer, "scale_loss") and cfg.train.mixed_precision == "float16"
+    inject = gradient_fault(strategy.rank)  # STRATA_FAULT=RANK:STEP:inf only; None (no op) otherwise
 
     def replica_step(batch: dict) -> dict:
         variables = model.trainable_variables
@@ -47,9 +49,18 @@ def make_train_step(exp: Experiment, strategy: Strategy):
                 part_grads = tape.gradient(scaled, variables)
                 grads = part_grads if grads is None else [_add(g, d) for g, d in zip(grads, part_grads)]
                 loss += part_loss
+        if inject is not None:
+            grads = inject(grads)
+        # NaN/Inf guard (trainer/nonfinite.py): a non-finite loss or gradient on any replica -> all skip.
+        bad = strategy.replica_sum(local_flags(loss, grads))
+        ok = tf.equal(tf.reduce_sum(bad), 0.0)
         grads = strategy.reduce_gradients(grads)
-        optimizer.apply_gradients(zip(grads, variables))
-        return {"loss": loss, "tokens": tf.cast(task_lib.tokens_in(task, batch), tf.float32), **extras}
+        if loss_scaling:  # it skips a non-finite update itself (and lowers its scale): make it see ours
+            optimizer.apply_gradients(zip(poison(grads, ok), variables))
+        else:
+            strategy.apply_if(ok, lambda g: optimizer.apply_gradients(zip(g, variables)), grads)
+        return {"loss": loss, "tokens": tf.cast(task_lib.tokens_in(task, batch), tf.float32),
+                "nonfinite": tf.cast(first_bad(bad), tf.float32), **extras}
 
     @tf.function
     def train_step(iterator) -> dict:
@@ -136,6 +147,9 @@ def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[
         Console(enabled=strategy.is_chief, progress_bar=cfg.logging.progress_bar),
         TensorBoardHook(tb),
         CheckpointHook(exp.checkpointer, cfg.checkpoint.every),
+        NonFiniteGuard(rank=strategy.rank, max_bad_steps=cfg.train.max_bad_steps, tb=tb,
+                       variable_paths=[v.path for v in exp.model.trainable_variables],
+                       level_names=exp.model.level_names),
         ProfilerHook(str(tb.logdir), cfg.logging.profile_steps, strategy.is_chief),
     ]
     if cfg.train.early_stopping:
@@ -145,10 +159,11 @@ def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[
 
 
 def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
-          extra_hooks: list[Hook] | None = None) -> LoopState:
-    """Run optimizer steps from the last checkpoint to `train.steps` (or `stop_after` more steps)."""
+          extra_hooks: list[Hook] | None = None, start: int | None = None) -> LoopState:
+    """Run optimizer steps from the last checkpoint (or from step `start`, whose state the model and optimizer
+    already hold: an elastic restart) to `train.steps` (or `stop_after` more steps)."""
     cfg = exp.cfg
-    start = exp.checkpointer.restore_latest()
+    start = exp.checkpointer.restore_latest() if start is None else start
     strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
     tb = TensorBoard(exp.run_dir / "tensorboard", enabled=strategy.is_chief)
     hooks = default_hooks(exp, strategy, tb) + list(extra_hooks or [])
@@ -171,6 +186,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
             hook.on_step_begin(state)
         out = train_step(iterator)
         state.step += 1
+        state.nonfinite = round(float(out["nonfinite"]) / strategy.num_replicas)  # agreed: same on every rank
         window_steps += 1
         window_tokens.append(out["tokens"])  # kept as tensors: no host sync, no extra op between log points
         if state.step % cfg.train.log_every == 0 or state.step == last:

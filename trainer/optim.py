@@ -51,6 +51,16 @@ def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int
     return opt
 
 
+def rescale_lr_for_replicas(opt: keras.optimizers.Optimizer, cfg: OptimizerConfig, num_replicas: int) -> None:
+    """With `scale_lr_with_replicas`, set the peak learning rate for a new replica count (elastic restarts).
+
+    Takes effect in step functions traced afterwards (the schedule's peak is a constant of the trace).
+    """
+    schedule = getattr(getattr(opt, "inner_optimizer", opt), "_learning_rate", None)
+    if cfg.scale_lr_with_replicas and isinstance(schedule, WarmupSchedule):
+        schedule.peak = cfg.lr * num_replicas
+
+
 def current_lr(opt: keras.optimizers.Optimizer) -> float:
     """The learning rate the next step will use."""
     inner = getattr(opt, "inner_optimizer", opt)

@@ -55,6 +55,10 @@ def make_strategy(cfg: ExperimentConfig) -> "Strategy":
                 strategy = MultiWorker()
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    elif os.environ.get("HOROVOD_ELASTIC") == "1":  # horovodrun --min-np/--max-np: workers may come and go
+        from trainer.strategy.elastic import ElasticHorovod
+
+        strategy = ElasticHorovod(dist)
     else:
         from trainer.strategy.horovod import Horovod
 

@@ -67,6 +67,17 @@ class Strategy(abc.ABC):
         """Sum gradients over replicas where the optimizer does not (Horovod); identity otherwise."""
         return grads
 
+    def replica_sum(self, value: tf.Tensor) -> tf.Tensor:
+        """Inside the compiled step: `value` summed over every replica (the same result on each)."""
+        return value
+
+    def apply_if(self, ok: tf.Tensor, apply_fn: Callable[[Any], None], grads: list) -> None:
+        """Inside the compiled step: `apply_fn(grads)` (the optimizer update) when `ok`, else nothing.
+
+        `ok` must be the same on every replica (see trainer/nonfinite.py), so all replicas apply or all skip.
+        """
+        tf.cond(ok, lambda: _no_value(apply_fn(grads)), lambda: None)
+
     def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
         """Sum host-side numbers (evaluation counts) over processes."""
         return values
@@ -79,3 +90,8 @@ class Strategy(abc.ABC):
 
     def describe(self) -> str:
         return f"{self.name}: {self.num_replicas} replica(s), rank {self.rank} of {self.world_size}"
+
+
+def _no_value(_result: Any) -> None:
+    """Both branches of the update's tf.cond return nothing (apply_gradients returns the step counter)."""
+    return None

@@ -84,6 +84,10 @@ class Horovod(Strategy):
             for i, g in enumerate(grads)
         ]
 
+    def replica_sum(self, value: tf.Tensor) -> tf.Tensor:
+        # Independent of the gradients' all-reduces, so Horovod fuses it with the last of them.
+        return self.hvd.allreduce(value, op=self.hvd.Sum, name="replica_sum")
+
     def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)
         total = self.hvd.allreduce(tf.constant([values[k] for k in keys], tf.float64), op=self.hvd.Sum,

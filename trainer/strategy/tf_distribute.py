@@ -69,6 +69,24 @@ class _TFDistribute(Strategy):
         split = split.with_options(options)
         return iter(self.strategy.distribute_datasets_from_function(lambda ctx: split))
 
+    def replica_sum(self, value: tf.Tensor) -> tf.Tensor:
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+    def apply_if(self, ok: tf.Tensor, apply_fn: Callable[[Any], None], grads: list) -> None:
+        # The optimizer's update calls merge_call, which tf.distribute refuses inside a tf.cond in a replica
+        # context; so the cond runs in the cross-replica context and the update per replica inside it (the
+        # pattern Keras's LossScaleOptimizer uses). `ok` is agreed, so replica 0's value stands for all.
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            return super().apply_if(ok, apply_fn, grads)
+
+        def cross_replica(distribution, ok, grads):
+            def apply():
+                distribution.extended.call_for_each_replica(apply_fn, args=(grads,))
+
+            tf.cond(distribution.experimental_local_results(ok)[0], apply, lambda: None)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok, grads))
+
     def run(self, replica_fn: Callable[[Any], dict], batch: Any) -> dict[str, tf.Tensor]:
         per_replica = self.strategy.run(replica_fn, args=(batch,))
         return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}

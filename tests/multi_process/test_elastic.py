@@ -1,0 +1,119 @@
+"""Elastic Horovod (issue 6): 2 workers on two "hosts" (`localhost` and `127.0.0.1`, both this machine, which
+Horovod starts without ssh), one killed mid-epoch: the survivor goes on from the last commit, alone, redoing
+at most the commit interval; when the host is listed again, a new worker joins and the job finishes with 2
+workers holding identical weights. Real `strata launch --elastic` -> horovodrun -> training processes."""
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS, STRATA, TINY_CLASSIFIER, child_env, strata
+
+pytestmark = pytest.mark.multi_process
+CONFIG = str(CONFIGS / "classifier.yaml")
+COMMIT_EVERY = 10
+KILL_AT = 25  # rank 1 (the worker on 127.0.0.1) SIGKILLs itself after this step
+STEP_LINE = re.compile(r"^\[0\]<stdout>:step (\d+)/")
+ELASTIC_LINE = re.compile(r"elastic: rank (\d+) of (\d+) worker\(s\), continuing from committed step (\d+)")
+
+
+def _discovery(tmp_path: Path) -> tuple[Path, Path]:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:1\n127.0.0.1:1\n")
+    script = tmp_path / "discover.sh"
+    script.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return hosts, script
+
+
+def test_worker_lost_then_rejoins(tmp_path: Path):
+    hosts, script = _discovery(tmp_path)
+    run_dir = tmp_path / "run"
+    # Big enough layers that 1 worker takes a few ms a step: the run must outlast a new worker's start-up.
+    argv = [STRATA, "launch", "-np", "2", "--elastic", "--min-np", "1", "--max-np", "2",
+            "--host-discovery-script", str(script), "--blacklist-cooldown-range", "1", "2", CONFIG,
+            *TINY_CLASSIFIER, "--set", f"run_dir={run_dir}", "--set", "train.steps=1500", "--set", "train.log_every=5",
+            "--set", "eval.every=100000", "--set", "checkpoint.every=100000", "--set", "optimizer.warmup_steps=0",
+            "--set", f"train.elastic_commit_every={COMMIT_EVERY}", "--set", "model.embed_dim=128",
+            "--set", "model.hidden_dim=512"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=child_env(STRATA_FAULT=f"1:{KILL_AT}:kill"), start_new_session=True)
+    timer = threading.Timer(400, lambda: os.killpg(proc.pid, 9))  # never hang the suite
+    timer.start()
+    started = time.monotonic()
+    lines: list[tuple[float, str]] = []
+    events: dict[str, float] = {}
+    last_step_before_loss = 0
+    resumed_at = None
+    steps_alone = 0
+    last_seen = 0
+    try:
+        for line in proc.stdout:
+            now = time.monotonic()
+            lines.append((now, line.rstrip()))
+            step = STEP_LINE.match(line)
+            if step:
+                events["last_step"] = now
+                events.setdefault("first_step", now)
+            elastic = ELASTIC_LINE.search(line)
+            if "injected fault: rank 1 kill" in line and "killed" not in events:
+                events["killed"] = now
+                hosts.write_text("localhost:1\n")  # the host is gone
+            elif step and "killed" not in events:
+                last_step_before_loss = int(step.group(1))
+            elif elastic and elastic.group(2) == "1" and "alone" not in events:
+                events["alone"], resumed_at = now, int(elastic.group(3))
+            elif step and "alone" in events and "rejoined" not in events:
+                steps_alone += 1
+                if steps_alone == 3:  # the survivor trains on alone; now the host comes back
+                    events["host_back"] = now
+                    hosts.write_text("localhost:1\n127.0.0.1:1\n")
+            elif elastic and elastic.group(2) == "2" and "host_back" in events and "rejoined" not in events:
+                events["rejoined"] = now
+                events["steps_at_rejoin"] = last_seen
+            if step:
+                last_seen = int(step.group(1))
+        code = proc.wait(timeout=60)
+    finally:
+        timer.cancel()
+    out = "\n".join(line for _, line in lines)
+    assert code == 0, out[-4000:]
+    assert {"killed", "alone", "host_back", "rejoined"} <= events.keys(), (events, out[-4000:])
+    assert resumed_at is not None and resumed_at % COMMIT_EVERY == 0
+    redone = KILL_AT - resumed_at
+    assert 0 <= redone <= COMMIT_EVERY, (KILL_AT, resumed_at)
+    assert last_step_before_loss <= KILL_AT + 1
+    assert "strata: weights identical on all 2 ranks" in out and "step 1500/1500" in out
+    print(f"elastic: worker killed after step {KILL_AT}; survivor continued from committed step {resumed_at} "
+          f"({redone} steps redone, commit every {COMMIT_EVERY}) {events['alone'] - events['killed']:.1f}s after "
+          f"the kill; host listed again -> 2 workers training {events['rejoined'] - events['host_back']:.1f}s later")
+    print({k: round(v - started, 1) for k, v in events.items() if k != "steps_at_rejoin"},
+          "step at rejoin", events["steps_at_rejoin"])
+
+
+def test_elastic_launch_is_checked_before_start(tmp_path: Path):
+    _, script = _discovery(tmp_path)
+    base = ["launch", "-np", "2", "--elastic", CONFIG, "--set", f"run_dir={tmp_path / 'run'}"]
+    cases = [
+        (["--host-discovery-script", str(script), "--min-np", "3", "--max-np", "4"], "--min-np (3) <= -np (2)"),
+        (["--host-discovery-script", str(tmp_path / "missing.sh")], "not found"),
+        (["--host-discovery-script", str(script), "--max-np", "3"], "data.batch_size (64) must be divisible by -np (3)"),
+        (["--host-discovery-script", str(script), "--mpi"], "runs Horovod on Gloo"),
+    ]
+    script_not_exec = tmp_path / "plain.sh"
+    script_not_exec.write_text("#!/bin/sh\necho localhost:2\n")
+    cases.append((["--host-discovery-script", str(script_not_exec)], "is not executable"))
+    for extra, fragment in cases:
+        done = strata(*base, *extra, timeout=120)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1 and fragment in lines[0], (extra, done.stderr)
+    done = strata("launch", "-np", "2", "--min-np", "1", CONFIG, timeout=60)
+    assert done.returncode == 2 and "--min-np needs --elastic" in done.stderr
+    assert not (tmp_path / "run").exists()

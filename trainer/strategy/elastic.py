@@ -1,0 +1,95 @@
+"""Elastic Horovod: ranks may leave (a host fails or is removed) and join (a host returns) during a run.
+
+Started by `horovodrun --min-np/--max-np --host-discovery-script` (`strata launch --elastic`), which sets
+HOROVOD_ELASTIC=1 in every worker. Horovod's contract (horovod/common/elastic.py, docs/elastic.rst):
+training runs inside a function wrapped by `run_fn`; the state it needs is kept in a `State` object whose
+`commit()` copies it to host memory and checks for host changes. When a peer dies, a collective fails
+(HorovodInternalError): every survivor restores the last commit, Horovod re-forms the ring (shutdown,
+init) and the function is called again. When hosts are added or removed, `commit()` raises
+HostsUpdatedInterrupt on every rank at the same commit; the ring is re-formed the same way, and a new
+worker receives the state from rank 0 (`sync`) before its first step.
+
+Why not `hvd.elastic.TensorFlowKerasState`: with Keras 3 it broadcasts Keras variables (horovod issue
+#4290) and calls `optimizer.variables()` (a list in Keras 3). `VariablesState` tracks the underlying
+tf.Variables instead (`v.value`), as the rest of the Horovod backend does. And `hvd.elastic.run` turns only
+`UnknownError`s naming a Horovod op into HorovodInternalError; `_collective_failed` also accepts the other
+TensorFlow error classes a dead peer surfaces as.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from trainer.config import DistributionConfig
+from trainer.strategy.horovod import Horovod
+
+
+class ElasticHorovod(Horovod):
+    """The Horovod backend whose world may change size; rank and size are re-read after every reset."""
+
+    name = "horovod (elastic)"
+    elastic = True
+
+    def __init__(self, dist: DistributionConfig):
+        super().__init__(dist)
+        from horovod.common.elastic import ObjectState
+
+        class VariablesState(ObjectState):
+            """tf.Variables (copied to host memory at each commit) plus plain Python values (e.g. `step`)."""
+
+            def __init__(self, hvd, variables: list, **values: Any):
+                self.hvd, self.variables = hvd, variables
+                self._saved = [v.numpy() for v in variables]
+                super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, **values)
+
+            def save(self) -> None:
+                self._saved = [v.numpy() for v in self.variables]
+                super().save()
+
+            def restore(self) -> None:
+                for v, value in zip(self.variables, self._saved):
+                    v.assign(value)
+                super().restore()
+
+            def sync(self) -> None:
+                self.hvd.broadcast_variables(self.variables, root_rank=0)
+                self._saved = [v.numpy() for v in self.variables]
+                super().sync()
+
+        self._state_class = VariablesState
+
+    def broadcast_initial_state(self, variables: list) -> None:
+        """Nothing to do: `VariablesState.sync` broadcast rank 0's state before training (re)started."""
+
+    def run_elastic(self, body: Callable[[Any], Any], *, variables: list, step: int) -> Any:
+        """Call `body(state)` until it returns, re-forming the ring whenever ranks leave or join.
+
+        `state.step` is the last committed step and `state.commit()` commits (see trainer/elastic.py);
+        `variables` are Keras or tf.Variables: everything a commit must capture.
+        """
+        from horovod.common.elastic import run_fn
+        from horovod.common.exceptions import HorovodInternalError
+
+        hvd = self.hvd
+        state = self._state_class(hvd, [getattr(v, "value", v) for v in variables], step=step)
+
+        def guarded(state):
+            try:
+                return body(state)
+            except tf.errors.OpError as err:
+                if _collective_failed(err):
+                    raise HorovodInternalError(err) from err
+                raise
+
+        def reset() -> None:
+            hvd.shutdown()
+            hvd.init()
+
+        return run_fn(guarded, reset)(state)
+
+
+def _collective_failed(err: tf.errors.OpError) -> bool:
+    """A Horovod collective failed (a peer died or the ring is being re-formed), not a bug in the step."""
+    text = getattr(err, "message", "") or str(err)
+    return "Horovod" in text or "horovod" in text or "Gloo" in text or "gloo" in text
