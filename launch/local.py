@@ -7,7 +7,10 @@ as `[rank R] ...`.
 
 The job fails fast: as soon as one rank exits non-zero or dies from a signal, the others are told to stop
 (SIGTERM to their groups, SIGKILL after a grace period), because a collective job with a missing member
-would otherwise hang forever in its next allreduce.
+would otherwise hang forever in its next allreduce. Two exits are not failures: PREEMPTED_EXIT_CODE (75,
+"checkpoint saved, requeue me"), after which the other ranks, which agreed on the same stop step, are given
+time to finish their own save and exit; and the hang watchdog (launch/watchdog.py), which stops everything
+when the ranks' heartbeats show no progress.
 """
 from __future__ import annotations
 
@@ -20,24 +23,27 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from launch.errors import LaunchError
+from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
+
+PREEMPTED_EXIT_CODE = 75  # trainer/preemption.py: stopped at the step all ranks agreed on, checkpoint saved
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _STEP = 0.02  # seconds between checks while stopping ranks (normal exits are reported instantly by waiter threads)
 _JOIN = 1.0  # at most this long for output threads once ranks are gone (an escaped grandchild may hold a pipe)
 
 
-def describe_returncode(code: int) -> str:
-    """`3`, or `137 (SIGKILL)` for a death by signal (Popen reports -9), in the shell's 128+N convention."""
+def describe_exit(code: int) -> str:
+    """`exited with code 3`, or `was killed by SIGKILL (signal 9)` for Popen's -9."""
     if code >= 0:
-        return str(code)
+        return f"exited with code {code}"
     try:
-        name = signal.Signals(-code).name
+        return f"was killed by {signal.Signals(-code).name} (signal {-code})"
     except ValueError:
-        name = f"signal {-code}"
-    return f"{128 - code} ({name})"
+        return f"was killed by signal {-code}"
 
 
 def _exit_status(code: int) -> int:
@@ -130,6 +136,7 @@ class _Job:
         self.readers: list[threading.Thread] = []
         self.waiters: list[threading.Thread] = []
         self.exits: queue.Queue[int] = queue.Queue()  # ranks, in the order they exit
+        self.exit_times: dict[int, float] = {}  # rank -> time.monotonic() of its exit
         self.received: list[int] = []  # signals sent to the launcher
 
     def start(self, rank: int, command: list[str], env: dict[str, str]) -> None:
@@ -140,7 +147,12 @@ class _Job:
         reader = threading.Thread(target=_pump, args=(proc.stdout, f"[rank {rank}] ", self.out, self.lock),
                                   name=f"strata-rank{rank}-output", daemon=True)
         # One thread blocked in wait() per rank: an exit is seen the moment it happens, not at the next poll.
-        waiter = threading.Thread(target=lambda: (proc.wait(), self.exits.put(rank)),
+        def wait() -> None:
+            proc.wait()
+            self.exit_times[rank] = time.monotonic()
+            self.exits.put(rank)
+
+        waiter = threading.Thread(target=wait,
                                   name=f"strata-rank{rank}-wait", daemon=True)
         reader.start()
         waiter.start()
@@ -174,13 +186,16 @@ class _Job:
 
 
 def run_local(commands: list[list[str]], envs: list[dict[str, str]], *, grace_seconds: float = 5.0,
-              stdout: TextIO | None = None, stderr: TextIO | None = None, host: str = "localhost") -> int:
+              stdout: TextIO | None = None, stderr: TextIO | None = None, host: str = "localhost",
+              heartbeat_dir: Path | None = None, startup_s: float = 0.0, preempt_wait_s: float = 120.0) -> int:
     """Run rank i as `commands[i]` with the complete environment `envs[i]` (see env.child_environ); supervise.
 
     Returns 0 when every rank exits 0. When a rank fails, stops the others and returns that rank's status
     (its exit code, or 128+N for death by signal N) after one line on `stderr`. When the launcher gets
-    SIGINT/SIGTERM, stops every rank and returns 130/143. `stdout`/`stderr` default to sys.stdout/sys.stderr
-    at call time; `host` only names the machine in messages.
+    SIGINT/SIGTERM, stops every rank and returns 130/143. A rank exiting PREEMPTED_EXIT_CODE is waited for
+    by the others (up to `preempt_wait_s`), then 75 is returned. With `heartbeat_dir`, the hang watchdog
+    watches the ranks' heartbeats there and stops a hung job with WATCHDOG_EXIT_CODE. `stdout`/`stderr`
+    default to sys.stdout/sys.stderr at call time; `host` only names the machine in messages.
     """
     if not commands:
         raise LaunchError("no ranks to start")
@@ -216,15 +231,30 @@ def run_local(commands: list[list[str]], envs: list[dict[str, str]], *, grace_se
 
         running = set(range(len(job.procs)))
         failed: int | None = None
-        while running and not job.received:
+        preempted: list[int] = []  # ranks that exited 75, in order
+        preempt_deadline = float("inf")
+        watchdog = None
+        if heartbeat_dir is not None:
+            watchdog = Watchdog(heartbeat_dir, world_size=len(job.procs), hosts=[host] * len(job.procs),
+                                startup_s=startup_s, on_hang=lambda: None, err=err,
+                                finished=lambda: set(job.exit_times)).start()
+        while running and not job.received and not (watchdog and watchdog.fired.is_set()):
+            if time.monotonic() > preempt_deadline:
+                break
             try:
                 rank = job.exits.get(timeout=0.1)  # the timeout only bounds how late a launcher signal is seen
             except queue.Empty:
                 continue
             running.discard(rank)
-            if job.procs[rank].returncode != 0:
+            code = job.procs[rank].returncode
+            if code == PREEMPTED_EXIT_CODE:  # not a failure: the others stop at the same step by themselves
+                preempted.append(rank)
+                preempt_deadline = min(preempt_deadline, time.monotonic() + preempt_wait_s)
+            elif code != 0:
                 failed = rank
                 break
+        if watchdog:
+            watchdog.close()
 
         if job.received:
             signum = job.received[0]
@@ -233,6 +263,11 @@ def run_local(commands: list[list[str]], envs: list[dict[str, str]], *, grace_se
             job.drain()
             say(f"received {signal.Signals(signum).name}; stopped {len(to_stop)} running rank(s)")
             return 128 + signum
+        if watchdog and watchdog.fired.is_set():
+            job.stop(sorted(running), grace_seconds)  # the table was printed when the watchdog fired
+            job.drain()
+            say(f"hung job stopped ({len(running)} rank(s) were still running)")
+            return WATCHDOG_EXIT_CODE
         if failed is not None:
             others = sorted(running)
             # The failed rank's own group too: whatever it started may outlive it.
@@ -240,8 +275,20 @@ def run_local(commands: list[list[str]], envs: list[dict[str, str]], *, grace_se
             job.drain()
             proc = job.procs[failed]
             code = proc.returncode
-            say(f"rank {failed} (pid {proc.pid}, host {host}) exited with code {describe_returncode(code)}; "
-                f"stopped the other {len(others)} rank(s)")
+            beat = read_beats(heartbeat_dir).get(failed) if heartbeat_dir else None
+            last = f" (its last heartbeat: step {beat['step']}, {beat['phase']})" if beat else ""
+            say(f"rank {failed} on {host} (pid {proc.pid}) {describe_exit(code)}{last}; stopped the other "
+                f"{len(others)} rank(s) {time.monotonic() - job.exit_times[failed]:.1f} s after its exit")
             return _exit_status(code)
         job.drain()
+        if preempted:
+            late = sorted(running)
+            if late:
+                job.stop(late, grace_seconds)
+                say(f"rank(s) {', '.join(map(str, late))} did not stop within {preempt_wait_s:.0f} s of rank "
+                    f"{preempted[0]}'s preemption exit; stopped them")
+                return 1
+            say(f"preempted: every rank stopped at the step they agreed on and it was checkpointed (first to exit: "
+                f"rank {preempted[0]}); run the same command again to resume (exit {PREEMPTED_EXIT_CODE})")
+            return PREEMPTED_EXIT_CODE
         return 0

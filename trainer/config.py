@@ -167,6 +167,11 @@ class TrainConfig(_Strict):
     # steps; a lost worker costs the survivors at most this many steps, redone (trainer/elastic.py).
     elastic_commit_every: PositiveInt = 10
     early_stopping: EarlyStopping | None = None
+    # Hang watchdog (trainer/heartbeat.py): a rank that stays in one phase longer than this is hung and the
+    # job is aborted with every rank's phase shown; 0 disables. The first step of a process (graph build,
+    # rendezvous) is allowed watchdog_startup_s instead, if that is longer.
+    watchdog_timeout_s: Annotated[float, Field(ge=0)] = 600.0
+    watchdog_startup_s: Annotated[float, Field(ge=0)] = 900.0
 
 
 class EvalConfig(_Strict):

@@ -106,11 +106,17 @@ class CheckpointHook(Hook):
 
     def on_step_end(self, state: LoopState) -> None:
         if state.step % self.every == 0:
-            self.checkpointer.save(state.step)
+            self.save(state.step)
 
     def on_train_end(self, state: LoopState) -> None:
         if self.checkpointer.latest_step != state.step:
-            self.checkpointer.save(state.step)
+            self.save(state.step)
+
+    def save(self, step: int) -> None:
+        from trainer.heartbeat import phase  # here: trainer.heartbeat imports this module
+
+        with phase("checkpoint"):  # the hang watchdog shows a slow save as such
+            self.checkpointer.save(step)
 
 
 class ProfilerHook(Hook):

@@ -12,6 +12,7 @@ from trainer.data.batches import eval_dataset, train_dataset
 from trainer.experiment import Experiment, model_inputs
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
 from trainer.faults import fault_hooks, gradient_fault
+from trainer.heartbeat import heartbeat_hooks, phase
 from trainer.preemption import preemption_hooks
 from trainer.models.decoding import greedy_decoder
 from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags, poison
@@ -143,7 +144,10 @@ def summary_scores(exp: Experiment, *, split: str) -> dict[str, float]:
 
 def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[Hook]:
     cfg = exp.cfg
-    hooks: list[Hook] = [
+    # First, so a step's end is marked before the hooks after it run (a hang in them shows as "between steps").
+    hooks: list[Hook] = heartbeat_hooks(exp.run_dir, rank=strategy.rank, timeout_s=cfg.train.watchdog_timeout_s,
+                                        startup_s=cfg.train.watchdog_startup_s)
+    hooks += [
         Console(enabled=strategy.is_chief, progress_bar=cfg.logging.progress_bar),
         TensorBoardHook(tb),
         CheckpointHook(exp.checkpointer, cfg.checkpoint.every),
@@ -165,7 +169,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     cfg = exp.cfg
     start = exp.checkpointer.restore_latest() if start is None else start
     strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
-    tb = TensorBoard(exp.run_dir / "tensorboard", enabled=strategy.is_chief)
+    tb = TensorBoard(exp.run_dir / "tensorboard", enabled=strategy.is_chief, resumed_from=start)
     hooks = default_hooks(exp, strategy, tb) + list(extra_hooks or [])
     state = LoopState(step=start, total_steps=cfg.train.steps)
     last = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
@@ -245,7 +249,8 @@ def check_replicas_in_sync(exp: Experiment, strategy: Strategy) -> None:
 
 
 def run_eval(exp, strategy, state, hooks, tb, eval_step) -> None:
-    state.eval_metrics = evaluate(exp, strategy, eval_step=eval_step)
+    with phase("eval"):
+        state.eval_metrics = evaluate(exp, strategy, eval_step=eval_step)
     if exp.cfg.task == "summarization" and strategy.is_chief:
         attention = _attention_map(exp)
         if attention is not None:

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 
+from trainer import heartbeat
 from trainer.errors import UserError
 from trainer.hooks import Hook, LoopState
 
@@ -75,7 +76,8 @@ class PreemptionHook(Hook):
             return  # off the agreement grid, or the run is complete anyway
         flag = 1.0 if signalled() else 0.0
         if self.strategy.world_size > 1:
-            flag = self.strategy.all_reduce_sum({"preempt": flag})["preempt"]
+            with heartbeat.phase("preemption agreement"):  # a peer that never arrives leaves us waiting here
+                flag = self.strategy.all_reduce_sum({"preempt": flag})["preempt"]
         if flag > 0 and not state.stop_requested:
             if self.checkpointer.latest_step != state.step:
                 self.checkpointer.save(state.step)
@@ -88,5 +90,13 @@ def preemption_hooks(strategy, checkpointer) -> list[Hook]:
 
 
 def exit_code(state: LoopState) -> int:
-    """PREEMPTED_EXIT_CODE when the run stopped for a preemption signal, else 0."""
-    return PREEMPTED_EXIT_CODE if state.stop_reason.startswith(REASON) else 0
+    """PREEMPTED_EXIT_CODE when the run stopped for a preemption signal, else 0.
+
+    A preempted rank ignores further SIGTERM/SIGUSR1 from here on: its step is agreed and checkpointed, and
+    horovodrun SIGTERMs the other ranks as soon as the first exits 75, while Python's shutdown (which puts
+    back the default handlers, but leaves SIG_IGN alone) may still take a second: it must not die of it."""
+    if not state.stop_reason.startswith(REASON):
+        return 0
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    return PREEMPTED_EXIT_CODE

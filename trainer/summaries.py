@@ -13,9 +13,11 @@ import tensorflow as tf
 class TensorBoard:
     """A summary writer for the chief; every method is a no-op elsewhere."""
 
-    def __init__(self, logdir: Path, *, enabled: bool):
+    def __init__(self, logdir: Path, *, enabled: bool, resumed_from: int = 0):
         self.logdir = Path(logdir)
         self.enabled = enabled
+        if enabled:
+            mark_session_start(self.logdir, resumed_from + 1)  # before the writer: its file sorts after this one
         self.writer = tf.summary.create_file_writer(str(self.logdir)) if enabled else None
 
     def scalars(self, step: int, values: dict[str, float], *, prefix: str) -> None:
@@ -52,6 +54,22 @@ class TensorBoard:
     def flush(self) -> None:
         if self.enabled:
             self.writer.flush()
+
+
+def mark_session_start(logdir: Path, first_step: int) -> None:
+    """Tell TensorBoard a session starts at `first_step`. From the second start of a run on, it then drops
+    the steps >= first_step that a crashed session had already logged instead of showing them twice: its
+    reader purges such "orphaned" steps of version-2 event files only on a SessionLog START event after the
+    first, and TF2's summary writers never write one. (A stop at a checkpoint has no orphans to drop.)"""
+    import time
+
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    writer = EventFileWriter(str(logdir), filename_suffix=".start")
+    writer.add_event(event_pb2.Event(step=first_step, wall_time=time.time(),
+                                     session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    writer.close()
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:

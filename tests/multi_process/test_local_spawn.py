@@ -95,8 +95,8 @@ def test_failing_rank_stops_a_sleeping_rank_fast(capsys):
         print(f"\ndetection latency (rank exits -> run_local returns): {latency * 1000:.0f} ms, "
               f"run_local total {elapsed:.2f} s")
     assert latency < 1.0 and elapsed < 3.0
-    assert re.fullmatch(r"strata: rank 1 \(pid \d+, host localhost\) exited with code 3; "
-                        r"stopped the other 1 rank\(s\)\n", err)
+    assert re.fullmatch(r"strata: rank 1 on localhost \(pid \d+\) exited with code 3; "
+                        r"stopped the other 1 rank\(s\) \d+\.\d s after its exit\n", err)
 
 
 def test_rank_killed_by_sigkill_is_named(capsys):
@@ -104,8 +104,8 @@ def test_rank_killed_by_sigkill_is_named(capsys):
     rc, _, elapsed = _run([kill, SLEEP_FOREVER, SLEEP_FOREVER])
     assert rc == 137 and elapsed < 5.0
     err = capsys.readouterr().err
-    assert re.fullmatch(r"strata: rank 0 \(pid \d+, host localhost\) exited with code 137 \(SIGKILL\); "
-                        r"stopped the other 2 rank\(s\)\n", err)
+    assert re.fullmatch(r"strata: rank 0 on localhost \(pid \d+\) was killed by SIGKILL \(signal 9\); "
+                        r"stopped the other 2 rank\(s\) \d+\.\d s after its exit\n", err)
 
 
 def test_rank_ignoring_sigterm_is_killed_after_grace(capsys):
@@ -209,3 +209,30 @@ def test_horovodrun_argv_runs(controller):
                            program=HOROVODRUN)
     out = _launch(argv).stdout
     assert set(re.findall(r"^\[[0-9,]+\]<stdout>:rank (\d) horovod$", out, re.M)) == {"0", "1"}, out
+
+
+def test_a_preempted_rank_waits_for_the_others_instead_of_stopping_them(capsys):
+    # Exit 75 = "stopped at the agreed step, checkpoint saved": the other rank, still saving, must not be killed.
+    slow = "import time; time.sleep(1.5); raise SystemExit(75)"
+    rc, _, elapsed = _run([slow, "raise SystemExit(75)"], grace_seconds=0.2)
+    assert rc == 75 and elapsed >= 1.5
+    assert "strata: preempted: every rank stopped at the step they agreed on" in capsys.readouterr().err
+
+
+BEAT = ("import json, os, socket, sys, time; d, r = sys.argv[1], int(sys.argv[2]); "
+        "b = dict(rank=r, host=socket.gethostname(), pid=os.getpid(), step=4 + r, phase='step', since=time.time(), "
+        "written=time.time(), allowed_s=1.0); "
+        "open(f'{d}/.t{r}', 'w').write(json.dumps(b)); os.replace(f'{d}/.t{r}', f'{d}/rank-{r}.json'); time.sleep(60)")
+
+
+def test_watchdog_reports_every_rank_and_stops_a_hung_job(tmp_path, capsys):
+    # Real ranks writing heartbeats in the documented format (trainer/heartbeat.py), then never progressing.
+    out = io.StringIO()
+    start = time.monotonic()
+    rc = run_local([[PY, "-c", BEAT, str(tmp_path), str(r)] for r in range(2)], [child_env(), child_env()],
+                   stdout=out, grace_seconds=0.5, heartbeat_dir=tmp_path)
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert rc == 124 and elapsed < 1.0 + 1.0 + 0.5 + 2.0, err  # limit + check interval + grace + start-up
+    assert "made no progress" in err and "furthest behind: rank 0 (step 4, step)" in err
+    assert re.search(r"^\s+1\s+\S+\s+\d+\s+5\s+step\s+\d+\.\d\s+<- hung$", err, re.M), err

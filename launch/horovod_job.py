@@ -1,0 +1,131 @@
+"""Run horovodrun as one job and report what happened to it in the user's terms.
+
+horovodrun (Gloo) already stops every rank when one exits non-zero (SIGTERM, SIGKILL 5 s later) and prints
+`Process N exit with status code C.`; this module adds what it lacks: the rank's host and signal name, the
+time from that exit to the end of the job, a preempted job (every rank exits 75 at the step they agreed on)
+reported as such rather than as a failure, and the hang watchdog over the ranks' heartbeats.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
+
+PREEMPTED_EXIT_CODE = 75  # trainer/preemption.py: checkpoint saved at the agreed step, requeue me
+_FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
+_RANK_OUTPUT = re.compile(r"\[[\d,]+\]<std(out|err)>:")  # horovodrun's prefix of a rank's line
+_HOROVOD_FAILED = "Horovod detected that one or more processes exited with non-zero status"
+
+
+def describe_status(code: int) -> str:
+    """A rank's status as horovodrun reports it: -9 (Popen) or 137 (through a shell) is SIGKILL (pure)."""
+    signum = -code if code < 0 else code - 128 if 128 < code < 128 + 65 else 0
+    if signum:
+        try:
+            return f"was killed by {signal.Signals(signum).name} (signal {signum})"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
+def failure_message(failures: list[tuple[int, int, float]], *, hosts: list[str], ended: float,
+                    beats: dict[int, dict]) -> str:
+    """One line naming the first rank that failed, its host, how, and how long the job took to stop (pure).
+    `failures`: (rank, status, time seen) in the order horovodrun reported them."""
+    rank, code, seen = failures[0]
+    host = hosts[rank] if rank < len(hosts) else "?"
+    beat = beats.get(rank)
+    last = f" (its last heartbeat: step {beat['step']}, {beat['phase']})" if beat else ""
+    return (f"rank {rank} on {host} {describe_status(code)}{last}; the other ranks were stopped, "
+            f"job ended {ended - seen:.1f} s after that exit")
+
+
+def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], heartbeat_dir: Path | None,
+                   startup_s: float, grace_seconds: float) -> int:
+    """Run `argv` (a horovodrun command), copy its output, and return the job's exit code."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
+    failures: list[tuple[int, int, float]] = []
+
+    def terminate(signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        """SIGTERM to horovodrun, which stops its ranks; forwarded Ctrl-C / SIGTERM too."""
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def abort_hung_job() -> None:
+        """SIGTERM to the ranks on this machine (their pids are in the heartbeats) and to horovodrun, SIGKILL
+        after the grace period: a rank stuck in a collective treats SIGTERM as a preemption warning it cannot
+        act on, and horovodrun's own stop would wait 5 s more. horovodrun then sees its ranks gone and exits."""
+        beats = read_beats(heartbeat_dir) if heartbeat_dir else {}
+        local = [b["pid"] for b in beats.values() if b.get("host") == socket.gethostname()]
+
+        def send(sig: int) -> None:
+            for pid in local:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+        send(signal.SIGTERM)
+        timer = threading.Timer(grace_seconds, send, args=(signal.SIGKILL,))
+        timer.daemon = True
+        timer.start()
+
+    watchdog = None
+    if heartbeat_dir is not None:
+        watchdog = Watchdog(heartbeat_dir, world_size=len(hosts), hosts=hosts, startup_s=startup_s,
+                            on_hang=abort_hung_job, finished=lambda: {r for r, _, _ in failures}).start()
+    previous = {s: signal.signal(s, terminate) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert proc.stdout is not None
+        held: list[str] | None = None  # horovodrun's own traceback after a failure: our summary replaces it
+        for line in proc.stdout:
+            failures += [(int(r), int(c), time.monotonic()) for r, c in _FAILED_PROCESS.findall(line)]
+            if held is None and failures and line.startswith("Traceback (most recent call last):"):
+                held = []
+            if held is not None and not _RANK_OUTPUT.match(line):
+                held.append(line)
+                continue
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        if held and not any(_HOROVOD_FAILED in h for h in held):
+            sys.stdout.write("".join(held))
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if watchdog:
+            watchdog.close()
+    ended = time.monotonic()
+    if watchdog and watchdog.fired.is_set():
+        print("strata: hung job stopped", file=sys.stderr, flush=True)
+        return WATCHDOG_EXIT_CODE
+    if code == 0:
+        return 0
+    if failures and all(c == PREEMPTED_EXIT_CODE for _, c, _ in failures):
+        print(f"strata: preempted: every rank stopped at the step they agreed on and it was checkpointed "
+              f"(first to exit: rank {failures[0][0]}); run the same command again to resume "
+              f"(exit {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
+    real = [f for f in failures if f[1] != PREEMPTED_EXIT_CODE] or failures
+    if real:
+        beats = read_beats(heartbeat_dir) if heartbeat_dir else {}
+        print(f"strata: job failed: {failure_message(real, hosts=hosts, ended=ended, beats=beats)}",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"strata: job failed: horovodrun exited with code {code}", file=sys.stderr, flush=True)
+    return code
