@@ -85,22 +85,20 @@ def split_micro_batches(batch: Mapping[str, Any], micro_batches: int) -> list[di
     return [{k: parts[k][m] for k in tensors} for m in range(micro_batches)]
 
 
-def _now() -> tf.Tensor:
-    """Wall-clock seconds as a graph op. tf.timestamp refuses to run under op determinism (Strata's
-    default), so then the clock is read through a (stateful, tiny) host callback instead."""
-    if not _determinism_enabled():
-        return tf.timestamp()
-    return tf.numpy_function(_perf_counter, [], tf.float64, stateful=True)
+def _clock(after: list[tf.Tensor]) -> tf.Tensor:
+    """Wall-clock seconds (float64) taken once every tensor in `after` exists, on the current device.
+
+    A *stateless* host callback fed a one-element slice of each tensor. Stateful ops (tf.timestamp, a
+    stateful py_func) run in program order inside a tf.function, so one stage's clock would wait for
+    another stage's earlier-built work and hide the overlap being measured; op determinism (Strata's
+    default) also forbids tf.timestamp. The slices are data edges, so the clock cannot run early.
+    """
+    probes = [tf.reshape(t, [-1])[:1] for t in after]
+    return tf.numpy_function(_perf_counter, probes, tf.float64, stateful=False)
 
 
-def _perf_counter() -> np.float64:
+def _perf_counter(*_probes: np.ndarray) -> np.float64:
     return np.float64(time.perf_counter())
-
-
-def _determinism_enabled() -> bool:
-    from tensorflow.python.framework import config as tf_config  # no public getter in TF 2.21
-
-    return bool(tf_config.is_op_determinism_enabled())
 
 
 def _float_keys(carry: Mapping[str, tf.Tensor]) -> list[str]:
@@ -173,6 +171,8 @@ class PipelineEngine:
         # (stage, "F"|"B", micro-batch) -> the tensors that mark that op done, from the latest trace of
         # `gradients`: lets tests check the per-stage order in the graph (tf.function graphs only).
         self.op_markers: dict[tuple[int, str, int], list[tf.Tensor]] = {}
+        # (stage, "F"|"B", micro-batch) of each row of the `op_intervals` extra, from the latest trace.
+        self.op_labels: list[tuple[int, str, int]] = []
 
     @property
     def num_stages(self) -> int:
@@ -268,7 +268,8 @@ class PipelineEngine:
         Returns (loss = sum over micro-batches of sum(per-example loss) / global_batch, one gradient per
         `model.trainable_variables` entry (None where the loss does not depend on it, like tape.gradient),
         extras {"micro_batch_losses": float32 [M], "stage_busy_s": float32 [K] seconds each stage computed,
-        "step_span_s": seconds from the first op's start to the last op's end}). A stage's idle (bubble)
+        "step_span_s": seconds from the first op's start to the last op's end, "op_intervals": float64
+        [ops, 2] wall-clock start/end of each op, labelled by `self.op_labels`}). A stage's idle (bubble)
         fraction is 1 - stage_busy_s / step_span_s.
         """
         stage_vars = self._built()
@@ -343,16 +344,24 @@ class PipelineEngine:
         starts: list[list[tf.Tensor]] = [[] for _ in range(K)]
         busy: list[list[tf.Tensor]] = [[] for _ in range(K)]
         ends: list[tf.Tensor] = []
+        stage_end: list[list[tf.Tensor]] = [[] for _ in range(K)]
+        intervals: list[tf.Tensor] = []  # [start, end] of every op, in `self.op_labels` order
+        self.op_labels = []
 
         def started(s: int, inputs: list[tf.Tensor]) -> None:
-            with tf.control_dependencies(inputs):
-                starts[s].append(_now())
+            starts[s].append(_clock(inputs + previous[s]))  # inputs here and the stage free
 
         def mark(s: int, kind: str, m: int, tensors: list[tf.Tensor]) -> None:
-            with tf.device(self.devices[s]), tf.control_dependencies(tensors):
-                end = _now()
-            busy[s].append(end - starts[s][-1])
+            with tf.device(self.devices[s]):
+                end = _clock(tensors)
+            # A stage runs one op at a time: clip this op's start to the previous op's end, so clock
+            # jitter between the two never counts the same moment twice.
+            start = starts[s][-1] if not stage_end[s] else tf.maximum(starts[s][-1], stage_end[s][-1])
+            busy[s].append(end - start)
+            stage_end[s].append(end)
             ends.append(end)
+            intervals.append(tf.stack([start, end]))
+            self.op_labels.append((s, kind, m))
             previous[s] = tensors  # the next op on stage s waits for these
             self.op_markers[(s, kind, m)] = tensors
 
@@ -388,7 +397,7 @@ class PipelineEngine:
         span = tf.reduce_max(tf.stack(ends)) - tf.reduce_min(tf.stack([t for st in starts for t in st]))
         stage_busy = tf.cast(tf.stack([tf.add_n(b) for b in busy]), tf.float32)
         return loss, grads, {"micro_batch_losses": per_micro, "stage_busy_s": stage_busy,
-                             "step_span_s": tf.cast(span, tf.float32)}
+                             "step_span_s": tf.cast(span, tf.float32), "op_intervals": tf.stack(intervals)}
 
 
 __all__ = ["PipelineEngine", "split_micro_batches"]
