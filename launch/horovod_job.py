@@ -17,9 +17,9 @@ import threading
 import time
 from pathlib import Path
 
+from launch.local import PREEMPTED_EXIT_CODE
 from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
 
-PREEMPTED_EXIT_CODE = 75  # trainer/preemption.py: checkpoint saved at the agreed step, requeue me
 _FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
 _RANK_OUTPUT = re.compile(r"\[[\d,]+\]<std(out|err)>:")  # horovodrun's prefix of a rank's line
 _HOROVOD_FAILED = "Horovod detected that one or more processes exited with non-zero status"
