@@ -172,7 +172,7 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
     pipeline = None
     pipelined = training and cfg.distribution.pipeline is not None
     # A pipelined model's variables must stay on their stages' devices, so they are created outside
-    # tf.distribute's scope (which would mirror them onto its own device); under multi_worker the
+    # the distribution strategy's scope (which would mirror them onto its own device); under multi_worker the
     # gradients are then summed by strategy/multi_worker_pipeline.py.
     with contextlib.nullcontext() if pipelined else strategy.scope():
         if pipelined:
