@@ -152,13 +152,17 @@ def test_preemption_warning_requeues_and_finishes_with_every_step_once(tmp_path:
     print(f"preempted job {job_id}: stopped at step {stop}; {requeued - signalled:.1f} s from signal to requeue")
 
 
-def test_scancel_leaves_a_checkpoint_that_resumes(tmp_path: Path):
+@pytest.mark.parametrize("warned_first", [False, True], ids=["scancel", "scancel-after-the-warning"])
+def test_scancel_leaves_a_checkpoint_that_resumes(tmp_path: Path, warned_first: bool):
     run_dir, total = tmp_path / "run", 300
     job_id, _ = submit("--backend", "horovod", "--set", f"run_dir={run_dir}", "--set", f"train.steps={total}",
                        "--set", "checkpoint.every=10", *QUIET)
     log_file = run_dir / "slurm" / f"slurm-{job_id}.out"
     wait_until(lambda: log_file.exists() and re.search(rf"^step 25/{total} ", log_file.read_text(), re.M),
                timeout=240, what="step 25")
+    if warned_first:  # the user cancels while the ranks are already stopping for a warning: cancel wins
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+        time.sleep(1)
     subprocess.run(["scancel", job_id], check=True, timeout=30)
     info = wait_finished(job_id, timeout=120)
     time.sleep(3)  # a requeue would show within this time
