@@ -31,6 +31,7 @@ bench: setup  ## the benchmarks in the README's table (minutes; run on a quiet m
 	$(PY) bench/overhead.py --model summarizer --steps 150
 	$(PY) bench/scaling.py
 	$(PY) bench/allreduce.py
+	$(PY) bench/pipeline.py --batch 128 --steps 8
 
 doctor: setup
 	$(STRATA) doctor
