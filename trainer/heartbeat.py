@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.hooks import Hook, LoopState
+from trainer.loop_state import Hook, LoopState
 
 WATCHDOG_EXIT_CODE = 124  # as timeout(1): the job ran out of time without finishing
 WRITE_EVERY_S = 1.0

@@ -4,36 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
 
 import tensorflow as tf
 
 from trainer.checkpoint import Checkpointer
+from trainer.loop_state import Hook, LoopState  # noqa: F401  (re-exported: hooks subclass Hook)
 from trainer.summaries import TensorBoard
-
-
-@dataclass
-class LoopState:
-    """What hooks may read (and `stop_requested`, which they may set)."""
-
-    step: int  # optimizer steps done so far
-    total_steps: int
-    train_logs: dict[str, float] = field(default_factory=dict)
-    eval_metrics: dict[str, float] = field(default_factory=dict)
-    stop_requested: bool = False
-    # 0: the last step updated the weights; else it was skipped on every rank for a non-finite value, and
-    # this is 1 + the index of the first one (1: the loss, 2: the first gradient...; trainer/nonfinite.py).
-    nonfinite: int = 0
-    stop_reason: str = ""
-
-
-class Hook:
-    def on_train_begin(self, state: LoopState) -> None: ...
-    def on_step_begin(self, state: LoopState) -> None: ...
-    def on_log(self, state: LoopState) -> None: ...  # every train.log_every steps, with fresh train_logs
-    def on_step_end(self, state: LoopState) -> None: ...
-    def on_eval(self, state: LoopState) -> None: ...
-    def on_train_end(self, state: LoopState) -> None: ...
 
 
 class Console(Hook):

@@ -23,7 +23,7 @@ import sys
 
 from trainer import heartbeat
 from trainer.errors import UserError
-from trainer.hooks import Hook, LoopState
+from trainer.loop_state import Hook, LoopState
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL in sysexits.h: a temporary failure, try again later
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
