@@ -21,7 +21,7 @@ cluster-stop:
 	@bash slurm/local-cluster.sh stop
 
 test: setup cluster  ## the whole test suite (what CI runs), including real sbatch jobs
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS) tests
 
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest -q -ra -m "not slow and not multi_process and not cluster" tests
