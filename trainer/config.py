@@ -9,11 +9,12 @@ This module must not import TensorFlow (the launcher validates configs through i
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainer.errors import ConfigError
 
@@ -210,6 +211,15 @@ class HorovodOptions(_Strict):
     timeline: str | None = None  # a JSON trace of every collective, for chrome://tracing
 
 
+_DEVICE = re.compile(r"^(/job:[^/]+(/replica:\d+)?(/task:\d+)?)?/(device:)?(cpu|gpu|CPU|GPU):\d+$")
+
+
+def _device_name(name: str) -> str:
+    if not _DEVICE.match(name):
+        raise ValueError("must name one device, like /gpu:0 or /cpu:1")
+    return name
+
+
 class PipelineConfig(_Strict):
     """Pipeline parallelism inside each replica: the model's levels cut into `stages` on their own devices.
 
@@ -222,7 +232,7 @@ class PipelineConfig(_Strict):
     micro_batches: PositiveInt = 4
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
     partition: Union[Literal["auto"], list[list[str]]] = "auto"
-    devices: list[Annotated[str, Field(min_length=1)]] | None = None
+    devices: list[Annotated[str, AfterValidator(_device_name)]] | None = None
     recompute: bool = False  # keep only stage-boundary activations; re-run each stage's forward in backward
     profile_steps: PositiveInt = 3  # partition=auto: timed repeats per level
     device_memory_gb: Annotated[float, Field(gt=0)] | None = None  # per device; default: what the GPU reports

@@ -13,7 +13,7 @@ import numpy as np
 
 from trainer.config import ExperimentConfig
 from trainer.errors import ConfigError
-from trainer.strategy.pipeline_plan import format_plan, validate_pipeline
+from trainer.strategy.pipeline_plan import format_plan, stage_device_names, validate_pipeline
 
 
 def parse_ranks(text: str) -> list[tuple[str, int]]:
@@ -29,11 +29,8 @@ def parse_ranks(text: str) -> list[tuple[str, int]]:
 
 def device_label(pipe, stage: int, local_rank: int, gpus_here: int) -> str:
     """The device a rank's stage will use: explicit, the local rank's block of GPUs, or a logical CPU."""
-    if pipe.devices is not None:
-        return pipe.devices[stage]
-    if gpus_here:
-        return f"/gpu:{local_rank * pipe.stages + stage}"
-    return f"/cpu:{stage} (logical)"
+    name = stage_device_names(pipe.stages, local_rank, gpus_here, pipe.devices)[stage]
+    return name if pipe.devices is not None or gpus_here else f"{name} (logical)"
 
 
 def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bool) -> int:

@@ -12,6 +12,7 @@ CLASSIFIER = str(CONFIGS / "classifier.yaml")
 GOOD_LINE = '{"text": "good food", "label": 1}'
 SUMMARIZER = str(CONFIGS / "summarizer.yaml")
 PIPE = "stages: 2, micro_batches: 4"
+TINY_SUMMARIZER = ["--set", "data.builtin.train_examples=200", "--set", "logging.progress_bar=false"]
 
 
 def _write(path: Path, text: str | bytes) -> str:
@@ -104,6 +105,12 @@ CASES = [
      "divisible by -np (2) x distribution.pipeline.micro_batches (32)"),
     ("pipeline-mirrored", lambda d: ["train", SUMMARIZER, "--set", "distribution.backend=mirrored", "--set",
                                      f"distribution.pipeline={{{PIPE}}}"], "does not combine with backend mirrored"),
+    ("pipeline-device-name", lambda d: ["train", SUMMARIZER, "--set",
+                                        f"distribution.pipeline={{{PIPE}, devices: [gpu0, /gpu:1]}}"],
+     "distribution.pipeline.devices.0: must name one device"),
+    ("pipeline-device-missing", lambda d: ["train", SUMMARIZER, *TINY_SUMMARIZER, "--set",
+                                           f"distribution.pipeline={{{PIPE}, devices: [/gpu:0, /gpu:1]}}"],
+     "/gpu:0 is not a device of this process"),
     ("plan-replicas", lambda d: ["plan", SUMMARIZER, "-np", "3", "--set", f"distribution.pipeline={{{PIPE}}}"],
      "replicas (3) must divide the global batch (32)"),
 ]

@@ -85,7 +85,7 @@ def test_plan_shows_ranks_stages_memory_and_warnings():
     assert "bubble: 33.3% idle = (K-1)/(M+K-1) = 1/3" in out
     assert "global 32 = 2 replicas x 16; micro-batch size 8 (16 / 2)" in out
     assert "micro_batches (2) < 4 x stages (2)" in out  # the M < 4K warning
-    assert "params" in out and "MiB" in out or "KiB" in out
+    assert "params" in out and ("MiB" in out or "KiB" in out)
 
 
 @pytest.mark.parametrize("args, message", [

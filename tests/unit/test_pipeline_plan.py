@@ -447,3 +447,9 @@ def test_recompute_changes_the_activation_estimate():
     assert keep_all.activation_bytes(0) == 8 * 100.0  # GPipe keeps all M micro-batches
     assert recompute.activation_bytes(0) == 8 * 10.0 + 100.0  # inputs of M, plus one re-run forward
     assert "8 x 10 B inputs + 100 B recomputed" in pp.format_plan(recompute)
+
+
+def test_stage_device_names():
+    assert pp.stage_device_names(2, 1, gpus=4) == ["/gpu:2", "/gpu:3"]
+    assert pp.stage_device_names(3, 0, gpus=0) == ["/cpu:0", "/cpu:1", "/cpu:2"]
+    assert pp.stage_device_names(2, 5, gpus=8, explicit=["/gpu:6", "/gpu:1"]) == ["/gpu:6", "/gpu:1"]

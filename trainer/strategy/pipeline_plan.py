@@ -544,6 +544,16 @@ def validate_pipeline(
     return per_replica, per_replica // micro_batches
 
 
+def stage_device_names(stages: int, local_rank: int, gpus: int, explicit: Sequence[str] | None = None) -> list[str]:
+    """One device per stage for a rank: the explicit list, else the local rank's block of `stages` GPUs
+    (`/gpu:local_rank*K .. +K-1`), else `stages` logical CPU devices (`/cpu:0 ..`)."""
+    if explicit is not None:
+        return list(explicit)
+    if gpus:
+        return [f"/gpu:{local_rank * stages + s}" for s in range(stages)]
+    return [f"/cpu:{s}" for s in range(stages)]
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -768,5 +778,5 @@ __all__ = [
     "Op", "OpTiming", "Partition", "PipelinePlan", "Schedule", "ScheduleDeadlock", "Timeline",
     "balanced_partition", "explicit_partition", "format_plan", "gpipe_schedule", "gpipe_speedup_bound",
     "imbalance", "make_schedule", "one_f_one_b_schedule", "peak_live_micro_batches", "simulate",
-    "stage_costs", "stage_level_names", "theoretical_bubble", "validate_pipeline",
+    "stage_costs", "stage_device_names", "stage_level_names", "theoretical_bubble", "validate_pipeline",
 ]

@@ -31,6 +31,7 @@ from trainer.strategy.pipeline_plan import (
     explicit_partition,
     format_plan,
     stage_costs,
+    stage_device_names,
 )
 
 # Adam in fp32: weights + gradients + two moments.
@@ -40,24 +41,37 @@ BYTES_PER_PARAM = 16.0
 def stage_devices(pipe: PipelineConfig, local_rank: int = 0) -> list[str]:
     """One device per stage for this process: explicit `devices`, else the local rank's block of K GPUs,
     else K logical CPU devices (created here: call before TensorFlow's runtime starts)."""
-    if pipe.devices is not None:
-        return list(pipe.devices)
     k = pipe.stages
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        first = local_rank * k
-        if first + k > len(gpus):
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if pipe.devices is not None:
+        _check_devices_exist(pipe.devices)
+    if pipe.devices is not None or gpus:
+        names = stage_device_names(k, local_rank, gpus, pipe.devices)
+        if pipe.devices is None and (local_rank + 1) * k > gpus:
             raise ConfigError(
-                f"local rank {local_rank} needs GPUs {first}..{first + k - 1} for {k} pipeline stages but "
-                f"{len(gpus)} are visible; start fewer ranks per node or use fewer stages"
+                f"local rank {local_rank} needs GPUs {names[0]}..{names[-1]} for {k} pipeline stages but "
+                f"{gpus} are visible; start fewer ranks per node or use fewer stages"
             )
-        return [f"/gpu:{i}" for i in range(first, first + k)]
+        return names
     from trainer.strategy.tf_distribute import use_logical_cpus
 
     try:
         return use_logical_cpus(k)
     except RuntimeError as err:  # the runtime started before the devices were split
         raise RuntimeError(f"pipeline stages need {k} logical CPU devices: {err}") from None
+
+
+def _check_devices_exist(devices: list[str]) -> None:
+    """Explicit stage devices must be devices of this process (TensorFlow would silently place elsewhere)."""
+    have = {tf.DeviceSpec.from_string(d.name) for d in tf.config.list_logical_devices()}
+    have_short = {(d.device_type, d.device_index) for d in have}
+    for name in devices:
+        spec = tf.DeviceSpec.from_string(name)
+        if ((spec.device_type or "").upper(), spec.device_index or 0) not in have_short:
+            shown = ", ".join(sorted(f"/{t.lower()}:{i}" for t, i in have_short))
+            raise ConfigError(f"distribution.pipeline.devices: {name} is not a device of this process (it has "
+                              f"{shown}); name existing devices, or leave devices unset to use the GPUs or "
+                              "logical CPU devices")
 
 
 def gpu_indices(devices: list[str]) -> list[int]:
