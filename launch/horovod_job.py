@@ -39,12 +39,13 @@ def describe_status(code: int) -> str:
 def failure_message(failures: list[tuple[int, int, float]], *, hosts: list[str], ended: float,
                     beats: dict[int, dict]) -> str:
     """One line naming the first rank that failed, its host, how, and how long the job took to stop (pure).
-    `failures`: (rank, status, time seen) in the order horovodrun reported them."""
+    `failures`: (rank, status, time seen) in the order horovodrun reported them; `hosts[rank]` names the
+    rank's host when the launcher knows it."""
     rank, code, seen = failures[0]
-    host = hosts[rank] if rank < len(hosts) else "?"
+    where = f" on {hosts[rank]}" if rank < len(hosts) else ""  # unknown in elastic mode
     beat = beats.get(rank)
     last = f" (its last heartbeat: step {beat['step']}, {beat['phase']})" if beat else ""
-    return (f"rank {rank} on {host} {describe_status(code)}{last}; the other ranks were stopped, "
+    return (f"rank {rank}{where} {describe_status(code)}{last}; the other ranks were stopped, "
             f"job ended {ended - seen:.1f} s after that exit")
 
 
@@ -92,10 +93,12 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
     previous = {s: signal.signal(s, terminate) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         assert proc.stdout is not None
-        held: list[str] | None = None  # horovodrun's own traceback after a failure: our summary replaces it
+        held: list[str] | None = None  # horovodrun's own final traceback after a failure: our summary replaces it
         for line in proc.stdout:
             failures += [(int(r), int(c), time.monotonic()) for r, c in _FAILED_PROCESS.findall(line)]
-            if held is None and failures and line.startswith("Traceback (most recent call last):"):
+            if failures and line.startswith("Traceback (most recent call last):"):
+                if held:  # an earlier traceback (e.g. the elastic driver's): only the last one is horovodrun's
+                    sys.stdout.write("".join(held))
                 held = []
             if held is not None and not _RANK_OUTPUT.match(line):
                 held.append(line)

@@ -227,6 +227,7 @@ def _run_horovodrun(p: LaunchPlan, grace_seconds: float, beats: Path | None, sta
                                as_root=os.geteuid() == 0, program=program)
     env = child_environ(os.environ, {"STRATA_BACKEND": "horovod", **supervision_env(beats)})
     # Horovod options from the config (distribution.horovod) are applied by each rank before hvd.init().
-    hosts = [h.name for h in p.hosts] if p.elastic else [pl.host for pl in assign_ranks(p.hosts, p.np)]
+    # Elastic: Horovod's driver assigns ranks to hosts (and re-assigns them at every reset), so no fixed map.
+    hosts = [] if p.elastic else [pl.host for pl in assign_ranks(p.hosts, p.np)]
     return run_horovodrun(argv, env, hosts=hosts, heartbeat_dir=beats,
                           startup_s=startup_s, grace_seconds=grace_seconds)

@@ -54,7 +54,8 @@ write_config() {
   # Notes: linuxproc/task none because containers have no usable cgroups; MpiDefault=none so a plain srun
   # sets no PMI variables (Strata's Horovod jobs ask for --mpi=pmix explicitly); KillWait is the grace
   # between SIGTERM and SIGKILL at cancel/time limit (the ranks checkpoint within it); MinJobAge keeps
-  # finished jobs visible to scontrol for the tests.
+  # finished jobs visible to scontrol for the tests; cred_expire (default 120 s) is also how long a requeued
+  # job waits before it may start again: a requeued job started sooner is killed as "credential revoked".
   as_root tee "$CONF.tmp" >/dev/null <<CONF
 $MARK (state in $STATE). Safe to delete.
 ClusterName=strata-local
@@ -63,6 +64,7 @@ CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=20
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/d
 SlurmctldPidFile=$STATE/slurmctld.pid

@@ -48,9 +48,9 @@ def train_elastic(exp: Experiment, strategy, *, stop_after: int | None = None) -
         # Runs at the start and after every restart; the ranks now agree on the weights and the step.
         exp.checkpointer.write = strategy.is_chief
         rescale_lr_for_replicas(exp.optimizer, cfg.optimizer, strategy.num_replicas)
-        print(f"strata: elastic: rank {strategy.rank} of {strategy.world_size} worker(s), continuing from "
-              f"committed step {elastic_state.step} at {time.monotonic() - began:.1f}s", file=sys.stderr,
-              flush=True)
+        print(f"strata: elastic: rank {strategy.rank} of {strategy.world_size} worker(s) on {strategy.host}, "
+              f"continuing from committed step {elastic_state.step} at {time.monotonic() - began:.1f}s",
+              file=sys.stderr, flush=True)
         return train(exp, strategy, stop_after=stop_after, start=elastic_state.step,
                      extra_hooks=[CommitHook(elastic_state, cfg.train.elastic_commit_every)])
 

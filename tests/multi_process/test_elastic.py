@@ -19,14 +19,33 @@ from tests.conftest import CONFIGS, STRATA, TINY_CLASSIFIER, child_env, strata
 pytestmark = pytest.mark.multi_process
 CONFIG = str(CONFIGS / "classifier.yaml")
 COMMIT_EVERY = 10
-KILL_AT = 25  # rank 1 (the worker on 127.0.0.1) SIGKILLs itself after this step
+KILL_AT = 25  # rank 1 SIGKILLs itself after this step; the test then removes its host from the list
 STEP_LINE = re.compile(r"^\[0\]<stdout>:step (\d+)/")
-ELASTIC_LINE = re.compile(r"elastic: rank (\d+) of (\d+) worker\(s\), continuing from committed step (\d+)")
+ELASTIC_LINE = re.compile(r"elastic: rank (\d+) of (\d+) worker\(s\) on (\S+), continuing from committed step (\d+)")
+HOSTS = ("localhost", "127.0.0.1")
+
+
+def _list_hosts(hosts: Path, text: str) -> None:
+    """Replace the host list atomically: horovodrun runs the discovery script every second and must never read
+    a half-written file (an empty read is "every host gone")."""
+    tmp = hosts.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, hosts)
+
+
+def _kill_leftovers(tmp_path: Path) -> None:
+    """SIGKILL every process whose command line names this test's directory (horovodrun, workers)."""
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(tmp_path) in (pid_dir / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(pid_dir.name), 9)
+        except (OSError, ValueError):
+            pass
 
 
 def _discovery(tmp_path: Path) -> tuple[Path, Path]:
     hosts = tmp_path / "hosts"
-    hosts.write_text("localhost:1\n127.0.0.1:1\n")
+    _list_hosts(hosts, "".join(f"{h}:1\n" for h in HOSTS))
     script = tmp_path / "discover.sh"
     script.write_text(f"#!/bin/sh\ncat {hosts}\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
@@ -45,11 +64,15 @@ def test_worker_lost_then_rejoins(tmp_path: Path):
             "--set", "model.hidden_dim=512"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env=child_env(STRATA_FAULT=f"1:{KILL_AT}:kill"), start_new_session=True)
-    timer = threading.Timer(400, lambda: os.killpg(proc.pid, 9))  # never hang the suite
+    # Never hang the suite: SIGTERM makes `strata launch` stop horovodrun (its own session) and the workers;
+    # anything of this run still alive afterwards (found by its temporary path) is killed in `finally`.
+    timer = threading.Timer(400, proc.terminate)
     timer.start()
     started = time.monotonic()
     lines: list[tuple[float, str]] = []
     events: dict[str, float] = {}
+    lost = None
+    host_of: dict[int, str] = {}  # Horovod, not the launcher, decides which host gets which rank
     last_step_before_loss = 0
     resumed_at = None
     steps_alone = 0
@@ -63,18 +86,22 @@ def test_worker_lost_then_rejoins(tmp_path: Path):
                 events["last_step"] = now
                 events.setdefault("first_step", now)
             elastic = ELASTIC_LINE.search(line)
+            if elastic and elastic.group(2) == "2" and "killed" not in events:
+                host_of[int(elastic.group(1))] = elastic.group(3)
             if "injected fault: rank 1 kill" in line and "killed" not in events:
                 events["killed"] = now
-                hosts.write_text("localhost:1\n")  # the host is gone
+                lost = host_of[1]
+                _list_hosts(hosts, "".join(f"{h}:1\n" for h in HOSTS if h != lost))  # rank 1's host is gone
             elif step and "killed" not in events:
                 last_step_before_loss = int(step.group(1))
             elif elastic and elastic.group(2) == "1" and "alone" not in events:
-                events["alone"], resumed_at = now, int(elastic.group(3))
+                events["alone"], resumed_at = now, int(elastic.group(4))
+                assert elastic.group(3) != lost, line
             elif step and "alone" in events and "rejoined" not in events:
                 steps_alone += 1
                 if steps_alone == 3:  # the survivor trains on alone; now the host comes back
                     events["host_back"] = now
-                    hosts.write_text("localhost:1\n127.0.0.1:1\n")
+                    _list_hosts(hosts, "".join(f"{h}:1\n" for h in HOSTS))
             elif elastic and elastic.group(2) == "2" and "host_back" in events and "rejoined" not in events:
                 events["rejoined"] = now
                 events["steps_at_rejoin"] = last_seen
@@ -83,6 +110,7 @@ def test_worker_lost_then_rejoins(tmp_path: Path):
         code = proc.wait(timeout=60)
     finally:
         timer.cancel()
+        _kill_leftovers(tmp_path)
     out = "\n".join(line for _, line in lines)
     assert code == 0, out[-4000:]
     assert {"killed", "alone", "host_back", "rejoined"} <= events.keys(), (events, out[-4000:])
@@ -91,7 +119,7 @@ def test_worker_lost_then_rejoins(tmp_path: Path):
     assert 0 <= redone <= COMMIT_EVERY, (KILL_AT, resumed_at)
     assert last_step_before_loss <= KILL_AT + 1
     assert "strata: weights identical on all 2 ranks" in out and "step 1500/1500" in out
-    print(f"elastic: worker killed after step {KILL_AT}; survivor continued from committed step {resumed_at} "
+    print(f"elastic: rank 1 (on {lost}) killed after step {KILL_AT}; survivor continued from committed step {resumed_at} "
           f"({redone} steps redone, commit every {COMMIT_EVERY}) {events['alone'] - events['killed']:.1f}s after "
           f"the kill; host listed again -> 2 workers training {events['rejoined'] - events['host_back']:.1f}s later")
     print({k: round(v - started, 1) for k, v in events.items() if k != "steps_at_rejoin"},

@@ -49,6 +49,9 @@ def test_exit_descriptions():
                           beats={1: beat(1, 7, "between steps", 9.0)})
     assert msg == ("rank 1 on b was killed by SIGKILL (signal 9) (its last heartbeat: step 7, between steps); "
                    "the other ranks were stopped, job ended 5.5 s after that exit")
+    # Elastic jobs: Horovod's driver, not the launcher, places ranks, so no host is named rather than a wrong one.
+    assert failure_message([(1, 137, 10.0)], hosts=[], ended=15.5, beats={}).startswith(
+        "rank 1 was killed by SIGKILL (signal 9); ")
 
 
 def test_launched_ranks_get_preemption_on_and_the_launcher_as_watchdog(tmp_path):

@@ -17,6 +17,8 @@ TensorFlow error classes a dead peer surfaces as.
 """
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, Callable
 
 import tensorflow as tf
@@ -58,6 +60,12 @@ class ElasticHorovod(Horovod):
                 super().sync()
 
         self._state_class = VariablesState
+
+    @property
+    def host(self) -> str:
+        """The host this worker was started on, as Horovod's driver names it (ranks move between hosts
+        at every reset, so the launcher's host list cannot say which rank is where)."""
+        return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
 
     def broadcast_initial_state(self, variables: list) -> None:
         """Nothing to do: `VariablesState.sync` broadcast rank 0's state before training (re)started."""
