@@ -1,9 +1,10 @@
 """Run horovodrun as one job and report what happened to it in the user's terms.
 
 horovodrun (Gloo) already stops every rank when one exits non-zero (SIGTERM, SIGKILL 5 s later) and prints
-`Process N exit with status code C.`; this module adds what it lacks: the rank's host and signal name, the
-time from that exit to the end of the job, a preempted job (every rank exits 75 at the step they agreed on)
-reported as such rather than as a failure, and the hang watchdog over the ranks' heartbeats.
+`Process N exit with status code C.`; under --mpi, mpirun aborts the job and names the first failed rank in its
+own report. This module adds what they lack: the rank's host and signal name, the time from that exit to the
+end of the job, a preempted job (every rank exits 75 at the step they agreed on) reported as such rather than
+as a failure, and the hang watchdog over the ranks' heartbeats.
 """
 from __future__ import annotations
 
@@ -23,6 +24,20 @@ from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
 _FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
 _RANK_OUTPUT = re.compile(r"\[[\d,]+\]<std(out|err)>:")  # horovodrun's prefix of a rank's line
 _HOROVOD_FAILED = "Horovod detected that one or more processes exited with non-zero status"
+# Under --mpi, Horovod's per-process lines do not exist; mpirun reports the first failed rank itself.
+_MPI_ABORTING = ("Primary job  terminated normally, but", "mpirun noticed that", "mpirun detected that")
+_MPI_SIGNALED = re.compile(r"mpirun noticed that process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
+_MPI_EXITED = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]\s*\n\s*Exit code:\s*(-?\d+)")
+
+
+def mpirun_failure(report: str) -> tuple[int, int] | None:
+    """(rank, status) of the first failed rank in mpirun's own report, a signal given as 128 + signal like a
+    shell does; None when the text has no such report (pure)."""
+    signaled = _MPI_SIGNALED.search(report)
+    if signaled:
+        return int(signaled.group(1)), 128 + int(signaled.group(2))
+    exited = _MPI_EXITED.search(report)
+    return (int(exited.group(1)), int(exited.group(2))) if exited else None
 
 
 def describe_status(code: int) -> str:
@@ -94,8 +109,14 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
     try:
         assert proc.stdout is not None
         held: list[str] | None = None  # horovodrun's own final traceback after a failure: our summary replaces it
+        launcher_lines: list[str] = []  # horovodrun's and mpirun's own lines (not a rank's)
+        mpi_abort_seen: float | None = None
         for line in proc.stdout:
             failures += [(int(r), int(c), time.monotonic()) for r, c in _FAILED_PROCESS.findall(line)]
+            if not _RANK_OUTPUT.match(line):
+                launcher_lines = [*launcher_lines[-200:], line]
+                if mpi_abort_seen is None and line.startswith(_MPI_ABORTING):
+                    mpi_abort_seen = time.monotonic()
             if failures and line.startswith("Traceback (most recent call last):"):
                 if held:  # an earlier traceback (e.g. the elastic driver's): only the last one is horovodrun's
                     sys.stdout.write("".join(held))
@@ -108,6 +129,9 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
         if held and not any(_HOROVOD_FAILED in h for h in held):
             sys.stdout.write("".join(held))
         code = proc.wait()
+        mpi_failed = None if failures else mpirun_failure("".join(launcher_lines))
+        if mpi_failed:
+            failures = [(*mpi_failed, mpi_abort_seen or time.monotonic())]
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

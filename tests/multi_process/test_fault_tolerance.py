@@ -100,6 +100,17 @@ def test_sigkill_of_one_rank_stops_the_job_and_the_relaunch_finishes_exactly(tmp
           f"final step {steps}/{steps}")
 
 
+def test_sigkill_under_mpirun_names_the_rank(tmp_path: Path):
+    """Horovod's MPI controller (`--mpi`): mpirun, not horovodrun, aborts the job and reports the rank."""
+    run_dir, kill_at = tmp_path / "run", 7
+    code, out, t = stream(launch_argv("horovod", run_dir, 12, "--mpi"), timeout=400, STRATA_FAULT=f"1:{kill_at}:kill")
+    detection = t["end"] - t["fault"]
+    assert code != 0, out[-3000:]
+    assert re.search(r"strata: job failed: rank 1 on localhost was killed by SIGKILL \(signal 9\)", out), out[-3000:]
+    assert detection <= DETECT_LIMIT_S, out[-3000:]
+    print(f"\nhorovod --mpi: rank 1 SIGKILLed after step {kill_at} -> job ended {detection:.1f} s later")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hung_rank_is_reported_with_its_phase_and_the_job_aborts(tmp_path: Path, backend: str):
     timeout_s = 10

@@ -1,7 +1,7 @@
 """The hang watchdog's and the job reports' pure parts: who is hung, the table, how an exit is described."""
 from __future__ import annotations
 
-from launch.horovod_job import describe_status, failure_message
+from launch.horovod_job import describe_status, failure_message, mpirun_failure
 from launch.local import describe_exit
 from launch.watchdog import format_table, heartbeat_settings, hung_ranks, supervision_env
 
@@ -59,3 +59,20 @@ def test_launched_ranks_get_preemption_on_and_the_launcher_as_watchdog(tmp_path)
                                              "STRATA_WATCHDOG": "launcher"}
     assert supervision_env(None, {"STRATA_PREEMPTION": "0"}) == {"STRATA_PREEMPTION": "0"}
     assert heartbeat_settings({"train": {"watchdog_timeout_s": 30, "watchdog_startup_s": 900}}) == (30.0, 900.0)
+
+
+def test_mpirun_reports_name_the_first_failed_rank():
+    """Texts as Open MPI 4.1's mpirun prints them under `strata launch --mpi` (copied from real runs)."""
+    killed = ("--------------------------------------------------------------------------\n"
+              "Primary job  terminated normally, but 1 process returned\n"
+              "a non-zero exit code. Per user-direction, the job has been aborted.\n"
+              "--------------------------------------------------------------------------\n"
+              "mpirun noticed that process rank 1 with PID 0 on node vm exited on signal 9 (Killed).\n")
+    exited = ("mpirun detected that one or more processes exited with non-zero status, thus causing\n"
+              "the job to be terminated. The first process to do so was:\n\n"
+              "  Process name: [[11968,1],3]\n"
+              "  Exit code:    75\n")
+    assert mpirun_failure(killed) == (1, 137)
+    assert describe_status(mpirun_failure(killed)[1]) == "was killed by SIGKILL (signal 9)"
+    assert mpirun_failure(exited) == (3, 75)
+    assert mpirun_failure("Process 1 exit with status code 3.\n") is None
