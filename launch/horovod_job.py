@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from launch.local import PREEMPTED_EXIT_CODE
@@ -109,19 +110,20 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
     try:
         assert proc.stdout is not None
         held: list[str] | None = None  # horovodrun's own final traceback after a failure: our summary replaces it
-        launcher_lines: list[str] = []  # horovodrun's and mpirun's own lines (not a rank's)
+        launcher_lines: deque[str] = deque(maxlen=200)  # horovodrun's and mpirun's own lines (not a rank's)
         mpi_abort_seen: float | None = None
         for line in proc.stdout:
             failures += [(int(r), int(c), time.monotonic()) for r, c in _FAILED_PROCESS.findall(line)]
-            if not _RANK_OUTPUT.match(line):
-                launcher_lines = [*launcher_lines[-200:], line]
+            from_rank = bool(_RANK_OUTPUT.match(line))
+            if not from_rank:
+                launcher_lines.append(line)
                 if mpi_abort_seen is None and line.startswith(_MPI_ABORTING):
                     mpi_abort_seen = time.monotonic()
             if failures and line.startswith("Traceback (most recent call last):"):
                 if held:  # an earlier traceback (e.g. the elastic driver's): only the last one is horovodrun's
                     sys.stdout.write("".join(held))
                 held = []
-            if held is not None and not _RANK_OUTPUT.match(line):
+            if held is not None and not from_rank:
                 held.append(line)
                 continue
             sys.stdout.write(line)

@@ -42,12 +42,13 @@ def stage_devices(pipe: PipelineConfig, local_rank: int = 0) -> list[str]:
     """One device per stage for this process: explicit `devices`, else the local rank's block of K GPUs,
     else K logical CPU devices (created here: call before TensorFlow's runtime starts)."""
     k = pipe.stages
-    gpus = len(tf.config.list_physical_devices("GPU"))
     if pipe.devices is not None:
         _check_devices_exist(pipe.devices)
-    if pipe.devices is not None or gpus:
-        names = stage_device_names(k, local_rank, gpus, pipe.devices)
-        if pipe.devices is None and (local_rank + 1) * k > gpus:
+        return list(pipe.devices)
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if gpus:
+        names = stage_device_names(k, local_rank, gpus)
+        if (local_rank + 1) * k > gpus:
             raise ConfigError(
                 f"local rank {local_rank} needs GPUs {names[0]}..{names[-1]} for {k} pipeline stages but "
                 f"{gpus} are visible; start fewer ranks per node or use fewer stages"
@@ -63,8 +64,8 @@ def stage_devices(pipe: PipelineConfig, local_rank: int = 0) -> list[str]:
 
 def _check_devices_exist(devices: list[str]) -> None:
     """Explicit stage devices must be devices of this process (TensorFlow would silently place elsewhere)."""
-    have = {tf.DeviceSpec.from_string(d.name) for d in tf.config.list_logical_devices()}
-    have_short = {(d.device_type, d.device_index) for d in have}
+    specs = (tf.DeviceSpec.from_string(d.name) for d in tf.config.list_logical_devices())
+    have_short = {(d.device_type, d.device_index) for d in specs}
     for name in devices:
         spec = tf.DeviceSpec.from_string(name)
         if ((spec.device_type or "").upper(), spec.device_index or 0) not in have_short:
