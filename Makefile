@@ -12,7 +12,8 @@ setup:  ## apt packages, virtual environment, pinned deps, Horovod built from so
 demo: setup  ## train the default config with 2 data-parallel Horovod workers, then show test metrics
 	$(STRATA) launch -np 2 configs/classifier.yaml
 	$(STRATA) evaluate runs/classifier --split test
-	$(STRATA) classify runs/classifier "a wonderful and delightful story" "a dull and dreadful mess"
+	$(STRATA) classify runs/classifier "the room was lovely and the staff friendly . we arrived on monday" \
+		"the breakfast was stale and the waiter rude . my sister ordered the soup"
 
 cluster:  ## a real single-node SLURM cluster on this machine (munge, slurmctld, slurmd); idempotent
 	@bash slurm/local-cluster.sh start

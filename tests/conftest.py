@@ -47,7 +47,7 @@ _SERVE = """
 import json, sys, tensorflow as tf
 model = tf.saved_model.load(sys.argv[1])
 result = model.signatures["serving_default"](text=tf.constant(json.loads(sys.argv[2])))
-print(json.dumps([x.decode() if isinstance(x, bytes) else x.item() for x in result[sys.argv[3]].numpy()]))
+print(json.dumps([x.decode() if isinstance(x, bytes) else x.tolist() for x in result[sys.argv[3]].numpy()]))
 """
 
 

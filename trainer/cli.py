@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def with_overrides(sp):
-        sp.add_argument("config", help="experiment YAML, e.g. configs/classifier.yaml")
+        sp.add_argument("config", help="experiment YAML, e.g. configs/classifier.yaml, or a run directory "
+                                       "(its saved config.yaml: resumes that run)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optimizer.lr=3e-4 (repeatable)")
 
@@ -84,9 +85,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.stop_after is not None and args.stop_after < 1:
             raise UserError(f"--stop-after {args.stop_after}: must be a positive number of steps")
         return _train(cfg, stop_after=args.stop_after)
-    from trainer.experiment import load_run_config
+    from trainer.config import load_run_config
 
-    cfg = load_run_config(args.run_dir)
+    cfg = load_run_config(args.run_dir)  # no TensorFlow yet: a wrong directory or split fails in a second
+    if args.command == "evaluate":
+        from trainer.data.splits import check_split
+
+        check_split(cfg.data, args.split, args.run_dir)  # before TensorFlow: never score val as "test"
     if args.command in ("classify", "summarize"):
         wanted = "classification" if args.command == "classify" else "summarization"
         if cfg.task != wanted:
@@ -98,20 +103,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         from trainer.strategy.single import SingleDevice
 
         metrics = evaluate(exp, SingleDevice(), split=args.split)
-        print(json.dumps({"split": args.split, "step": exp.checkpointer.latest_step, **metrics}))
+        names = {"classes": list(exp.labels.names)} if cfg.task == "classification" and exp.labels.names else {}
+        print(json.dumps({"split": args.split, "step": exp.checkpointer.latest_step, **names, **metrics}))
     elif args.command == "classify":
         _classify(exp, args.texts)
-    elif args.command == "summarize":
+    elif args.command == "summarize":  # JSON lines like classify: one per input, with the input
         from trainer.loop import decode_summaries
 
         for text, summary in zip(args.texts, decode_summaries(exp, exp.vocab.encode_batch(args.texts, cfg.data.max_len))):
-            print(summary)
+            print(json.dumps({"summary": summary, "text": text}))
     elif args.command == "export":
         from trainer.export import export_saved_model
 
         out = export_saved_model(exp, Path(args.out) if args.out else exp.run_dir / "export")
-        print(f"exported SavedModel to {out} (signature serving_default: text -> "
-              f"{'label, probability' if cfg.task == 'classification' else 'summary'})")
+        if cfg.task == "classification":
+            outputs = "label, probability" if exp.labels.num_classes == 2 else "label, probabilities"
+            outputs += ", label_name" if exp.labels.names else ""
+        else:
+            outputs = "summary"
+        print(f"exported SavedModel to {out} (signature serving_default: text -> {outputs})")
     return 0
 
 
@@ -129,12 +139,34 @@ def _restore(cfg):
 
 
 def _classify(exp, texts: list[str]) -> None:
+    """One JSON line per text: the label (a class id), its name if the data named classes, the
+    probability of class 1 (two classes) or of every class (K > 2), and the text."""
     import tensorflow as tf
 
     tokens = tf.constant(exp.vocab.encode_batch(texts, exp.cfg.data.max_len))
-    probs = exp.model({"tokens": tokens}, training=False)["probability"].numpy()
-    for text, p in zip(texts, probs):
-        print(json.dumps({"label": int(p >= 0.5), "probability": round(float(p), 4), "text": text}))
+    outputs = exp.model({"tokens": tokens}, training=False)
+    for i, text in enumerate(texts):
+        if "probabilities" in outputs:
+            probabilities = outputs["probabilities"][i].numpy()
+            label = int(probabilities.argmax())
+            answer = {"label": label, "probabilities": [round(float(p), 4) for p in probabilities]}
+        else:
+            p = float(outputs["probability"][i])
+            label = int(p >= 0.5)
+            answer = {"label": label, "probability": round(p, 4)}
+        if exp.labels.names:
+            answer = {"label": label, "label_name": exp.labels.name(label), **answer}
+        print(json.dumps({**answer, "text": text}))
+
+
+def _print_data_facts(cfg, splits) -> None:
+    """What the run trains on (examples per split and where each came from) and any setting adjusted."""
+    from trainer.data.splits import describe_splits
+
+    print(f"strata: {describe_splits(splits)}", flush=True)
+    _, note = cfg.warmup()
+    if note:
+        print(f"strata: note: {note}", flush=True)
 
 
 def _train(cfg, *, stop_after: int | None) -> int:
@@ -158,6 +190,7 @@ def _train(cfg, *, stop_after: int | None) -> int:
         per_replica = cfg.data.batch_size // strategy.num_replicas
         print(f"strata: {strategy.describe()} | global batch {cfg.data.batch_size} = "
               f"{strategy.num_replicas} x {per_replica} per replica", flush=True)
+        _print_data_facts(cfg, splits)
     exp = prepare(cfg, strategy, training=True, splits=splits)
     if getattr(strategy, "elastic", False):  # started by `strata launch --elastic` (HOROVOD_ELASTIC=1)
         from trainer.elastic import train_elastic

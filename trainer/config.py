@@ -8,15 +8,38 @@ This module must not import TensorFlow (the launcher validates configs through i
 """
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainer.errors import ConfigError
+
+
+class SafeYaml12Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` (no tags, no code) whose booleans are YAML 1.2's: only true/false.
+
+    YAML 1.1 also reads off/on/yes/no as booleans, so `mixed_precision: off` arrived as False and was
+    refused; here they stay strings (pydantic still accepts "yes"/"no"/"on"/"off" for real bool fields).
+    """
+
+
+SafeYaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+SafeYaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def safe_load_yaml(text: str) -> Any:
+    """Parse YAML safely (SafeLoader semantics) with YAML 1.2 booleans; what configs and --set values use."""
+    return yaml.load(text, Loader=SafeYaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -97,6 +120,9 @@ class BuiltinData(_Strict):
     val_examples: PositiveInt = 500
     test_examples: PositiveInt = 500
     seed: NonNegInt = 1234
+    # Classification only: the fraction of labels flipped at random, whatever the text says, so the best
+    # achievable accuracy is known, 1 - label_noise (trainer/data/corpora.py); 0 gives clean labels.
+    label_noise: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.1
 
 
 class DataConfig(_Strict):
@@ -125,6 +151,16 @@ class DataConfig(_Strict):
             raise ValueError(f"source '{self.source}' needs data.train_path (a file of examples)")
         if self.source == "tfds" and not (self.tfds_name and self.tfds_data_dir):
             raise ValueError("source 'tfds' needs data.tfds_name and data.tfds_data_dir")
+        # A setting the source never reads would be silently ignored: refuse it, naming both ways out.
+        unread = [k for k in ("train_path", "val_path", "test_path") if getattr(self, k)] \
+            if self.source in ("builtin", "tfds") else []
+        unread += [k for k in ("tfds_name", "tfds_data_dir") if getattr(self, k)] if self.source != "tfds" else []
+        if unread:
+            key = unread[0]
+            fix = "data.source=tfds" if key.startswith("tfds") else "data.source=jsonl (or csv/tsv)"
+            used = " (the built-in corpus is used)" if self.source == "builtin" else ""
+            raise ValueError(f"data.{key} is ignored with data.source {self.source}{used}; "
+                             f"set {fix} to read it, or remove data.{key}")
         return self
 
 
@@ -259,6 +295,20 @@ METRICS = {
 }
 
 
+def effective_warmup(warmup_steps: int, total_steps: int) -> tuple[int, str | None]:
+    """Warm-up steps to use, and a note when `warmup_steps` had to be capped.
+
+    A warm-up as long as the run would never reach the peak learning rate; instead of refusing (which made
+    every short run, e.g. `--set train.steps=50`, need a second flag), it is capped at 10% of the run and
+    the start-up line says so.
+    """
+    if warmup_steps < total_steps:
+        return warmup_steps, None
+    capped = total_steps // 10
+    return capped, (f"optimizer.warmup_steps ({warmup_steps}) is not below train.steps ({total_steps}): "
+                    f"warm-up capped at {capped} step(s), 10% of the run; set optimizer.warmup_steps to choose")
+
+
 # ----------------------------------------------------------------------------------- experiment
 class ExperimentConfig(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
@@ -291,11 +341,6 @@ class ExperimentConfig(_Strict):
             self._check_pipeline()
         if self.model.kind == "classifier" and self.data.source == "tfds":
             raise ValueError("data.source tfds is supported for the summarizers only")
-        if self.optimizer.warmup_steps >= self.train.steps and self.optimizer.warmup_steps:
-            raise ValueError(
-                f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below "
-                f"train.steps ({self.train.steps})"
-            )
         es = self.train.early_stopping
         if es:
             known = METRICS[self.task]
@@ -358,6 +403,10 @@ class ExperimentConfig(_Strict):
                 "use bfloat16"
             )
 
+    def warmup(self) -> tuple[int, str | None]:
+        """(warm-up steps the schedule uses, a note to print when that differs from optimizer.warmup_steps)."""
+        return effective_warmup(self.optimizer.warmup_steps, self.train.steps)
+
     @property
     def task(self) -> str:
         """'classification' or 'summarization'."""
@@ -380,7 +429,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"--set {text!r}: empty key part; use dotted keys like data.batch_size=64")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -410,7 +459,7 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found; pass a YAML file such as configs/classifier.yaml")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = safe_load_yaml(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except yaml.YAMLError as e:
@@ -425,6 +474,42 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+_MODEL_KINDS = {"classifier": ClassifierModel, "summarizer": SummarizerModel, "transformer": TransformerModel}
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """The valid keys of the config section at pydantic error location `loc` ([] if it cannot tell)."""
+    section: Any = ExperimentConfig
+    for part in loc:
+        if part in _MODEL_KINDS:  # the discriminator tag pydantic puts into the model union's path
+            section = _MODEL_KINDS[part]
+            continue
+        field = section.model_fields.get(part) if section is not None else None
+        section = _model_in(field.annotation) if field else None
+    return list(section.model_fields) if section is not None else []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The one config section class inside an annotation like `X | None` or `Annotated[X, ...]` (else None)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = [m for m in map(_model_in, get_args(annotation)) if m is not None]
+    return found[0] if len(found) == 1 else None
+
+
+def _did_you_mean(key: str, fields: list[str]) -> str | None:
+    """The field a misspelt or foreign key most likely means: a close spelling (difflib), the
+    initials of its words (learning_rate -> lr), or the one field containing it (warmup -> warmup_steps)."""
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    initials = "".join(word[0] for word in key.lower().split("_") if word)
+    if len(initials) > 1 and initials in fields:
+        return initials
+    containing = [f for f in fields if len(key) >= 3 and (key in f or (len(f) >= 3 and f in key))]
+    return containing[0] if len(containing) == 1 else None
+
+
 def _format_error(source: str, err: ValidationError) -> str:
     """One line: the first problem, its dotted path, what was given and the fix."""
     e = err.errors()[0]
@@ -434,22 +519,50 @@ def _format_error(source: str, err: ValidationError) -> str:
     msg = e["msg"].removeprefix("Value error, ")
     kind = e["type"]
     if kind == "extra_forbidden":
-        msg = "unknown key; check the spelling (see configs/*.yaml for the valid keys)"
+        guess = _did_you_mean(loc[-1], _section_fields(e["loc"][:-1]))
+        msg = (f"unknown key; did you mean {'.'.join([*loc[:-1], guess])}?" if guess else
+               "unknown key; check the spelling (see configs/*.yaml for the valid keys)")
     elif kind == "missing":
         msg = "required but missing"
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
         path, msg = f"{path}.kind", "must be one of: classifier, summarizer, transformer"
     given = e.get("input")
     shown = "" if kind in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
-    if not loc and kind not in ("missing",):  # cross-field checks carry their own full message
+    if (not loc and kind not in ("missing",)) or msg.startswith(f"{path}."):  # the message names its own field
         return f"{source}: {msg}"
     return f"{source}: {path}: {msg}{shown}"
 
 
+RUN_CONFIG_FILE = "config.yaml"  # the resolved config `strata train` saves in every run directory
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load, override and validate an experiment config. Raises ConfigError (one line) on any problem."""
+    """Load, override and validate an experiment config. Raises ConfigError (one line) on any problem.
+
+    `path` may also be a run directory: its saved config.yaml, with run_dir set to that directory, so
+    `strata train runs/x` (or launch / slurm submit) resumes that run as it was configured.
+    """
+    p = Path(path)
+    if p.is_dir():
+        saved = p / RUN_CONFIG_FILE
+        if not saved.is_file():
+            raise ConfigError(f"{path}: a directory without {RUN_CONFIG_FILE}, so neither a config file nor a run "
+                              "directory; pass a YAML file such as configs/classifier.yaml or a directory "
+                              "`strata train` created")
+        raw = {**read_yaml(saved), "run_dir": str(p)}
+        return config_from_dict(apply_overrides(raw, overrides or []), source=str(saved))
     raw = apply_overrides(read_yaml(path), overrides or [])
     return config_from_dict(raw, source=str(path))
+
+
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The resolved config a run was trained with (for evaluate / classify / export), without TensorFlow."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a Strata run directory (no {RUN_CONFIG_FILE}); pass the directory "
+                          "`strata train` created")
+    cfg = config_from_dict(read_yaml(path), source=str(path))
+    return cfg.model_copy(update={"run_dir": str(run_dir)})
 
 
 def config_from_dict(raw: dict, *, source: str = "config") -> ExperimentConfig:

@@ -6,6 +6,7 @@ an incompatible existing run directory) happens before the run directory is crea
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ import tensorflow as tf
 import yaml
 
 from trainer.checkpoint import Checkpointer, random_state
-from trainer.config import ExperimentConfig, config_from_dict
-from trainer.data.splits import Splits, encode_splits, load_splits, training_texts
+from trainer.config import ExperimentConfig, load_run_config  # noqa: F401  (re-exported)
+from trainer.data.splits import BINARY, LabelSet, Splits, encode_splits, load_splits, training_texts
 from trainer.data.tokenizer import Vocabulary
 from trainer.errors import ConfigError, StorageError
 from trainer.models import LevelModel, build_model
@@ -28,6 +29,7 @@ from trainer.strategy.base import Strategy
 
 CONFIG_FILE = "config.yaml"
 VOCAB_FILE = "vocab.json"
+LABELS_FILE = "labels.json"  # classification: number of classes and their names (absent in older runs: binary)
 # Sections that must not change when a run is resumed: they define what the checkpoint means.
 FROZEN_ON_RESUME = ("model", "data", "seed")
 
@@ -44,6 +46,7 @@ class Experiment:
     checkpointer: Checkpointer
     # Training with distribution.pipeline: runs each replica's forward/backward over the stages.
     pipeline: Any = None  # trainer.strategy.pipeline.PipelineEngine (imported only when used)
+    labels: LabelSet = BINARY  # classification: the classes the model was built for
 
 
 def configure_runtime(cfg: ExperimentConfig) -> None:
@@ -62,6 +65,9 @@ def check_resume_compatible(cfg: ExperimentConfig, run_dir: Path) -> None:
         return
     saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
     new = cfg.model_dump(mode="json")
+    for raw in (saved, new):  # the test split never touches training: a run may gain one later
+        if isinstance(raw.get("data"), dict):
+            raw["data"] = {k: v for k, v in raw["data"].items() if k != "test_path"}
     for section in FROZEN_ON_RESUME:
         if saved.get(section) != new.get(section):
             diff = _first_difference(saved.get(section), new.get(section), section)
@@ -77,16 +83,6 @@ def _first_difference(a, b, path: str) -> str:
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{path}.{key}")
     return f"{path}: {a!r} -> {b!r}"
-
-
-def load_run_config(run_dir: str | Path) -> ExperimentConfig:
-    """The resolved config a run was trained with (for evaluate / export / summarize)."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a Strata run directory (no {CONFIG_FILE}); pass the directory `strata train` created")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    cfg = config_from_dict(raw, source=str(path))
-    return cfg.model_copy(update={"run_dir": str(run_dir)})
 
 
 def ensure_writable(run_dir: Path) -> None:
@@ -134,13 +130,37 @@ def check_free_space(run_dir: Path, *, per_checkpoint: int, keep: int) -> None:
             "free space, lower checkpoint.keep, or set checkpoint.check_free_space=false")
 
 
-def write_run_files(cfg: ExperimentConfig, run_dir: Path, vocab: Vocabulary) -> None:
-    """Create the run directory with its resolved config and vocabulary; a full disk is a one-line error."""
+def run_labels(cfg: ExperimentConfig, run_dir: Path, splits: Splits) -> LabelSet:
+    """The classes of a run: those saved with it (labels.json), else the training data's.
+
+    A saved set that differs from the data's means the data files changed under a trained model: refused,
+    since its outputs would be read against the wrong classes."""
+    derived = splits.labels or BINARY
+    path = run_dir / LABELS_FILE
+    if cfg.task != "classification" or not path.is_file():
+        return derived
+    try:
+        saved = LabelSet.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: corrupt ({type(err).__name__}); restore it from the run directory or retrain") from None
+    if saved != derived:
+        raise ConfigError(f"{run_dir}: the model was trained for {saved.num_classes} classes "
+                          f"{list(saved.names or range(saved.num_classes))}, the data now has {derived.num_classes} "
+                          f"{list(derived.names or range(derived.num_classes))}; use the original data files or "
+                          "start a new run with --set run_dir=<new dir>")
+    return saved
+
+
+def write_run_files(cfg: ExperimentConfig, run_dir: Path, vocab: Vocabulary, labels: LabelSet | None = None) -> None:
+    """Create the run directory with its resolved config, vocabulary and (classification) classes; a full
+    disk is a one-line error."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
         if not (run_dir / VOCAB_FILE).is_file():
             vocab.save(run_dir / VOCAB_FILE)
+        if labels is not None and not (run_dir / LABELS_FILE).is_file():
+            (run_dir / LABELS_FILE).write_text(json.dumps(labels.to_json()) + "\n", encoding="utf-8")
     except OSError as err:
         raise StorageError(f"{run_dir}: cannot write the run directory ({err.strerror}); "
                            "free space or choose another run_dir") from None
@@ -165,9 +185,11 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
         n = len(splits.train)
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) exceeds the {n} training examples; lower it")
 
+    labels = run_labels(cfg, run_dir, splits)
+
     def new_model() -> LevelModel:
         return build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len,
-                           summary_len=cfg.data.summary_len)
+                           summary_len=cfg.data.summary_len, num_classes=labels.num_classes)
 
     pipeline = None
     pipelined = training and cfg.distribution.pipeline is not None
@@ -190,10 +212,10 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
         if cfg.checkpoint.check_free_space:
             per_checkpoint = checkpoint_bytes([*model.variables, *optimizer.variables, *rng.states])
             check_free_space(run_dir, per_checkpoint=per_checkpoint, keep=cfg.checkpoint.keep)
-        write_run_files(cfg, run_dir, vocab)
+        write_run_files(cfg, run_dir, vocab, labels if cfg.task == "classification" else None)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                 write=training and strategy.is_chief, model=model, optimizer=optimizer, rng=rng)
-    return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer, pipeline)
+    return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer, pipeline, labels)
 
 
 def model_inputs(task: str, batch: dict) -> dict:

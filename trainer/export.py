@@ -1,8 +1,9 @@
 """Serving export: a SavedModel whose `serving_default` signature takes raw text.
 
-Classification returns {"label": int32 [B], "probability": float32 [B]}; summarization returns
-{"summary": string [B]}. Tokenization and greedy decoding are inside the graph, so a server needs only
-TensorFlow (no Strata, no vocabulary file) to use it.
+Classification returns {"label": int32 [B], "probability": float32 [B]} with two classes, and
+{"label": int32 [B], "probabilities": float32 [B, K]} with K > 2; when the training file named its classes,
+also {"label_name": string [B]}. Summarization returns {"summary": string [B]}. Tokenization and greedy
+decoding are inside the graph, so a server needs only TensorFlow (no Strata, no vocabulary file) to use it.
 """
 from __future__ import annotations
 
@@ -25,15 +26,23 @@ class ServingModule(tf.Module):
         self.summary_len = exp.cfg.data.summary_len
         self.encode = tf_encoder(exp.vocab, exp.cfg.data.max_len)
         self.decode = tf_decoder(exp.vocab) if self.task == "summarization" else None
+        self.label_names = list(exp.labels.names) if exp.labels.names else None  # a graph constant when traced
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
     def serve(self, text: tf.Tensor) -> dict[str, tf.Tensor]:
         ids = self.encode(text)
-        if self.task == "classification":
-            probability = tf.cast(self.model({"tokens": ids}, training=False)["probability"], tf.float32)
-            return {"label": tf.cast(probability >= 0.5, tf.int32), "probability": probability}
-        summary_ids = greedy_decode(self.model, ids, self.summary_len)
-        return {"summary": self.decode(summary_ids)}
+        if self.task == "summarization":
+            return {"summary": self.decode(greedy_decode(self.model, ids, self.summary_len))}
+        outputs = self.model({"tokens": ids}, training=False)
+        if "probabilities" in outputs:  # K > 2 classes
+            probabilities = tf.cast(outputs["probabilities"], tf.float32)
+            result = {"label": tf.argmax(probabilities, axis=-1, output_type=tf.int32), "probabilities": probabilities}
+        else:
+            probability = tf.cast(outputs["probability"], tf.float32)
+            result = {"label": tf.cast(probability >= 0.5, tf.int32), "probability": probability}
+        if self.label_names:
+            result["label_name"] = tf.gather(tf.constant(self.label_names, tf.string), result["label"])
+        return result
 
 
 def export_saved_model(exp: Experiment, out_dir: Path) -> Path:

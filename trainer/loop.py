@@ -118,7 +118,7 @@ def evaluate(exp: Experiment, strategy: Strategy, *, split: str = "val", eval_st
                            num_shards=strategy.world_size)
     if cfg.eval.max_batches:
         dataset = dataset.take(cfg.eval.max_batches)
-    totals = {key: 0.0 for key in task_lib.COUNTS[cfg.task]}
+    totals = {key: 0.0 for key in task_lib.count_keys(cfg.task, exp.labels.num_classes)}
     for batch in dataset:
         for key, value in eval_step(batch).items():
             totals[key] += float(value)

@@ -6,7 +6,7 @@ import math
 import keras
 import tensorflow as tf
 
-from trainer.config import OptimizerConfig
+from trainer.config import OptimizerConfig, effective_warmup
 
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -39,7 +39,8 @@ def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int
                     mixed_precision: str) -> keras.optimizers.Optimizer:
     """Adam/AdamW with the schedule; clipping by global norm; loss scaling for float16."""
     peak = cfg.lr * (num_replicas if cfg.scale_lr_with_replicas else 1)
-    schedule = WarmupSchedule(peak, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+    warmup, _ = effective_warmup(cfg.warmup_steps, total_steps)  # capped for short runs (config.py says why)
+    schedule = WarmupSchedule(peak, warmup_steps=warmup, total_steps=total_steps,
                               decay=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     kwargs = dict(learning_rate=schedule, global_clipnorm=cfg.clip_norm)
     if cfg.name == "adamw":

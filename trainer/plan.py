@@ -82,7 +82,8 @@ def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bo
     arrays = encode_splits(splits, vocab, cfg.data, cfg.task)["train"]
 
     def new_model():
-        return build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len, summary_len=cfg.data.summary_len)
+        return build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len, summary_len=cfg.data.summary_len,
+                           num_classes=splits.labels.num_classes if splits.labels else 2)
 
     devices = ps.stage_devices(pipe, 0)
     example = {k: tf.constant(v[:micro]) for k, v in arrays.items()}

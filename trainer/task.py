@@ -7,6 +7,8 @@ per-rank ratios.
 """
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from trainer.data.tokenizer import PAD
@@ -16,8 +18,18 @@ SUMMARIZATION_COUNTS = ("loss_sum", "examples", "token_correct", "tokens")
 COUNTS = {"classification": CLASSIFICATION_COUNTS, "summarization": SUMMARIZATION_COUNTS}
 
 
+def count_keys(task: str, num_classes: int = 2) -> tuple[str, ...]:
+    """The additive counts `eval_counts` returns: K > 2 classes count a confusion matrix, `cm_<true>_<pred>`."""
+    if task == "classification" and num_classes > 2:
+        return ("loss_sum", "examples", *(f"cm_{t}_{p}" for t in range(num_classes) for p in range(num_classes)))
+    return COUNTS[task]
+
+
 def per_example_loss(task: str, batch: dict, outputs: dict) -> tf.Tensor:
-    """float32 [B]: binary cross-entropy, or token cross-entropy averaged over each summary's tokens."""
+    """float32 [B]: binary or K-way (sparse softmax) cross-entropy, or token cross-entropy averaged over each
+    summary's tokens."""
+    if task == "classification" and "class_logits" in outputs:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=batch["label"], logits=outputs["class_logits"])
     if task == "classification":
         return tf.nn.sigmoid_cross_entropy_with_logits(labels=batch["label"], logits=outputs["logit"])
     target = batch["summary_out"]
@@ -39,7 +51,12 @@ def eval_counts(task: str, batch: dict, outputs: dict) -> dict[str, tf.Tensor]:
     """Additive float64 counts for one batch (see CLASSIFICATION_COUNTS / SUMMARIZATION_COUNTS)."""
     loss = per_example_loss(task, batch, outputs)
     counts = {"loss_sum": tf.reduce_sum(tf.cast(loss, tf.float64)), "examples": tf.cast(tf.size(loss), tf.float64)}
-    if task == "classification":
+    if task == "classification" and "class_logits" in outputs:
+        k = outputs["class_logits"].shape[-1]
+        pred = tf.argmax(outputs["class_logits"], axis=-1, output_type=tf.int32)
+        matrix = tf.math.confusion_matrix(tf.cast(batch["label"], tf.int32), pred, num_classes=k, dtype=tf.float64)
+        counts.update({f"cm_{t}_{p}": matrix[t, p] for t in range(k) for p in range(k)})
+    elif task == "classification":
         pred = outputs["probability"] >= 0.5
         true = batch["label"] >= 0.5
 
@@ -63,7 +80,9 @@ def eval_counts(task: str, batch: dict, outputs: dict) -> dict[str, tf.Tensor]:
 def metrics_from_counts(task: str, c: dict[str, float]) -> dict[str, float]:
     """Turn summed counts into the metrics users read."""
     out = {"loss": c["loss_sum"] / max(c["examples"], 1.0)}
-    if task == "classification":
+    if task == "classification" and "cm_0_0" in c:
+        out.update(_multiclass_metrics(c))
+    elif task == "classification":
         tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
@@ -76,6 +95,25 @@ def metrics_from_counts(task: str, c: dict[str, float]) -> dict[str, float]:
     else:
         out["token_accuracy"] = c["token_correct"] / max(c["tokens"], 1.0)
     return out
+
+
+def _multiclass_metrics(c: dict[str, float]) -> dict[str, float]:
+    """Accuracy; precision, recall and F1 per class (`precision_<id>`, ...) and their macro averages
+    (`precision`, ...), all from the summed confusion matrix."""
+    k = math.isqrt(sum(1 for key in c if key.startswith("cm_")))
+    cm = [[c[f"cm_{t}_{p}"] for p in range(k)] for t in range(k)]
+    total = sum(map(sum, cm))
+    out = {"accuracy": sum(cm[i][i] for i in range(k)) / max(total, 1.0)}
+    per_class: dict[str, float] = {}
+    for i in range(k):
+        predicted, actual = sum(cm[t][i] for t in range(k)), sum(cm[i])
+        precision = cm[i][i] / predicted if predicted else 0.0
+        recall = cm[i][i] / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.update({f"precision_{i}": precision, f"recall_{i}": recall, f"f1_{i}": f1})
+    for name in ("precision", "recall", "f1"):  # macro averages: every class counts the same
+        out[name] = sum(per_class[f"{name}_{i}"] for i in range(k)) / k
+    return {**out, **per_class}
 
 
 def rouge(references: list[str], predictions: list[str]) -> dict[str, float]:

@@ -24,6 +24,14 @@ def _jsonl(d: Path, text: str | bytes) -> list[str]:
     return ["train", CLASSIFIER, "--set", "data.source=jsonl", "--set", "data.train_path=" + _write(d / "x.jsonl", text)]
 
 
+def _fake_run(d: Path) -> str:
+    """A run directory of a model trained on a file with no test file (its config is all evaluate reads first)."""
+    (d / "fake").mkdir()
+    _write(d / "fake" / "config.yaml", f"name: x\nmodel: {{kind: classifier}}\n"
+                                       f"data: {{source: jsonl, train_path: {d / 't.jsonl'}}}\n")
+    return str(d / "fake")
+
+
 # (id, build argv from tmp dir, fragment the message must contain)
 CASES = [
     ("missing-config", lambda d: ["train", str(d / "nope.yaml")], "config file not found"),
@@ -41,7 +49,6 @@ CASES = [
     ("set-without-equals", lambda d: ["train", CLASSIFIER, "--set", "optimizer.lr"], "expected KEY=VALUE"),
     ("set-into-value", lambda d: ["train", CLASSIFIER, "--set", "data.batch_size.x=1"], "is a value, not a section"),
     ("bad-run-name", lambda d: ["train", CLASSIFIER, "--set", "name=my run;rm"], "name"),
-    ("warmup-too-long", lambda d: ["train", CLASSIFIER, "--set", "optimizer.warmup_steps=500"], "warmup_steps"),
     ("decay-needs-adamw", lambda d: ["train", CLASSIFIER, "--set", "optimizer.weight_decay=0.1"], "adamw"),
     ("profile-reversed", lambda d: ["train", CLASSIFIER, "--set", "logging.profile_steps=[9,3]"], "profile_steps"),
     ("jsonl-without-path", lambda d: ["train", CLASSIFIER, "--set", "data.source=jsonl"], "train_path"),
@@ -51,7 +58,7 @@ CASES = [
                                        "data.train_path=" + _write(d / "x.jsonl", GOOD_LINE + "\n{oops\n")],
      "x.jsonl:2"),
     ("data-label-out-of-range", lambda d: ["train", CLASSIFIER, "--set", "data.source=jsonl", "--set",
-                                           "data.train_path=" + _write(d / "x.jsonl", GOOD_LINE.replace("1", "7"))],
+                                           "data.train_path=" + _write(d / "x.jsonl", GOOD_LINE.replace("1", "-1"))],
      "label"),
     ("data-empty-file", lambda d: ["train", CLASSIFIER, "--set", "data.source=jsonl",
                                    "--set", f"data.train_path={_write(d / 'e.jsonl', '')}"], "e.jsonl"),
@@ -113,6 +120,23 @@ CASES = [
      "/gpu:0 is not a device of this process"),
     ("plan-replicas", lambda d: ["plan", SUMMARIZER, "-np", "3", "--set", f"distribution.pipeline={{{PIPE}}}"],
      "replicas (3) must divide the global batch (32)"),
+    # --- data facts never hidden, splits never mislabelled, hints that name the fix (issue 15)
+    ("builtin-ignores-val-path", lambda d: ["train", CLASSIFIER, "--set", f"data.val_path={d / 'v.jsonl'}"],
+     "data.val_path is ignored with data.source builtin (the built-in corpus is used); set data.source=jsonl"),
+    ("unknown-key-did-you-mean", lambda d: ["train", CLASSIFIER, "--set", "optimizer.learning_rate=0.1"],
+     "optimizer.learning_rate: unknown key; did you mean optimizer.lr?"),
+    ("csv-source-on-a-tsv-file", lambda d: ["train", CLASSIFIER, "--set", "data.source=csv", "--set",
+                                            "data.train_path=" + _write(d / "x.tsv", "text\tlabel\ngood\t1\nbad\t0\n")],
+     "this file is tab-separated (its header splits on tabs into text, label) but data.source is csv; "
+     "set data.source=tsv"),
+    ("evaluate-test-without-test-file", lambda d: ["evaluate", _fake_run(d), "--split", "test"],
+     "this run has no test split (trained without data.test_path), and validation scores are never reported as "
+     "test scores; evaluate with --split val, or add test_path: FILE under data:"),
+    ("val-label-not-in-train", lambda d: ["train", CLASSIFIER, "--set", "data.source=jsonl", "--set",
+                                          "data.train_path=" + _write(d / "t.jsonl", f"{GOOD_LINE}\n{GOOD_LINE}\n"),
+                                          "--set", "data.val_path=" + _write(d / "v.jsonl", GOOD_LINE.replace("1", "2"))],
+     "v.jsonl: label 2 is not a class of the training file (classes: 0..1)"),
+    ("train-a-directory-without-config", lambda d: ["train", str(d)], "a directory without config.yaml"),
 ]
 
 

@@ -1,5 +1,9 @@
 """The end-to-end classifier, through the real commands: train, TensorBoard events, evaluate, classify,
-export and serve from a fresh process. One training run is shared by the tests of this module."""
+export and serve from a fresh process. One training run is shared by the tests of this module.
+
+The built-in corpus flips 10% of its labels at random (trainer/data/corpora.py), so the best accuracy any
+model can reach is known exactly (`best_accuracy`: 0.900 on 500 examples); the quality test asks for
+the classifier to come within 2 points of it (chance: 0.5)."""
 from __future__ import annotations
 
 import json
@@ -8,29 +12,39 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from tests.conftest import CONFIGS, TINY_CLASSIFIER, serve_in_fresh_process, strata
+from tests.conftest import CONFIGS, serve_in_fresh_process, strata
+from trainer.data.corpora import LABEL_NOISE, best_accuracy
 
 pytestmark = pytest.mark.slow
-STEPS, LOG_EVERY, EVAL_EVERY = 150, 10, 50
+# Enough data and steps to learn the rule under label noise (1200 examples reach ~0.85 of 0.90; 4000 in
+# 300 steps reach 0.896-0.898 over seeds 0-2 here), still a few seconds of training.
+STEPS, LOG_EVERY, EVAL_EVERY = 300, 10, 100
+EXAMPLES = 500  # validation and test
+SIZES = ["--set", "data.builtin.train_examples=4000", "--set", f"data.builtin.val_examples={EXAMPLES}",
+         "--set", f"data.builtin.test_examples={EXAMPLES}", "--set", "logging.progress_bar=false"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("classifier") / "run"
-    done = strata("train", str(CONFIGS / "classifier.yaml"), *TINY_CLASSIFIER, "--set", f"run_dir={run_dir}",
+    done = strata("train", str(CONFIGS / "classifier.yaml"), *SIZES, "--set", f"run_dir={run_dir}",
                   "--set", f"train.steps={STEPS}", "--set", f"train.log_every={LOG_EVERY}",
                   "--set", f"eval.every={EVAL_EVERY}", "--set", "logging.profile_steps=[3,4]")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "validation loss=" in done.stdout and "accuracy=" in done.stdout
+    assert ("strata: data: train 4000 (built-in, data.builtin.seed 1234), val 500 (built-in, own seed), test 500 "
+            "(built-in, own seed), 2 classes; built-in reviews with 10% of labels flipped (data.builtin.label_noise): "
+            "best achievable validation accuracy 0.900\n") in done.stdout
     return run_dir
 
 
-def test_reaches_90_percent_validation_accuracy(trained: Path):
+def test_validation_accuracy_is_within_2_points_of_the_best_achievable(trained: Path):
     metrics = json.loads((trained / "metrics.json").read_text())
-    assert metrics["step"] == STEPS
-    assert metrics["accuracy"] >= 0.90, metrics
+    best = best_accuracy(EXAMPLES, LABEL_NOISE)
+    assert metrics["step"] == STEPS and best == pytest.approx(0.9)
+    assert abs(metrics["accuracy"] - best) <= 0.02, metrics  # above the bound by more would mean a leak
     for key in ("precision", "recall", "f1"):
-        assert 0.8 <= metrics[key] <= 1.0
+        assert best - 0.05 <= metrics[key] <= 1.0, metrics
 
 
 def test_run_directory_holds_resolved_config_vocab_and_checkpoint(trained: Path):
@@ -59,13 +73,19 @@ def test_evaluate_classify_and_export(trained: Path, tmp_path: Path):
     done = strata("evaluate", str(trained), "--split", "test")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["split"] == "test" and result["step"] == STEPS and result["accuracy"] >= 0.85
+    assert result["split"] == "test" and result["step"] == STEPS
+    assert abs(result["accuracy"] - best_accuracy(EXAMPLES, LABEL_NOISE)) <= 0.03, result
 
-    texts = ["a wonderful delightful brilliant film", "a dreadful awful boring mess"]
+    # Reviews like the corpus's (a text of 3 sentiment words and nothing else pools to an extreme, unseen input).
+    texts = ["the room was lovely and the staff friendly . we arrived on monday . the hotel is near the beach",
+             "the breakfast was stale and the waiter rude . we stayed for three nights . my sister ordered the soup"]
     done = strata("classify", str(trained), *texts)
     assert done.returncode == 0, done.stderr[-2000:]
-    labels = [json.loads(line)["label"] for line in done.stdout.strip().splitlines()]
-    assert labels == [1, 0]
+    answers = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [a["label"] for a in answers] == [1, 0] and [a["text"] for a in answers] == texts
+    labels = [a["label"] for a in answers]
+    # With 10% of labels flipped, a calibrated model is never certain (~0.9 here): no more 1.0 / 0.0 answers.
+    assert 0.5 < answers[0]["probability"] < 0.99 and 0.01 < answers[1]["probability"] < 0.5, answers
 
     out = tmp_path / "served"
     done = strata("export", str(trained), "--out", str(out))

@@ -65,7 +65,9 @@ def test_summarize_and_served_export_agree(summarizer: Path, tmp_path: Path):
     documents = [ex["document"] for ex in load_splits(cfg.data, cfg.task).test[:3]]
     done = strata("summarize", str(summarizer), *documents)
     assert done.returncode == 0, done.stderr[-2000:]
-    summaries = done.stdout.strip().splitlines()
+    answers = [json.loads(line) for line in done.stdout.strip().splitlines()]  # JSON lines, like classify
+    assert [a["text"] for a in answers] == documents
+    summaries = [a["summary"] for a in answers]
     assert len(summaries) == 3 and all(s.strip() for s in summaries)
 
     out = tmp_path / "served"

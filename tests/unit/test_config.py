@@ -110,3 +110,87 @@ def test_pipeline_refuses_mirrored_backend():
     raw["distribution"]["backend"] = "mirrored"
     with pytest.raises(ConfigError, match="does not combine with backend mirrored"):
         config_from_dict(raw)
+
+
+# ------------------------------------------------------------------- YAML 1.1 booleans (issue 10)
+def test_off_on_yes_no_stay_strings_in_files_and_overrides(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("name: no\nmodel: {kind: summarizer}\ntrain: {mixed_precision: off, deterministic: no}\n"
+                      "data: {tfds_summary_key: on}\nlogging: {progress_bar: off}\n")
+    cfg = load_config(config)
+    assert (cfg.name, cfg.train.mixed_precision, cfg.data.tfds_summary_key) == ("no", "off", "on")
+    assert cfg.train.deterministic is False and cfg.logging.progress_bar is False  # real bools still read them
+    cfg = load_config(CONFIGS / "classifier.yaml", ["train.mixed_precision=off", "name=yes",
+                                                    "data.tfds_text_key=off", "train.deterministic=no"])
+    assert (cfg.name, cfg.train.mixed_precision, cfg.data.tfds_text_key) == ("yes", "off", "off")
+    assert cfg.train.deterministic is False
+    assert parse_override("train.deterministic=true") == (["train", "deterministic"], True)
+    assert parse_override("train.mixed_precision=off") == (["train", "mixed_precision"], "off")
+
+
+# ------------------------------------------------------------------------- did you mean (issue 15)
+@pytest.mark.parametrize("override, suggestion", [
+    ("optimizer.learning_rate=0.1", "optimizer.learning_rate: unknown key; did you mean optimizer.lr?"),
+    ("model.hiden_dim=3", "model.hiden_dim: unknown key; did you mean model.hidden_dim?"),
+    ("trian.steps=3", "trian: unknown key; did you mean train?"),
+    ("data.batchsize=8", "did you mean data.batch_size?"),
+    ("optimizer.warmup=10", "did you mean optimizer.warmup_steps?"),
+    ("train.early_stopping={metrc: val_loss}", "did you mean train.early_stopping.metric?"),
+    ("distribution.pipeline={stage: 2}", "did you mean distribution.pipeline.stages?"),
+])
+def test_unknown_keys_suggest_the_field_meant(override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "summarizer.yaml", [override])
+    assert suggestion in str(err.value)
+
+
+def test_unknown_key_without_a_likely_field_keeps_the_generic_hint():
+    with pytest.raises(ConfigError, match=r"model.zebra: unknown key; check the spelling"):
+        load_config(CONFIGS / "classifier.yaml", ["model.zebra=1"])
+
+
+# --------------------------------------------------------------------- data settings never ignored
+@pytest.mark.parametrize("override, fragment", [
+    ("data.val_path=v.jsonl", "data.val_path is ignored with data.source builtin (the built-in corpus is used); "
+                              "set data.source=jsonl (or csv/tsv) to read it, or remove data.val_path"),
+    ("data.test_path=t.jsonl", "data.test_path is ignored with data.source builtin"),
+    ("data.tfds_name=cnn", "data.tfds_name is ignored with data.source builtin (the built-in corpus is used); "
+                           "set data.source=tfds"),
+])
+def test_paths_the_source_does_not_read_are_errors(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "classifier.yaml", [override])
+    assert fragment in str(err.value) and "data: data." not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- warm-up of short runs
+def test_a_warmup_as_long_as_the_run_is_capped_with_a_note():
+    cfg = load_config(CONFIGS / "summarizer.yaml", ["train.steps=50"])  # warmup_steps: 50 in the file
+    steps, note = cfg.warmup()
+    assert steps == 5 and "optimizer.warmup_steps (50) is not below train.steps (50)" in note
+    assert "capped at 5 step(s)" in note
+    assert load_config(CONFIGS / "summarizer.yaml").warmup() == (50, None)  # a warm-up that fits is kept
+    assert load_config(CONFIGS / "classifier.yaml", ["train.steps=5"]).warmup()[0] == 0
+
+
+# ------------------------------------------------------------------- a run directory as the config
+def test_a_run_directory_is_a_config_that_resumes_it(tmp_path):
+    run = tmp_path / "moved"
+    run.mkdir()
+    saved = load_config(CONFIGS / "classifier.yaml", ["train.steps=30", "run_dir=runs/elsewhere"])
+    (run / "config.yaml").write_text(saved.to_yaml())
+    cfg = load_config(run, ["train.steps=40"])
+    assert cfg.run_dir == str(run) and cfg.train.steps == 40 and cfg.model == saved.model
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty: a directory without config.yaml"):
+        load_config(tmp_path / "empty")
+
+
+def test_a_run_may_gain_a_test_file_but_not_other_data_changes(tmp_path):
+    from trainer.experiment import check_resume_compatible
+
+    files = ["data.source=jsonl", "data.train_path=t.jsonl", f"run_dir={tmp_path}"]
+    (tmp_path / "config.yaml").write_text(load_config(CONFIGS / "classifier.yaml", files).to_yaml())
+    check_resume_compatible(load_config(CONFIGS / "classifier.yaml", [*files, "data.test_path=x.jsonl"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"different data config \(data.val_path: None -> 'v.jsonl'\)"):
+        check_resume_compatible(load_config(CONFIGS / "classifier.yaml", [*files, "data.val_path=v.jsonl"]), tmp_path)

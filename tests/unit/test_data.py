@@ -32,6 +32,8 @@ from trainer.data import (
     tf_encoder,
     training_texts,
 )
+from trainer.data.corpora import best_accuracy, majority_sentiment
+from trainer.data.splits import LabelSet, check_split, describe_splits
 from trainer.errors import DataError
 
 
@@ -42,19 +44,41 @@ def test_corpora_are_deterministic_and_seeded(make):
     assert make(50, 7) != make(50, 8)
 
 
-def test_classification_corpus_is_balanced_short_and_count_rule_learnable():
-    corpus = make_classification_corpus(2001, seed=3)
+def test_classification_corpus_is_balanced_short_and_its_clean_label_is_the_count_rule():
+    corpus = make_classification_corpus(2001, seed=3, label_noise=0.0)
     labels = [e["label"] for e in corpus]
     assert set(labels) == {0, 1} and abs(sum(labels) - len(labels) / 2) <= 0.5
     pos, neg = set(POSITIVE_WORDS), set(NEGATIVE_WORDS)
-    correct = 0
     for e in corpus:
         words = standardize(e["text"])
         assert 1 <= len(words) <= 64
         assert e["text"] == e["text"].lower()
         n_pos, n_neg = sum(w in pos for w in words), sum(w in neg for w in words)
-        correct += int(n_pos > n_neg) == e["label"]
-    assert correct / len(corpus) > 0.95
+        assert n_pos != n_neg and int(n_pos > n_neg) == e["label"] == majority_sentiment(e["text"])
+    # Both classes use both word lists: no single word tells the classes apart (the count does).
+    texts = [set(standardize(e["text"])) for e in corpus]
+    best_single_word = max(max(acc, 1 - acc) for w in pos | neg
+                           for acc in [sum((w in t) == bool(y) for t, y in zip(texts, labels)) / len(corpus)])
+    assert best_single_word < 0.6
+    assert sum(bool(t & pos) and bool(t & neg) for t in texts) > 0.4 * len(corpus)
+
+
+@pytest.mark.parametrize("n, noise", [(500, 0.1), (200, 0.1), (2001, 0.25), (301, 0.0)])
+def test_classification_label_noise_gives_a_known_best_accuracy(n, noise):
+    seed = 17
+    clean = make_classification_corpus(n, seed, label_noise=0.0)
+    noisy = make_classification_corpus(n, seed, label_noise=noise)
+    assert [e["text"] for e in noisy] == [e["text"] for e in clean]  # noise flips labels, never texts
+    flipped = [c["label"] for c, e in zip(clean, noisy) if c["label"] != e["label"]]
+    assert len(flipped) == round(noise * n)
+    assert abs(flipped.count(0) - flipped.count(1)) <= 1  # from both classes alike: still balanced
+    assert abs(sum(e["label"] for e in noisy) - n / 2) <= 1
+    # The Bayes-optimal rule (the clean label) is right exactly on the examples not flipped.
+    rule = sum(majority_sentiment(e["text"]) == e["label"] for e in noisy) / n
+    assert rule == pytest.approx(best_accuracy(n, noise), abs=1e-12)
+    assert best_accuracy(500, 0.1) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="label_noise"):
+        make_classification_corpus(10, seed, label_noise=0.5)
 
 
 def _fact_words(document: str) -> set[str]:
@@ -133,9 +157,16 @@ def test_reads_jsonl_csv_tsv_with_label_spellings_and_blank_lines(tmp_path):
          ":2: missing key 'text'; each line needs keys text, label"),
         ("nosum.jsonl", '{"document": "a b"}\n', "jsonl", "summarization", ":1: missing key 'summary'"),
         ("emptytext.jsonl", '{"text": "  ", "label": 1}\n', "jsonl", "classification", ":1: 'text' is empty"),
-        ("label.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 2}\n', "jsonl", "classification",
-         ":2: label 2 is invalid; labels must be 0 or 1"),
-        ("label.csv", "text,label\na,1\nb,yes\n", "csv", "classification", ":3: label 'yes' is invalid"),
+        ("label.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": -2}\n', "jsonl", "classification",
+         ":2: label -2 is invalid; labels must be class ids 0, 1, 2, ..."),
+        ("labelfloat.jsonl", '{"text": "a", "label": 0.5}\n', "jsonl", "classification", ":1: label 0.5 is invalid"),
+        ("label.csv", "text,label\na,1\nb, \n", "csv", "classification", ":3: label ' ' is invalid"),
+        ("tabs.csv", "text\tlabel\na\t1\n", "csv", "classification",
+         ":1: this file is tab-separated (its header splits on tabs into text, label) but data.source is csv; "
+         "set data.source=tsv"),
+        ("commas.tsv", "document,summary\na,b\n", "tsv", "summarization",
+         "this file is comma-separated (its header splits on commas into document, summary) but data.source is "
+         "tsv; set data.source=csv"),
         ("header.csv", "sentence,label\na,1\n", "csv", "classification", ":1: header has columns [sentence, label] but "
          "needs text, label"),
         ("header.tsv", "document\tabstract\na\tb\n", "tsv", "summarization", "needs document, summary"),
@@ -147,6 +178,42 @@ def test_reads_jsonl_csv_tsv_with_label_spellings_and_blank_lines(tmp_path):
 def test_reader_errors_are_one_line_with_file_and_line(tmp_path, name, content, fmt, task, expected):
     message = _data_error(_write(tmp_path, name, content), fmt, task)
     assert expected in message, message
+
+
+def test_labels_are_class_ids_or_names_checked_across_files(tmp_path):
+    lines = [{"text": f"t{i}", "label": ["cat", "dog", "bird"][i % 3]} for i in range(30)]
+    train = _write(tmp_path, "train.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
+    splits = load_splits(DataConfig(source="jsonl", train_path=train, val_fraction=0.2), "classification")
+    assert splits.labels == LabelSet(3, ("bird", "cat", "dog"))  # names sorted: ids do not depend on file order
+    assert {e["label"] for e in splits.train + splits.val} == {0, 1, 2}
+    assert describe_splits(splits).endswith("3 classes: bird, cat, dog")
+    arrays = encode_splits(splits, Vocabulary.build(training_texts(splits, "classification"), 50),
+                           DataConfig(), "classification")
+    assert arrays["train"]["label"].dtype == np.int32  # K-way: class ids for the softmax cross-entropy
+    ids = _write(tmp_path, "ids.jsonl", "".join(json.dumps({"text": f"t{i}", "label": str(i % 4)}) + "\n"
+                                               for i in range(20)))
+    assert load_splits(DataConfig(source="jsonl", train_path=ids), "classification").labels == LabelSet(4)
+    zeros = _write(tmp_path, "zeros.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": false}\n')
+    assert load_splits(DataConfig(source="jsonl", train_path=zeros), "classification").labels == LabelSet(2)
+    test = _write(tmp_path, "test.jsonl", '{"text": "a", "label": "dog"}\n{"text": "b", "label": "fish"}\n')
+    with pytest.raises(DataError, match=r"test.jsonl: label 'fish' is not a class of the training file "
+                                        r"\(classes: 'bird', 'cat', 'dog'\)"):
+        load_splits(DataConfig(source="jsonl", train_path=train, test_path=test), "classification")
+    mixed = _write(tmp_path, "mixed.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "cat"}\n')
+    with pytest.raises(DataError, match="mix class ids"):
+        load_splits(DataConfig(source="jsonl", train_path=mixed), "classification")
+    one = _write(tmp_path, "one.jsonl", '{"text": "a", "label": "cat"}\n{"text": "b", "label": "cat"}\n')
+    with pytest.raises(DataError, match="at least two classes"):
+        load_splits(DataConfig(source="jsonl", train_path=one), "classification")
+
+
+def test_a_run_without_a_test_file_refuses_to_evaluate_test():
+    files = DataConfig(source="jsonl", train_path="t.jsonl", val_path="v.jsonl")
+    with pytest.raises(DataError, match=r"runs/x: this run has no test split .*--split val, or add test_path"):
+        check_split(files, "test", "runs/x")
+    check_split(files, "val", "runs/x")
+    check_split(files.model_copy(update={"test_path": "t.jsonl"}), "test", "runs/x")
+    check_split(DataConfig(), "test", "runs/x")  # the built-in corpus has a real test split
 
 
 def test_reader_missing_file_and_directory(tmp_path):
@@ -254,12 +321,18 @@ def test_file_splits_carve_validation_deterministically(tmp_path):
     cfg = DataConfig(source="jsonl", train_path=path, val_fraction=0.25)
     splits = load_splits(cfg, "classification")
     assert (len(splits.train), len(splits.val)) == (30, 10)
-    assert splits.test is splits.val  # no test file: test metrics are validation metrics
+    assert splits.test is None  # no test file: no test split (evaluating "test" is refused, never val)
+    assert splits.origin == {"train": "train.jsonl, 75% after carving val",
+                             "val": "carved 25% from train.jsonl, data.val_fraction"}
+    assert describe_splits(splits).startswith(
+        "data: train 30 (train.jsonl, 75% after carving val), val 10 (carved 25% from train.jsonl, "
+        "data.val_fraction), test none (no data.test_path")
     assert not {e["text"] for e in splits.train} & {e["text"] for e in splits.val}
     assert load_splits(cfg, "classification") == splits
     val = _write(tmp_path, "val.jsonl", lines[0] + "\n")
-    with_val = load_splits(DataConfig(source="jsonl", train_path=path, val_path=val), "classification")
-    assert len(with_val.train) == 40 and len(with_val.val) == 1
+    with_val = load_splits(DataConfig(source="jsonl", train_path=path, val_path=val, test_path=val), "classification")
+    assert len(with_val.train) == 40 and len(with_val.val) == 1 and len(with_val.test) == 1
+    assert describe_splits(with_val) == "data: train 40 (train.jsonl), val 1 (val.jsonl), test 1 (val.jsonl), 2 classes"
 
 
 def test_one_example_cannot_be_carved(tmp_path):
@@ -312,7 +385,8 @@ def test_bag_of_embeddings_learns_the_classification_corpus():
     import tensorflow as tf
 
     keras.utils.set_random_seed(0)
-    cfg = DataConfig(builtin=BuiltinData(train_examples=2000, val_examples=400, test_examples=1, seed=1))
+    cfg = DataConfig(builtin=BuiltinData(train_examples=2000, val_examples=400, test_examples=1, seed=1,
+                                         label_noise=0.0))  # clean labels: is it learnable at all
     splits = load_splits(cfg, "classification")
     vocab = Vocabulary.build(training_texts(splits, "classification"), cfg.vocab_size)
     arrays = encode_splits(splits, vocab, cfg, "classification")

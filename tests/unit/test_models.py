@@ -282,3 +282,44 @@ def test_saved_model_roundtrip(exported, kind, tmp_path):
     loaded = tf.saved_model.load(str(tmp_path))
     served = loaded.signatures["serving_default"](document=document)
     np.testing.assert_array_equal(served["tokens"], expected)
+
+
+# ------------------------------------------------------------------------------- K-way classifier
+def test_three_classes_get_a_softmax_head_and_two_keep_the_sigmoid_unit():
+    keras.utils.set_random_seed(0)
+    inputs = make_inputs("classifier")
+    three = build_model(CONFIGS["classifier"], vocab_size=VOCAB, max_len=MAX_LEN, summary_len=SUMMARY_LEN,
+                        num_classes=3).build_from_inputs()
+    out = three(inputs)
+    assert set(out) == {"class_logits", "probabilities"}
+    assert out["probabilities"].shape == (BATCH, 3) and out["probabilities"].dtype == tf.float32
+    np.testing.assert_allclose(tf.reduce_sum(out["probabilities"], -1), np.ones(BATCH), rtol=1e-6)
+    assert three.levels[-1].dense.kernel.shape == (8, 3)
+    two = build_model(CONFIGS["classifier"], vocab_size=VOCAB, max_len=MAX_LEN, summary_len=SUMMARY_LEN,
+                      num_classes=2).build_from_inputs()
+    assert two.levels[-1].dense.kernel.shape == (8, 1)  # binary: checkpoints unchanged
+    check_outputs("classifier", two(inputs))
+
+
+def test_k_class_counts_sum_over_batches_into_macro_and_per_class_metrics():
+    from trainer import task
+
+    # Two batches (as two ranks would count them); truth/prediction pairs over 3 classes.
+    batches = [([0, 0, 1, 2], [0, 1, 1, 2]), ([2, 2, 1], [2, 0, 1])]
+    totals = {key: 0.0 for key in task.count_keys("classification", 3)}
+    for truth, predicted in batches:
+        logits = tf.one_hot(predicted, 3) * 5.0
+        counts = task.eval_counts("classification", {"label": tf.constant(truth, tf.int32)},
+                                  {"class_logits": logits, "probabilities": tf.nn.softmax(logits)})
+        for key, value in counts.items():
+            totals[key] += float(value)
+    m = task.metrics_from_counts("classification", totals)
+    assert m["accuracy"] == pytest.approx(5 / 7)
+    # class 0: tp 1, predicted 2, actual 2; class 1: tp 2, predicted 3, actual 2; class 2: tp 2, predicted 2, actual 3
+    assert (m["precision_0"], m["recall_0"]) == (pytest.approx(0.5), pytest.approx(0.5))
+    assert (m["precision_1"], m["recall_1"]) == (pytest.approx(2 / 3), pytest.approx(1.0))
+    assert (m["precision_2"], m["recall_2"]) == (pytest.approx(1.0), pytest.approx(2 / 3))
+    assert m["f1_1"] == pytest.approx(0.8)
+    assert m["precision"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+    assert m["f1"] == pytest.approx((0.5 + 0.8 + 0.8) / 3)
+    assert task.count_keys("classification", 2) == task.CLASSIFICATION_COUNTS  # binary counts unchanged

@@ -343,9 +343,10 @@ def test_plan_warnings():
     few = _plan(micro_batches=2, global_batch=64)
     assert few.warnings() == ["micro_batches (2) < 4 x stages (2): bubble 33%; use >= 8"]
 
-    unbalanced = _plan(stage_costs=[1.0, 3.0])
+    unbalanced = _plan(stage_costs=[0.001, 0.003])  # seconds, measured; shown in ms like the level table
     (warning,) = unbalanced.warnings()
-    assert warning.startswith("stages are unbalanced: costs 1, 3 (slowest/mean 1.50 > 1.25); move levels off stage 1")
+    assert warning.startswith("stages are unbalanced: 1 ms, 3 ms per micro-batch (slowest/mean 1.50 > 1.25); "
+                              "move levels off stage 1")
 
     assert _plan(stage_costs=[1.0, 1.5]).warnings() == []  # 1.2 <= 1.25
 

@@ -3,8 +3,12 @@
 They exist so every feature of the framework (distribution, checkpoints, serving) can be exercised and
 tested offline, with tasks that are small but *genuinely learnable*:
 
-* classification: short reviews whose label is the majority sentiment of their sentiment words, among
-  neutral filler. A bag-of-embeddings model learns it; a count rule recovers every label.
+* classification: short reviews whose clean label is the majority sentiment of their sentiment words
+  (both classes use the same positive and negative words, the minority ones included), among neutral
+  filler; then a known fraction `label_noise` of the labels is flipped. The clean label is a function of
+  the text (`majority_sentiment`), and which labels are flipped does not depend on the text, so the best
+  accuracy any model can reach is exactly `best_accuracy(n, label_noise)` (1 - label_noise): a quality
+  test has a bound to measure against, and a model at 1.0 would mean a leak.
 * summarization: 3-5 sentences in random order, exactly one of which is a "fact"
   (`<entity> <verb> <count> <object> in <place>` in several surface forms); the summary is a normalized
   rewrite of that fact (canonical verb, digits), e.g. "acme buys 3 farms in oslo". Because the fact
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import random
 import re
+
+from trainer.data.tokenizer import standardize
 
 # ------------------------------------------------------------------------------ classification
 POSITIVE_WORDS: tuple[str, ...] = (
@@ -96,13 +102,41 @@ def _token_count(text: str) -> int:
     return sum(1 for w in text.split() if any(c.isalnum() for c in w))
 
 
-def make_classification_corpus(n: int, seed: int) -> list[dict]:
+LABEL_NOISE = 0.1  # default fraction of built-in classification labels flipped (data.builtin.label_noise)
+
+
+def majority_sentiment(text: str) -> int:
+    """The clean label of a built-in review: 1 iff it has more POSITIVE_WORDS than NEGATIVE_WORDS."""
+    words = standardize(text)
+    positive, negative = set(POSITIVE_WORDS), set(NEGATIVE_WORDS)
+    return int(sum(w in positive for w in words) > sum(w in negative for w in words))
+
+
+def flipped_count(n: int, label_noise: float) -> int:
+    """How many of `n` built-in labels are flipped: round(label_noise * n), exactly."""
+    return round(label_noise * n)
+
+
+def best_accuracy(n: int, label_noise: float = LABEL_NOISE) -> float:
+    """The best accuracy any classifier can reach on `n` built-in examples (the Bayes-optimal one's).
+
+    The clean label is a function of the text and the flipped examples are chosen independently of the
+    text (uniformly within each clean class, label_noise < 0.5), so for every text the clean label is the
+    most likely observed one: predicting it is optimal and is wrong on exactly the flipped examples.
+    """
+    return 1.0 - flipped_count(n, label_noise) / n if n else 0.0
+
+
+def make_classification_corpus(n: int, seed: int, label_noise: float = LABEL_NOISE) -> list[dict]:
     """`n` reviews `{"text": str, "label": 0|1}`, classes balanced (differ by at most one).
 
-    label = 1 iff the text has more POSITIVE_WORDS than NEGATIVE_WORDS (never a tie): 2-5 majority
+    Clean label = 1 iff the text has more POSITIVE_WORDS than NEGATIVE_WORDS (never a tie): 2-5 majority
     sentiment words, fewer minority ones (one or two per sentence), plus 1-3 neutral sentences,
-    shuffled. At most 64 tokens.
+    shuffled; at most 64 tokens. Then exactly `flipped_count(n, label_noise)` labels are flipped, half
+    from each clean class (so the classes stay balanced), chosen at random whatever the text says.
     """
+    if not 0.0 <= label_noise < 0.5:
+        raise ValueError(f"label_noise {label_noise} must be in [0, 0.5): at 0.5 the labels carry no signal")
     rng = random.Random(seed)
     labels = [i % 2 for i in range(n)]
     rng.shuffle(labels)  # balanced, in random order
@@ -122,7 +156,18 @@ def make_classification_corpus(n: int, seed: int) -> list[dict]:
         # "overall good room !" already ends its sentence: don't follow it with another mark.
         text = text.replace(" ! .", " !").replace(" ! !", " !")
         out.append({"text": text, "label": label})
+    _flip_labels(out, flipped_count(n, label_noise), rng)
     return out
+
+
+def _flip_labels(examples: list[dict], count: int, rng: random.Random) -> None:
+    """Flip `count` labels in place, as evenly as possible from each class, uniformly within a class."""
+    by_class = [[i for i, e in enumerate(examples) if e["label"] == c] for c in (0, 1)]
+    first = rng.randrange(2)  # which class gives the odd one out
+    for c in (first, 1 - first):
+        share = count // 2 + (count % 2 if c == first else 0)
+        for i in rng.sample(by_class[c], min(share, len(by_class[c]))):
+            examples[i]["label"] = 1 - c
 
 
 # ------------------------------------------------------------------------------- summarization

@@ -60,15 +60,23 @@ def _read_text(path: str) -> str:
     return text
 
 
-def _label(value: Any, where: str) -> int:
-    """0/1 from 0, 1, "0", "1", true, false (any case); anything else is an error."""
+def _label(value: Any, where: str) -> int | str:
+    """A class id (int >= 0) or a class name (str).
+
+    Ids: 0, 1, 2, ... also written as strings ("2"); true/false (any case) are 1/0. Any other non-empty
+    string is a class name (mapped to an id for the whole dataset by `splits.label_set`).
+    """
     if isinstance(value, bool):
         return int(value)
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, int) and value >= 0:
         return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return int(value.strip().lower() in _TRUE)
-    raise _error(f"{where}: label {value!r} is invalid; labels must be 0 or 1 (or true/false)")
+    if isinstance(value, str) and value.strip():
+        text = value.strip()
+        if text.lower() in _TRUE + _FALSE:
+            return int(text.lower() in _TRUE)
+        return int(text) if text.isascii() and text.isdigit() else text
+    raise _error(f"{where}: label {value!r} is invalid; labels must be class ids 0, 1, 2, ... "
+                 "(or true/false) or class names (strings)")
 
 
 def _example(record: dict, task: str, where: str) -> dict:
@@ -125,6 +133,12 @@ def _read_delimited(path: str, text: str, task: str, delimiter: str) -> list[dic
         raise _error(f"{path}:{reader.line_num}: malformed {kind} ({e}); fix the quoting") from None
     header = [h.strip() for h in header]
     missing = [k for k in keys if k not in header]
+    other = "\t" if delimiter == "," else ","
+    if missing and len(header) == 1 and all(k in [h.strip() for h in header[0].split(other)] for k in keys):
+        # The header names the right columns, split by the other delimiter: the source is wrong, not the file.
+        fmt, name = ("tsv", "tab") if other == "\t" else ("csv", "comma")
+        raise _error(f"{path}:{reader.line_num}: this file is {name}-separated (its header splits on {name}s "
+                     f"into {', '.join(keys)}) but data.source is {kind.lower()}; set data.source={fmt}")
     if missing:
         got = ", ".join(header)
         raise _error(f"{path}:{reader.line_num}: header has columns [{got}] but needs {', '.join(keys)} "
@@ -149,9 +163,10 @@ def _read_delimited(path: str, text: str, task: str, delimiter: str) -> list[dic
 def read_examples(path: str, fmt: Format, task: Task) -> list[dict]:
     """Examples from a user's file.
 
-    classification: `{"text": str, "label": 0|1}`; summarization: `{"document": str, "summary": str}`.
+    classification: `{"text": str, "label": int | str}`; summarization: `{"document": str, "summary": str}`.
     JSONL has one object per line; CSV/TSV have a header row naming those columns (extras are ignored).
-    Labels may be 0/1, "0"/"1" or true/false. Raises DataError (one line, with file:line) on any problem.
+    Labels are class ids (0, 1, 2, ..., "2", true/false) or class names (any other string); `load_splits`
+    checks them across files and maps names to ids. Raises DataError (one line, with file:line).
     """
     if fmt not in ("jsonl", "csv", "tsv"):
         raise ValueError(f"unknown format {fmt!r}")

@@ -33,15 +33,17 @@ __all__ = [
 ]
 
 
-def build_model(cfg_model: Any, *, vocab_size: int, max_len: int, summary_len: int) -> LevelModel:
+def build_model(cfg_model: Any, *, vocab_size: int, max_len: int, summary_len: int,
+                num_classes: int = 2) -> LevelModel:
     """Build the (unbuilt) model for a `cfg.model` section, dispatching on `cfg_model.kind`.
 
     Variables are created under the global Keras dtype policy at the first call: set mixed precision
-    before calling this, and call `build_from_inputs()` inside the distribution scope.
+    before calling this, and call `build_from_inputs()` inside the distribution scope. `num_classes`
+    (the classifier only) comes from the training labels (trainer/data/splits.py `LabelSet`).
     """
     kind = cfg_model.kind
     if kind == "classifier":
-        return build_classifier(cfg_model, vocab_size=vocab_size, max_len=max_len)
+        return build_classifier(cfg_model, vocab_size=vocab_size, max_len=max_len, num_classes=num_classes)
     if kind == "summarizer":
         return build_summarizer(cfg_model, vocab_size=vocab_size, max_len=max_len, summary_len=summary_len)
     if kind == "transformer":

@@ -1,10 +1,12 @@
-"""The end-to-end text classifier: Embedding -> masked average -> Dense(relu) -> Dense(1, sigmoid).
+"""The end-to-end text classifier: Embedding -> masked average -> Dense(relu) -> Dense(1, sigmoid), or
+Dense(K, softmax) for K > 2 classes.
 
 Levels and their carries:
   embed   {"tokens"}               -> {"embedded" [B,L,E], "mask" bool [B,L]}
   pool    {"embedded", "mask"}     -> {"pooled" float32 [B,E]}
   hidden  {"pooled"}               -> {"hidden" [B,H]}
-  output  {"hidden"}               -> {"logit" float32 [B], "probability" float32 [B]}
+  output  {"hidden"}               -> {"logit" float32 [B], "probability" float32 [B]}            (2 classes)
+                                      {"class_logits" float32 [B,K], "probabilities" float32 [B,K]}  (K > 2)
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ class ClassifierHidden(Level):
 
 
 class ClassifierOutput(Level):
-    """Dense(1) in float32: the logit, and its sigmoid as the probability."""
+    """Dense(1) in float32: the logit, and its sigmoid as the probability (the binary head)."""
 
     def __init__(self, name: str = "output") -> None:
         super().__init__(name=name)
@@ -72,13 +74,30 @@ class ClassifierOutput(Level):
         return {"logit": logit, "probability": tf.sigmoid(logit)}
 
 
-def build_classifier(cfg: ClassifierModel, *, vocab_size: int, max_len: int) -> LevelModel:
-    """Build the classifier; inputs `{"tokens": int32 [B, max_len]}` with PAD id 0."""
+class ClassifierSoftmaxOutput(Level):
+    """Dense(K) in float32: one logit per class, and their softmax (the K-way head, K > 2)."""
+
+    def __init__(self, num_classes: int, name: str = "output") -> None:
+        super().__init__(name=name)
+        self.dense = keras.layers.Dense(num_classes, dtype="float32", name="dense")
+
+    def call(self, carry: Carry, training: bool = False) -> Carry:
+        logits = self.dense(carry["hidden"])
+        return {"class_logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+
+def build_classifier(cfg: ClassifierModel, *, vocab_size: int, max_len: int, num_classes: int = 2) -> LevelModel:
+    """Build the classifier; inputs `{"tokens": int32 [B, max_len]}` with PAD id 0.
+
+    Two classes keep the binary head (one sigmoid unit, binary cross-entropy); more get a softmax head.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     levels = [
         ClassifierEmbed(vocab_size, cfg.embed_dim),
         MaskedAveragePool(),
         ClassifierHidden(cfg.hidden_dim, cfg.dropout),
-        ClassifierOutput(),
+        ClassifierOutput() if num_classes == 2 else ClassifierSoftmaxOutput(num_classes),
     ]
     specs = {"tokens": tf.TensorSpec([None, max_len], tf.int32, name="tokens")}
     return LevelModel(levels, task="classification", input_specs=specs, name="classifier")

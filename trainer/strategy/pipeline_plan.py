@@ -580,7 +580,7 @@ class PipelinePlan:
     replicas: int = 1
     stage_params: list[int] | None = None  # parameter count per stage
     stage_activation_bytes: list[float] | None = None  # per stage, per micro-batch
-    stage_costs: list[float] | None = None  # time per micro-batch per stage (for the imbalance warning)
+    stage_costs: list[float] | None = None  # seconds per micro-batch per stage (for the imbalance warning)
     devices: list[str] | None = None  # device of each stage (first replica); default "GPU:s"
     device_memory_bytes: float | list[float] | None = None  # one number for all devices or one per stage
     # fp32 weights + fp32 gradients + Adam's two fp32 moments = 16 bytes per parameter.
@@ -674,8 +674,8 @@ class PipelinePlan:
                 fix = (f"no contiguous split does better: make the heaviest level of stage {slowest} "
                        "smaller (e.g. more, thinner layers) or use fewer stages" if self.balanced else
                        f"move levels off stage {slowest} or use partition: auto")
-                out.append(
-                    f"stages are unbalanced: costs {', '.join(_num(c) for c in self.stage_costs)} "
+                out.append(  # in ms, like the measured level table printed next to it
+                    f"stages are unbalanced: {', '.join(_ms(c) for c in self.stage_costs)} per micro-batch "
                     f"(slowest/mean {ratio:.2f} > {IMBALANCE_LIMIT}); {fix}"
                 )
         for s in range(k):
@@ -751,6 +751,11 @@ def format_plan(plan: PipelinePlan) -> str:
 def _num(x: float) -> str:
     """A short number: 3, 2.5, 0.125 (no trailing zeros, no float noise)."""
     return f"{x:.4g}"
+
+
+def _ms(seconds: float) -> str:
+    """Seconds shown in milliseconds with the unit, as the level-cost table shows them: 1.25 ms."""
+    return f"{_num(seconds * 1e3)} ms"
 
 
 def _plural(n: int, noun: str, plural: str | None = None) -> str:
