@@ -15,7 +15,7 @@ from trainer.data import pydocs
 from trainer.data.documents import FIELD_JOIN
 from trainer.data.prepare import PrepareSpec, doc_split, prepare
 from trainer.data.shards import INDEX, PreparedData
-from trainer.data.subword import SubwordTokenizer
+from trainer.data.subword import SubwordTokenizer, train_tokenizer
 from trainer.errors import DataError
 
 
@@ -59,6 +59,9 @@ def test_shards_decode_back_to_every_document_and_the_index_describes_them(tmp_p
     model_sha = hashlib.sha256((out / "tokenizer.model").read_bytes()).hexdigest()
     assert tok.sha256 == index["tokenizer"]["sha256"] == model_sha
     assert index["vocab_size"] == tok.vocab_size == 400
+    # trained on the training documents only: held-out text stays unseen by the tokenizer too
+    train_docs = [d for d in docs if doc_split(d, seed=0, val_fraction=0.2) == 0]
+    assert tok.sha256 == train_tokenizer(train_docs, vocab_size=400).sha256
     assert index["dtype"] == "<u2" and index["special_ids"]["eod"] == 3 and index["byte_fallback"]
     for split, code in (("train", 0), ("val", 1)):
         expected = [d for d in docs if doc_split(d, seed=0, val_fraction=0.2) == code]

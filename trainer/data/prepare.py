@@ -335,7 +335,8 @@ def _tokenize(spec: PrepareSpec, documents: Callable[[], Iterator[str]], tok: Su
 
 def _tokenizer(spec: PrepareSpec, documents: Callable[[], Iterator[str]], given: SubwordTokenizer | None,
                existing: dict | None) -> SubwordTokenizer:
-    """The given model, the one an interrupted run already trained, or a newly trained one."""
+    """The given model, the one an interrupted run already trained, or one trained on a sample of the
+    training documents (held-out documents stay unseen by the tokenizer too)."""
     if given is not None:
         return given
     if existing is not None:
@@ -348,7 +349,8 @@ def _tokenizer(spec: PrepareSpec, documents: Callable[[], Iterator[str]], given:
     print(f"strata: training a {spec.tokenizer} tokenizer (vocab {spec.vocab_size}) on a sample of at most "
           f"{spec.sample_chars:,} characters", file=sys.stderr, flush=True)
     workers = spec.workers or len(os.sched_getaffinity(0))
-    return train_tokenizer(documents(), model_type=spec.tokenizer, vocab_size=spec.vocab_size,
+    train_docs = (d for d in documents() if doc_split(d, seed=spec.seed, val_fraction=spec.val_fraction) == 0)
+    return train_tokenizer(train_docs, model_type=spec.tokenizer, vocab_size=spec.vocab_size,
                            sample_chars=spec.sample_chars, seed=spec.seed, threads=workers)
 
 

@@ -171,7 +171,7 @@ def train_tokenizer(texts: Iterable[str], *, model_type: str = "bpe", vocab_size
                         f"a few pieces) and {MAX_VOCAB}")
     lines = sample_lines(texts, max_chars=sample_chars, seed=seed)
     if not lines:
-        raise DataError("the corpus has no text to train a tokenizer on (every document is empty)")
+        raise DataError("no text to train a tokenizer on (no training documents, or all of them empty)")
     out = io.BytesIO()
     with tempfile.TemporaryDirectory(prefix="strata-spm-") as tmp:
         norm, denorm = Path(tmp, "normalize.tsv"), Path(tmp, "denormalize.tsv")
