@@ -7,8 +7,6 @@ import signal
 import sys
 from pathlib import Path
 
-from trainer.errors import DataError
-
 
 def add_parser(sub) -> None:
     """Add the `data` command and its subcommands to the trainer's argparse subparsers."""
@@ -84,5 +82,3 @@ def _verify(directory: str) -> int:
           "shard and of the tokenizer match the index")
     return 0
 
-
-__all__ = ["add_parser", "run", "summary", "DataError"]

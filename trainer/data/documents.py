@@ -45,12 +45,13 @@ def list_sources(inputs: list[str]) -> list[Source]:
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            if (path / "dataset_info.json").is_file():
-                raise DataError(f"{given}: a TensorFlow Datasets directory; reading TFDS needs tensorflow-datasets, "
-                                "which is not installed: export the split to JSONL and prepare that")
             files = sorted((p for p in path.rglob("*") if p.is_file()
                             and not any(part.startswith(".") for part in p.relative_to(path).parts)),
                            key=lambda p: p.relative_to(path).as_posix())
+            tfds = next((p.parent for p in files if p.name == "dataset_info.json"), None)
+            if tfds is not None:
+                raise DataError(f"{tfds}: a TensorFlow Datasets directory; reading TFDS needs tensorflow-datasets, "
+                                "which is not installed: export the split to JSONL and prepare that")
             if not files:
                 raise DataError(f"{given}: folder has no files; point --input at text, JSONL, CSV or TSV files")
         elif path.is_file():

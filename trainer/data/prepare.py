@@ -16,6 +16,7 @@ No TensorFlow here.
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -72,6 +73,8 @@ def validate(spec: PrepareSpec) -> None:
         raise DataError(f"--shard-tokens {spec.shard_tokens}: must be a positive number of tokens")
     if spec.workers < 0:
         raise DataError(f"--workers {spec.workers}: must be >= 1 (or 0 for every core)")
+    if not 0 <= spec.seed < 1 << 63:
+        raise DataError(f"--seed {spec.seed}: must be a non-negative integer")
     if spec.sample_chars < 1:
         raise DataError(f"--sample-chars {spec.sample_chars}: must be positive")
     if not spec.tokenizer_model and not MIN_VOCAB <= spec.vocab_size <= MAX_VOCAB:
@@ -122,8 +125,6 @@ def _existing(out: Path) -> dict | None:
     if (out / INDEX).is_file():
         return read_index(out)
     if (out / PARTIAL_INDEX).is_file():
-        import json
-
         return json.loads((out / PARTIAL_INDEX).read_text(encoding="utf-8"))
     if out.is_dir() and any(out.iterdir()):
         raise DataError(f"--out {out}: folder is not empty and holds no prepared data; choose a new or empty folder")
@@ -251,7 +252,8 @@ class _SplitWriter:
             self._cut(self.pending)
 
     def _cut(self, count: int) -> None:
-        tokens, ordinals, lengths = (np.concatenate(x) for x in (self.tokens, self.ordinals, self.lengths))
+        tokens, ordinals, lengths = (x[0] if len(x) == 1 else np.concatenate(x)  # no copy after the first cut
+                                     for x in (self.tokens, self.ordinals, self.lengths))
         ends = np.cumsum(lengths)
         ended = int(np.searchsorted(ends, count, side="right"))  # documents that end inside this shard
         if ended and ends[ended - 1] == count:  # cut on a document boundary
