@@ -13,6 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${STRATA_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 HOROVOD_VERSION=0.28.1
+TF_TEXT_VERSION=2.21.1
 STAMP="$VENV/.strata-setup-$(sha256sum "$ROOT/requirements.lock" "$0" | sha256sum | cut -c1-12)"
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -43,6 +44,10 @@ fi
 log "installing pinned Python dependencies"
 "$VENV/bin/python" -m pip install -q --upgrade pip==25.3 setuptools==80.9.0 wheel==0.45.1
 "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.lock"
+# tensorflow-text (in-graph SentencePiece for exported models) declares a dependency on the `tensorflow`
+# package, while Strata pins `tensorflow-cpu` (same modules, other wheel): with its dependencies pip would
+# install a second TensorFlow over the first. --no-deps keeps the pinned one; the versions must match (2.21).
+"$VENV/bin/python" -m pip install -q --no-deps "tensorflow-text==$TF_TEXT_VERSION"
 
 # 3. Horovod built from source against the TensorFlow just installed.
 if ! "$VENV/bin/python" -c "import horovod.tensorflow" >/dev/null 2>&1; then

@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("config")
     la.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _slurm_parser(sub)
+    # Everything after `data` (options included: no prefix chars) is parsed by `python -m trainer data`.
+    d = sub.add_parser("data", add_help=False, prefix_chars="\0",
+                       help="prepare | verify a token-shard dataset (see `strata data --help`)")
+    d.add_argument("data_args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -158,6 +162,8 @@ def trainer_argv(args: argparse.Namespace) -> list[str]:
         return argv + (["--dry-run"] if args.dry_run else [])
     if args.command == "export":
         return [*TRAINER, "export", args.run_dir] + (["--out", args.out] if args.out else [])
+    if args.command == "data":
+        return [*TRAINER, "data", *args.data_args]
     raise ValueError(args.command)
 
 

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a SavedModel that serves raw text")
     x.add_argument("run_dir")
     x.add_argument("--out", default=None, help="output directory (default RUN_DIR/export)")
+    from trainer.data.commands import add_parser as add_data_parser
+
+    add_data_parser(sub)  # data prepare | verify
     return p
 
 
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "data":  # no config, no TensorFlow
+        from trainer.data.commands import run
+
+        return run(args)
     from trainer.config import load_config
 
     if args.command == "validate":
