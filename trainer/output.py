@@ -175,7 +175,7 @@ def install(environ=os.environ) -> bool:
     prefix = environ.get(PREFIX_ENV, "").encode()
     if drop_noise:
         environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what TensorFlow does honour: fewer lines to filter
-        for name in ("tensorflow", "absl"):  # per-step warnings (tf.distribute in eager mode, retracing)
+        for name in ("tensorflow", "absl"):  # per-step warnings (a strategy run eagerly, retracing)
             logging.getLogger(name).setLevel(logging.ERROR)
     if _state or not (drop_noise or prefix):
         return False
