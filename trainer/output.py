@@ -261,3 +261,19 @@ def terminal_stream():
             _state["stream"] = os.fdopen(os.dup(_state["originals"][2]), "w", buffering=1)
         return _state["stream"]
     return sys.stderr
+
+
+def run_module(argv: list[str]) -> None:
+    """`python -m trainer.output -m MODULE ARG...`: run MODULE like `python -m` does, its output filtered
+    (`strata tensorboard`: TensorBoard imports TensorFlow, which prints its lines there too)."""
+    import runpy
+
+    if len(argv) < 2 or argv[0] != "-m":
+        raise SystemExit("usage: python -m trainer.output -m MODULE [ARG...]")
+    install()
+    sys.argv = [argv[1], *argv[2:]]
+    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    run_module(sys.argv[1:])
