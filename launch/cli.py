@@ -102,7 +102,9 @@ def _slurm_parser(sub) -> None:
     su.add_argument("--warning", type=int, default=90, metavar="SECONDS",
                     help="preemption warning: SIGUSR1 this many seconds before the time limit (default 90)")
     su.add_argument("--template", default=None, help="your own copy of slurm/strata.sbatch.j2")
-    su.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    su.add_argument("--dry-run", action="store_true",
+                    help="run the checks of a real submit (saying which could not run), print the batch script; "
+                         "write and submit nothing")
     su.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rr = ssub.add_parser("run-rank", help="(inside a job, under srun) start this task's rank of CONFIG")
     rr.add_argument("config")

@@ -14,7 +14,15 @@ from launch.hosts import RankPlacement
 # Variables the launcher owns. `child_environ` drops inherited copies first: a stale TF_CONFIG left in the
 # user's shell would otherwise make a Horovod or single-worker run try to join a cluster that is not there.
 MANAGED_KEYS = ("STRATA_RANK", "STRATA_WORLD_SIZE", "STRATA_LOCAL_RANK", "STRATA_LOCAL_SIZE", "STRATA_BACKEND",
-                "TF_CONFIG")
+                "TF_CONFIG", "STRATA_OUTPUT_PREFIX")
+# A worker prefixes each of its own lines with this (trainer/output.py) where no Strata launcher reads its
+# output (SLURM); under `strata launch` the launcher does, with the same rank_prefix().
+OUTPUT_PREFIX_KEY = "STRATA_OUTPUT_PREFIX"
+
+
+def rank_prefix(rank: int) -> str:
+    """What every line a rank prints starts with, under every launcher: `[rank 3] `."""
+    return f"[rank {rank}] "
 
 
 def tf_config(worker_addresses: list[str], index: int) -> str:

@@ -17,13 +17,19 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from launch import tf_noise
+from launch.env import rank_prefix
 from launch.local import PREEMPTED_EXIT_CODE
 from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
 
 _FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
-_RANK_OUTPUT = re.compile(r"\[[\d,]+\]<std(out|err)>:")  # horovodrun's prefix of a rank's line
+# A rank's output as horovodrun relays it: `[R]<stdout>:` (Gloo, whole lines) or, from mpirun's
+# --tag-output, `[JOB,R]<stdout>:` before every piece a rank wrote, lines or not (pieces of different ranks
+# then share a line: `...eta 10s[1,0]<stdout>:\n`).
+_RANK_TAG = re.compile(r"\[(?:\d+,)?(\d+)\]<(stdout|stderr)>:")
 _HOROVOD_FAILED = "Horovod detected that one or more processes exited with non-zero status"
 # Under --mpi, Horovod's per-process lines do not exist; mpirun reports the first failed rank itself.
 _MPI_ABORTING = ("Primary job  terminated normally, but", "mpirun noticed that", "mpirun detected that")
@@ -63,6 +69,46 @@ def failure_message(failures: list[tuple[int, int, float]], *, hosts: list[str],
     last = f" (its last heartbeat: step {beat['step']}, {beat['phase']})" if beat else ""
     return (f"rank {rank}{where} {describe_status(code)}{last}; the other ranks were stopped, "
             f"job ended {ended - seen:.1f} s after that exit")
+
+
+class RankLines:
+    """Turns horovodrun's (or mpirun's) merged output back into whole lines, each tagged with its rank or
+    None for the launcher's own lines (pure). Pieces of a rank's line are kept per rank and stream until
+    its newline arrives."""
+
+    def __init__(self) -> None:
+        self.partial: dict[tuple[int, str], str] = {}
+
+    def feed(self, line: str) -> list[tuple[int | None, str]]:
+        """The complete lines in one line of horovodrun's output (which ends with a newline, or is the last)."""
+        tags = list(_RANK_TAG.finditer(line))
+        if not tags:
+            return [(None, line)]
+        done: list[tuple[int | None, str]] = []
+        if tags[0].start() > 0:  # the launcher's own text, then a rank's piece
+            done.append((None, line[:tags[0].start()] + "\n"))
+        for tag, after in zip(tags, [*tags[1:], None]):
+            key = (int(tag.group(1)), tag.group(2))
+            piece = line[tag.end():after.start() if after else len(line)]
+            text = self.partial.pop(key, "") + piece
+            if text.endswith("\n"):
+                done.append((key[0], text))
+            else:
+                self.partial[key] = text
+        return done
+
+    def close(self) -> list[tuple[int | None, str]]:
+        """Lines the ranks left unfinished at the end of the job."""
+        rest, self.partial = self.partial, {}
+        return [(rank, text + "\n") for (rank, _), text in rest.items()]
+
+
+def rank_lines(stream: Iterable[str]) -> Iterator[tuple[int | None, str]]:
+    """(rank or None, whole line) for each line of horovodrun's output `stream`, as soon as it is complete."""
+    lines = RankLines()
+    for raw in stream:
+        yield from lines.feed(raw)
+    yield from lines.close()
 
 
 def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], heartbeat_dir: Path | None,
@@ -112,18 +158,23 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
         held: list[str] | None = None  # horovodrun's own final traceback after a failure: our summary replaces it
         launcher_lines: deque[str] = deque(maxlen=200)  # horovodrun's and mpirun's own lines (not a rank's)
         mpi_abort_seen: float | None = None
-        for line in proc.stdout:
+        noise = None if tf_noise.shown() else tf_noise.NoiseLines()  # horovodrun imports TensorFlow itself
+        for rank, line in rank_lines(proc.stdout):
+            if rank is not None:
+                sys.stdout.write(rank_prefix(rank) + line)
+                sys.stdout.flush()
+                continue
+            if noise and noise.drop(line):
+                continue
             failures += [(int(r), int(c), time.monotonic()) for r, c in _FAILED_PROCESS.findall(line)]
-            from_rank = bool(_RANK_OUTPUT.match(line))
-            if not from_rank:
-                launcher_lines.append(line)
-                if mpi_abort_seen is None and line.startswith(_MPI_ABORTING):
-                    mpi_abort_seen = time.monotonic()
+            launcher_lines.append(line)
+            if mpi_abort_seen is None and line.startswith(_MPI_ABORTING):
+                mpi_abort_seen = time.monotonic()
             if failures and line.startswith("Traceback (most recent call last):"):
                 if held:  # an earlier traceback (e.g. the elastic driver's): only the last one is horovodrun's
                     sys.stdout.write("".join(held))
                 held = []
-            if held is not None and not from_rank:
+            if held is not None:
                 held.append(line)
                 continue
             sys.stdout.write(line)

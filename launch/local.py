@@ -3,7 +3,7 @@
 Each rank runs in its own session (its own process group), so signalling the group reaches everything the
 rank started (data loaders, shell wrappers), and a Ctrl-C in the terminal reaches only the launcher, which
 then decides how to stop the ranks. Output of every rank is merged (stdout+stderr) and printed line by line
-as `[rank R] ...`.
+as `[rank R] ...` (env.rank_prefix, the same under every launcher).
 
 The job fails fast: as soon as one rank exits non-zero or dies from a signal, the others are told to stop
 (SIGTERM to their groups, SIGKILL after a grace period), because a collective job with a missing member
@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from launch.env import rank_prefix
 from launch.errors import LaunchError
 from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
 
@@ -144,7 +145,7 @@ class _Job:
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         assert proc.stdout is not None
-        reader = threading.Thread(target=_pump, args=(proc.stdout, f"[rank {rank}] ", self.out, self.lock),
+        reader = threading.Thread(target=_pump, args=(proc.stdout, rank_prefix(rank), self.out, self.lock),
                                   name=f"strata-rank{rank}-output", daemon=True)
         # One thread blocked in wait() per rank: an exit is seen the moment it happens, not at the next poll.
         def wait() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jinja2
 
-from launch.env import rank_env, tf_config
+from launch.env import OUTPUT_PREFIX_KEY, rank_env, rank_prefix, tf_config
 from launch.errors import LaunchError
 from launch.hostlist import expand_counts
 from launch.hosts import Host, RankPlacement, assign_ranks
@@ -317,13 +317,15 @@ def _visible_gpus(environ: Mapping[str, str], gpus_per_node: int) -> list[str]:
 def rank_environment(environ: Mapping[str, str], rank: SlurmRank, *, backend: str,
                      gpus_per_node: int) -> dict[str, str]:
     """The complete environment of one rank's trainer: `environ` (the task's) minus stale launcher
-    variables, plus rank identity, the backend's wiring, the GPUs of this local rank, and preemption."""
+    variables, plus rank identity, the backend's wiring, the GPUs of this local rank, preemption, and the
+    rank prefix of its output lines."""
     if backend not in BACKENDS:
         raise LaunchError(f"--backend {backend!r}: use horovod or multi_worker")
     me = rank.placement
     config_json = None
     drop: tuple[str, ...] = ()
-    extra: dict[str, str] = {"STRATA_PREEMPTION": "1"}
+    # No Strata launcher reads a SLURM rank's output: the rank prefixes its own lines (trainer/output.py).
+    extra: dict[str, str] = {"STRATA_PREEMPTION": "1", OUTPUT_PREFIX_KEY: rank_prefix(me.rank)}
     if backend == "multi_worker":
         addresses = []
         for p in rank.placements:

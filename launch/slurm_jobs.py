@@ -3,11 +3,14 @@
 submit: validate the config (the trainer's own schema, in a child process), check the resources against
 it and against SLURM (`sinfo` for the partition, `sbatch --test-only` for the rest), then write the config
 snapshot and the batch script into RUN_DIR/slurm/ and `sbatch` it. Bad input stops before anything is
-written or submitted. The snapshot is what every start of the job trains, so editing the YAML while the
+written or submitted. --dry-run runs the same checks, names those it could not run (no SLURM here,
+controller down) and prints the script instead of writing it. The snapshot is what every start of the job trains, so editing the YAML while the
 job waits or after a requeue cannot change a run halfway.
 
 run-rank: executed by srun once per rank; reads SLURM's variables, builds the rank's environment
-(launch/slurm.py) and execs `python -m trainer train` with it.
+(launch/slurm.py) and execs `python -m trainer train` with it. No Strata launcher reads a SLURM job's
+output, so the rank labels its own lines `[rank R] ` (STRATA_OUTPUT_PREFIX, trainer/output.py), the prefix
+`strata launch` uses; srun --label would write `0: ` instead, and only per srun, not per rank's whole line.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from launch import slurm
+from launch.env import OUTPUT_PREFIX_KEY
 from launch.errors import LaunchError
 from launch.hostlist import expand_hostlist
 from launch.launcher import validate_config
@@ -49,38 +53,82 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no message"
 
 
-def partitions() -> list[str] | None:
-    """Partition names SLURM knows, or None when it cannot say (no sinfo, controller down)."""
+_UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Zero Bytes were transmitted")
+
+
+def partitions() -> tuple[list[str] | None, str]:
+    """(partition names SLURM knows, "") or (None, why SLURM could not say: no sinfo, controller down)."""
     if shutil.which("sinfo") is None:
-        return None
+        return None, "`sinfo` not found"
     try:
         done = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
-        return None
+        return None, "`sinfo` did not answer in 20 s"
     if done.returncode != 0:
+        return None, f"`sinfo` failed: {_last_line(done.stderr)}"
+    return sorted({line.strip() for line in done.stdout.splitlines() if line.strip()}), ""
+
+
+def check_partition(partition: str | None) -> str | None:
+    """Refuse a partition SLURM does not have. Returns why the check could not run (None: checked, or no
+    --partition given); a submit goes on then and lets sbatch judge."""
+    if not partition:
         return None
-    return sorted({line.strip() for line in done.stdout.splitlines() if line.strip()})
-
-
-def check_partition(partition: str | None) -> None:
-    known = partitions()
-    if partition and known is not None and partition not in known:
+    known, why = partitions()
+    if known is None:
+        return why
+    if partition not in known:
         raise LaunchError(f"--partition {partition!r}: SLURM has no such partition (known: {', '.join(known) or 'none'}); "
                           "pick one of those or leave --partition out for the default")
+    return None
 
 
-def test_only(script: str) -> None:
-    """`sbatch --test-only`: SLURM's own check that the request can ever be satisfied (nodes, GPUs, time)."""
-    done = _run([_tool("sbatch"), "--test-only"], input_text=script)
+def test_only(script: str, *, dry_run: bool = False) -> str | None:
+    """`sbatch --test-only`: SLURM's own check that the request can ever be satisfied (nodes, GPUs, time).
+    A dry run returns why it could not run (no sbatch, controller down) instead of refusing; else None."""
+    if dry_run and shutil.which("sbatch") is None:
+        return "`sbatch` not found"
+    try:
+        done = _run([_tool("sbatch"), "--test-only"], input_text=script)
+    except LaunchError as err:  # no answer in time
+        if dry_run:
+            return str(err).split(";")[0]
+        raise
     if done.returncode != 0:
         reason = _last_line(done.stderr).removeprefix("sbatch: error: ")
+        if any(text in reason for text in _UNREACHABLE):
+            if dry_run:
+                return f"SLURM's controller did not answer ({reason})"
+            raise LaunchError(f"SLURM's controller does not answer ({reason}); is slurmctld up (`scontrol ping`)?")
         raise LaunchError(f"SLURM refuses this job: {reason}; change --nodes/--ntasks-per-node/--gpus-per-node/"
                           "--time/--partition to what the cluster has (`sinfo`)")
+    return None
+
+
+def follow_commands(job_id: str, logs: str) -> list[str]:
+    """The commands to watch and stop a submitted job, one per line, each one pasteable as it is (pure)."""
+    return [f"tail -f {slurm.sh(f'{logs}.out')} {slurm.sh(f'{logs}.err')}",
+            f"squeue -j {slurm.sh(job_id)}",
+            f"scancel {slurm.sh(job_id)}"]
+
+
+def dry_run_note(*, partition_given: bool, skipped: dict[str, str], config_path: str) -> str:
+    """The line a dry run ends with: what was checked, what could not be and why (pure). `skipped` maps
+    "partition" / "test-only" to why that check could not run."""
+    names = {"partition": "the partition (sinfo)", "test-only": "the request (sbatch --test-only)"}
+    asked = [k for k in names if k != "partition" or partition_given]
+    checked = ["the config", "the resources against it"] + [names[k] for k in asked if k not in skipped]
+    note = f"strata: dry run: checked {', '.join(checked)}"
+    missed = [f"{names[k]}: {why}" for k, why in skipped.items() if k in asked]
+    if missed:
+        note += f"; could NOT check {'; '.join(missed)}"
+    return note + f"; nothing written or submitted ({config_path} would hold the resolved config)"
 
 
 def submit(*, config: str, overrides: list[str], backend: str | None, nodes: int, ntasks_per_node: int | None,
            gpus_per_node: int, time: str | None, partition: str | None, account: str | None,
            job_name: str | None, warning: int, template: str | None, dry_run: bool) -> int:
+    """Check the job like SLURM would (a dry run too), then write RUN/slurm/ and sbatch it."""
     first = validate_config(config, overrides)
     chosen = backend or (first["distribution"]["backend"] if first["distribution"]["backend"] in slurm.BACKENDS
                          else "horovod")
@@ -95,12 +143,13 @@ def submit(*, config: str, overrides: list[str], backend: str | None, nodes: int
         python=sys.executable, config=str(job_dir / "config.yaml"), workdir=str(Path.cwd()),
         log_dir=str(job_dir), partition=partition, account=account)
     script = slurm.render_script(job, template=Path(template) if template else None)
+    skipped = {"partition": check_partition(partition), "test-only": test_only(script, dry_run=dry_run)}
     if dry_run:
         sys.stdout.write(script)
-        print(f"# (dry run: nothing written or submitted; {job.config} would hold the resolved config)", file=sys.stderr)
+        sys.stdout.flush()
+        print(dry_run_note(partition_given=bool(partition), skipped={k: v for k, v in skipped.items() if v},
+                           config_path=job.config), file=sys.stderr)
         return 0
-    check_partition(partition)
-    test_only(script)
     job_dir.mkdir(parents=True, exist_ok=True)
     Path(job.config).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
     script_path = job_dir / "job.sbatch"
@@ -109,12 +158,12 @@ def submit(*, config: str, overrides: list[str], backend: str | None, nodes: int
     if done.returncode != 0:
         raise LaunchError(f"sbatch refused {script_path}: {_last_line(done.stderr).removeprefix('sbatch: error: ')}")
     job_id = done.stdout.strip().split(";")[0]
-    logs = job_dir / f"slurm-{job_id}"
     print(f"strata: submitted job {job_id}: {resources.nodes} node(s) x {resources.tasks_per_node} task(s), {chosen}"
           f"{f', {resources.gpus_per_node} GPU(s) per node' if resources.gpus_per_node else ''}", flush=True)
     print(f"strata: script {script_path}")
-    print(f"strata: follow: tail -f {slurm.sh(f'{logs}.out')} {slurm.sh(f'{logs}.err')} | squeue -j {job_id} | "
-          f"cancel: scancel {job_id}")
+    print("strata: to follow the job's output, see it in the queue, or cancel it, run:")
+    for command in follow_commands(job_id, str(job_dir / f"slurm-{job_id}")):
+        print(command)
     return 0
 
 
@@ -138,7 +187,7 @@ def run_rank(*, config: str, overrides: list[str], backend: str, gpus_per_node: 
     environ = dict(os.environ)
     rank = slurm.read_rank(environ, node_list(environ))
     env = slurm.rank_environment(environ, rank, backend=backend, gpus_per_node=gpus_per_node)
-    print(slurm.describe_rank(rank, env), flush=True)
+    print(env[OUTPUT_PREFIX_KEY] + slurm.describe_rank(rank, env), flush=True)
     argv = slurm.trainer_command(sys.executable, config, overrides, backend=backend)
     # Until the trainer installs its handler (after Python starts), an early preemption warning is ignored
     # rather than fatal (SIGUSR1's default action kills); SIGTERM keeps its default. Ignored survives exec.

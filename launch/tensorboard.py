@@ -21,5 +21,7 @@ def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 6006) -> int:
         return 2
     argv = tensorboard_argv(run_dir, host=host, port=port)
     print(f"strata: TensorBoard at http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-    os.execv(argv[0], argv)
+    # Through the worker's output filter (trainer/output.py): TensorBoard imports TensorFlow, whose log lines
+    # would be the first thing the user reads.
+    os.execv(argv[0], [argv[0], "-m", "trainer.output", *argv[1:]])
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -59,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info logs out of the console
+    from trainer import output
+
+    output.install()  # first: TensorFlow's own log lines filtered off fd 2 (STRATA_TF_LOGS=1 shows them)
     try:
         args = _parser().parse_args(argv)
         return _dispatch(args)

@@ -12,24 +12,42 @@ from trainer.loop_state import Hook, LoopState  # noqa: F401  (re-exported: hook
 from trainer.summaries import TensorBoard
 
 
+def eta_seconds(*, step: int, total_steps: int, clock_step: int, elapsed_s: float) -> float | None:
+    """Seconds left to `total_steps` at the pace of the steps after `clock_step`, whose end started the clock
+    (`elapsed_s` ago), so graph building and start-up are not taken for the pace; None until a step is timed
+    (pure)."""
+    timed = step - clock_step
+    if timed <= 0 or elapsed_s <= 0:
+        return None
+    return max(total_steps - step, 0) * elapsed_s / timed
+
+
 class Console(Hook):
     """What a person watching sees: a tqdm bar (step, loss, throughput, ETA) on a terminal, plain lines at
-    every log point otherwise (SLURM and CI logs), and every validation result. Chief only."""
+    every log point otherwise (SLURM and CI logs), and every validation result. Chief only. The ETA (and the
+    bar) start from the end of this process's first step: that step builds the graph and is no guide to the
+    pace of the others."""
 
     def __init__(self, *, enabled: bool, progress_bar: bool):
-        self.enabled, self.use_bar, self.bar = enabled, progress_bar and sys.stderr.isatty(), None
-        self.start_time, self.start_step = 0.0, 0
+        from trainer.output import stderr_is_terminal
+
+        self.enabled, self.use_bar, self.bar = enabled, progress_bar and stderr_is_terminal(), None
+        self.clock_time, self.clock_step = None, 0  # end of the first step: where the ETA's clock starts
 
     def on_train_begin(self, state: LoopState) -> None:
-        self.start_time, self.start_step = time.perf_counter(), state.step
-        if self.enabled and self.use_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr)
+        self.clock_time, self.clock_step = None, state.step
 
     def on_step_end(self, state: LoopState) -> None:
-        if self.bar:
+        if self.clock_time is None:  # the first step of this process has just ended
+            self.clock_time, self.clock_step = time.perf_counter(), state.step
+            if self.enabled and self.use_bar:
+                from tqdm import tqdm
+
+                from trainer.output import terminal_stream
+
+                self.bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                                file=terminal_stream())
+        elif self.bar:
             self.bar.update(1)
 
     def on_log(self, state: LoopState) -> None:
@@ -37,11 +55,11 @@ class Console(Hook):
         if self.bar:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", ex_s=f"{logs['examples_per_sec']:.0f}", refresh=False)
         elif self.enabled:
-            done = state.step - self.start_step
-            rate = done / max(time.perf_counter() - self.start_time, 1e-9)
-            eta = (state.total_steps - state.step) / max(rate, 1e-9)
+            eta = None if self.clock_time is None else eta_seconds(
+                step=state.step, total_steps=state.total_steps, clock_step=self.clock_step,
+                elapsed_s=time.perf_counter() - self.clock_time)
             print(f"step {state.step}/{state.total_steps} loss {logs['loss']:.4f} lr {logs['learning_rate']:.2e} "
-                  f"{logs['examples_per_sec']:.0f} ex/s eta {eta:.0f}s", flush=True)
+                  f"{logs['examples_per_sec']:.0f} ex/s" + (f" eta {eta:.0f}s" if eta is not None else ""), flush=True)
 
     def on_eval(self, state: LoopState) -> None:
         if self.enabled:

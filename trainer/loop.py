@@ -193,7 +193,11 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
         state.nonfinite = round(float(out["nonfinite"]) / strategy.num_replicas)  # agreed: same on every rank
         window_steps += 1
         window_tokens.append(out["tokens"])  # kept as tensors: no host sync, no extra op between log points
-        if state.step % cfg.train.log_every == 0 or state.step == last:
+        logging_now = state.step % cfg.train.log_every == 0 or state.step == last
+        if state.step == start + 1 and not logging_now:  # the first step builds the graph: time from its end
+            float(out["loss"])
+            window_start, window_steps, window_tokens = time.perf_counter(), 0, []
+        if logging_now:
             loss = float(out["loss"])  # waits for the step: the timing window is honest
             elapsed = time.perf_counter() - window_start
             state.train_logs = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,13 @@ def submit(*args: str) -> tuple[str, subprocess.CompletedProcess]:
     return re.search(r"submitted job (\d+)", done.stdout).group(1), done
 
 
+def follow_commands(submit_output: str) -> list[str]:
+    """The commands `submit` prints to follow the job, one per line after its `strata: to follow` line."""
+    lines = submit_output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("strata: to follow"))
+    return lines[start + 1:start + 4]
+
+
 def tb_steps(run_dir: Path, tag: str = "train/loss") -> list[int]:
     """Every step that has an event, duplicates kept (no purging of 'orphaned' steps after a restart)."""
     acc = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0},
@@ -70,8 +78,18 @@ def tb_steps(run_dir: Path, tag: str = "train/loss") -> list[int]:
     return [e.step for e in acc.Tensors(tag)]
 
 
-def step_lines(log: str, total: int) -> list[int]:
-    return [int(s) for s in re.findall(rf"^step (\d+)/{total} loss", log, re.M)]
+def step_lines(log: str, total: int, prefix: str = "[rank 0] ") -> list[int]:
+    """The steps of the console's `step N/total loss ...` lines (in a SLURM log, rank 0's: `[rank 0] step ...`)."""
+    return [int(s) for s in re.findall(rf"^{re.escape(prefix)}step (\d+)/{total} loss", log, re.M)]
+
+
+def assert_rank_lines(log: str, ranks: int) -> None:
+    """A job's log: the batch script's own `strata: ...` lines, else one rank's whole line `[rank R] ...`."""
+    lines = [line for line in log.splitlines() if not line.startswith("strata: job ") and not
+             line.startswith(("strata: batch script", "strata: srun exited", "strata: every rank"))]
+    assert all(re.match(rf"\[rank [0-{ranks - 1}]\] ", line) for line in lines), log[-3000:]
+    for rank in range(ranks):
+        assert f"[rank {rank}] strata: slurm rank {rank}/{ranks} on" in log, log[-3000:]
 
 
 def checkpoint_step_in_fresh_process(run_dir: Path) -> int:
@@ -94,14 +112,21 @@ def test_horovod_job_trains_into_a_hostile_path(tmp_path: Path):
     job_id, done = submit("--backend", "horovod", "--set", f"run_dir={run_dir}", "--set", "train.steps=12",
                           "--set", "checkpoint.every=6", *QUIET)
     assert f"script {run_dir}/slurm/job.sbatch" in done.stdout
+    tail, queue, cancel = follow_commands(done.stdout)
+    assert shlex.split(cancel) == ["scancel", job_id]
+    queued = subprocess.run(["bash", "-c", queue], capture_output=True, text=True, timeout=30)
+    assert queued.returncode == 0 and job_id in queued.stdout, queued.stderr
     info = wait_finished(job_id, timeout=300)
     wall = time.monotonic() - started
     log = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert "slurm rank 1/2 on" in log and "horovod MPI over PMIx" in log and "weights identical on all 2 ranks" in log
     assert step_lines(log, 12) == list(range(1, 13))
+    assert_rank_lines(log, 2)
     assert tb_steps(run_dir) == list(range(1, 13))
     assert checkpoint_step_in_fresh_process(run_dir) == 12
+    followed = subprocess.run(["timeout", "3", "bash", "-c", tail], capture_output=True, text=True, timeout=30)
+    assert followed.returncode == 124 and "weights identical on all 2 ranks" in followed.stdout, followed.stderr
     assert not list(tmp_path.rglob("PWNED")) and not (REPO / "PWNED").exists()
     print(f"horovod 2-task job {job_id}: {wall:.1f} s from submit to COMPLETED")
 
@@ -123,6 +148,8 @@ def test_multi_worker_job_from_the_example_script(tmp_path: Path):
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "slurm rank 1/2 on" in log and "multi_worker" in log and "weights identical on all 2 ranks" in log
     assert tb_steps(run_dir) == list(range(1, 13))
+    assert step_lines(log, 12) == list(range(1, 13))
+    assert_rank_lines(log, 2)
     assert checkpoint_step_in_fresh_process(run_dir) == 12
     print(f"multi_worker 2-task job {job_id} (example.sbatch): {wall:.1f} s from submit to COMPLETED")
 
@@ -132,7 +159,7 @@ def test_preemption_warning_requeues_and_finishes_with_every_step_once(tmp_path:
     job_id, _ = submit("--backend", "multi_worker", "--set", f"run_dir={run_dir}", "--set", f"train.steps={total}",
                        "--set", "checkpoint.every=1000", *QUIET)
     log_file = run_dir / "slurm" / f"slurm-{job_id}.out"
-    wait_until(lambda: log_file.exists() and re.search(rf"^step 20/{total} ", log_file.read_text(), re.M),
+    wait_until(lambda: log_file.exists() and re.search(rf"^\[rank 0\] step 20/{total} ", log_file.read_text(), re.M),
                timeout=240, what="step 20")
     # What `--signal=B:USR1@90` does near the time limit: SIGUSR1 to the batch shell only.
     signalled = time.monotonic()
@@ -163,7 +190,7 @@ def test_scancel_leaves_a_checkpoint_that_resumes(tmp_path: Path, warned_first: 
     job_id, _ = submit("--backend", "horovod", "--set", f"run_dir={run_dir}", "--set", f"train.steps={total}",
                        "--set", "checkpoint.every=10", *QUIET)
     log_file = run_dir / "slurm" / f"slurm-{job_id}.out"
-    wait_until(lambda: log_file.exists() and re.search(rf"^step 25/{total} ", log_file.read_text(), re.M),
+    wait_until(lambda: log_file.exists() and re.search(rf"^\[rank 0\] step 25/{total} ", log_file.read_text(), re.M),
                timeout=240, what="step 25")
     if warned_first:  # the user cancels while the ranks are already stopping for a warning: cancel wins
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
@@ -181,7 +208,7 @@ def test_scancel_leaves_a_checkpoint_that_resumes(tmp_path: Path, warned_first: 
     resumed = strata("train", str(run_dir / "slurm" / "config.yaml"), "--set", "distribution.backend=single",
                      timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert step_lines(resumed.stdout, total)[0] == saved + 1
+    assert step_lines(resumed.stdout, total, prefix="")[0] == saved + 1
     assert checkpoint_step_in_fresh_process(run_dir) == total
     steps = tb_steps(run_dir)
     assert steps[-1] == total and len(set(steps)) == len(steps)  # nothing done twice after the resume
@@ -190,14 +217,25 @@ def test_scancel_leaves_a_checkpoint_that_resumes(tmp_path: Path, warned_first: 
 
 def test_requests_slurm_cannot_satisfy_are_refused_before_submission(tmp_path: Path):
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
-    for args, needle in [(["--partition", "nope"], "--partition 'nope': SLURM has no such partition (known: debug)"),
-                         (["--nodes", "2"], "SLURM refuses this job")]:
+    refused = "SLURM refuses this job"
+    for args, needle in [(["--partition", "nope", "--ntasks-per-node", "2"], "--partition 'nope': SLURM has no such "
+                          "partition (known: debug)"),
+                         (["--nodes", "2", "--ntasks-per-node", "2"], refused),
+                         # --dry-run runs the same checks (it used to print a script and exit 0 for each of these)
+                         (["--partition", "gpu", "--dry-run"], "--partition 'gpu': SLURM has no such partition"),
+                         (["--nodes", "4", "--dry-run"], refused),
+                         (["--gpus-per-node", "8", "--dry-run"], refused)]:
         run_dir = tmp_path / "run"
-        done = strata("slurm", "submit", CONFIG, *args, "--ntasks-per-node", "2", "--set", f"run_dir={run_dir}")
+        done = strata("slurm", "submit", CONFIG, *args, "--set", f"run_dir={run_dir}")
         assert done.returncode == 2 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert not run_dir.exists()
+        assert not run_dir.exists() and done.stdout == "", args
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
     assert set(after.split()) <= set(before.split())  # nothing was submitted
+    done = strata("slurm", "submit", CONFIG, "--ntasks-per-node", "2", "--partition", "debug", "--dry-run",
+                  "--set", f"run_dir={run_dir}")
+    assert done.returncode == 0 and done.stdout.startswith("#!/bin/bash") and not run_dir.exists(), done.stderr
+    assert done.stderr.startswith("strata: dry run: checked the config, the resources against it, the partition "
+                                  "(sinfo), the request (sbatch --test-only); nothing written or submitted"), done.stderr
 
 
 @pytest.mark.skipif(shutil.which("sinfo") is None, reason="needs SLURM's client commands")

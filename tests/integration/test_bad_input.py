@@ -2,11 +2,13 @@
 run directory left behind. Cases run the real `strata` command in a subprocess."""
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, TINY_CLASSIFIER as TINY, strata
+from tests.conftest import CONFIGS, REPO, STRATA, TINY_CLASSIFIER as TINY, child_env, strata
 
 CLASSIFIER = str(CONFIGS / "classifier.yaml")
 GOOD_LINE = '{"text": "good food", "label": 1}'
@@ -154,3 +156,34 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, argv_for, fragment: str):
     assert fragment in lines[0], lines[0]
     assert not run_dir.exists(), "a failed start must not leave a run directory"
     assert not (tmp_path / "runs").exists()
+
+
+# Refused only after TensorFlow has been imported (it lists the process's devices): no GPU has number 98.
+AFTER_TF = ["train", SUMMARIZER, *TINY_SUMMARIZER, "--set",
+            f"distribution.pipeline={{{PIPE}, devices: [/gpu:98, /gpu:99]}}"]
+ABSL_LINE = re.compile(r"^[IWEF]\d{4} \d+:\d+:\d+(\.\d+)?\s+\d+\s+\S+:\d+\] ", re.M)
+
+
+def _as_a_user(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """AFTER_TF in the environment a user has: no TF_CPP_MIN_LOG_LEVEL (TF_ENABLE_ONEDNN_OPTS=1 from
+    child_env: TensorFlow's oneDNN path, and its log lines, on any x86-64 CPU)."""
+    environ = child_env(**env)
+    environ.pop("TF_CPP_MIN_LOG_LEVEL")
+    return subprocess.run([STRATA, *AFTER_TF, "--set", f"run_dir={tmp_path / 'run'}"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=environ)
+
+
+def test_the_whole_stderr_is_strata_s_one_line_even_after_tensorflow_loaded(tmp_path: Path):
+    done = _as_a_user(tmp_path)
+    assert done.returncode == 2
+    assert re.fullmatch(r"strata: error: distribution\.pipeline\.devices: /gpu:98 is not a device of this "
+                        r"process[^\n]*\n", done.stderr), done.stderr
+
+
+def test_strata_tf_logs_lets_tensorflow_s_lines_through(tmp_path: Path):
+    shown = _as_a_user(tmp_path, STRATA_TF_LOGS="1")
+    assert shown.returncode == 2 and shown.stderr.splitlines()[-1].startswith("strata: error: ")
+    if not ABSL_LINE.search(shown.stderr):
+        pytest.skip("TensorFlow printed no log line on this CPU even with TF_ENABLE_ONEDNN_OPTS=1 and no "
+                    "TF_CPP_MIN_LOG_LEVEL: nothing for STRATA_TF_LOGS=1 to show here")
+    assert len(shown.stderr.splitlines()) > 1

@@ -2,6 +2,7 @@
 `strata doctor` reports a usable install, `strata tensorboard` binds to 127.0.0.1 only."""
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -73,7 +74,9 @@ def test_tensorboard_binds_to_loopback_only(tmp_path: Path):
 
     (tmp_path / "tensorboard").mkdir()
     port = free_ports(1)[0]
-    proc = subprocess.Popen([STRATA, "tensorboard", str(tmp_path), "--port", str(port)], env=child_env(),
+    env = child_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL")  # as a user runs it (TF_ENABLE_ONEDNN_OPTS=1: TensorFlow's lines on any CPU)
+    proc = subprocess.Popen([STRATA, "tensorboard", str(tmp_path), "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 60
@@ -84,3 +87,5 @@ def test_tensorboard_binds_to_loopback_only(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    output = proc.stdout.read()  # TensorBoard imports TensorFlow: none of TensorFlow's own lines are shown
+    assert "TensorBoard" in output and not re.search(r"^[IWEF]\d{4} \d+:\d+|absl::InitializeLog", output, re.M), output

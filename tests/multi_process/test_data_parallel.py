@@ -81,6 +81,21 @@ def test_two_processes_via_strata_launch(reference: Path, tmp_path: Path, backen
     assert set(digests) == {0, 1} and digests[0] == digests[1], digests
     assert "weights identical on all 2 ranks" in done.stdout
     _assert_equivalent(run_dir, reference)
+    _assert_one_prefix_whole_lines(done.stdout + done.stderr)
+
+
+def _assert_one_prefix_whole_lines(output: str) -> None:
+    """Every launcher prints a rank's lines as `[rank R] ...`, whole (mpirun relays the pieces of a line
+    separately: ranks run with PYTHONUNBUFFERED=1 here, so print() writes text and newline apart), with no
+    TensorFlow log line or per-step warning in between."""
+    lines = output.splitlines()
+    assert all(re.match(r"\[rank [01]\] |strata: ", line) for line in lines), output[-3000:]
+    steps = [re.fullmatch(r"\[rank 0\] step (\d+)/12 loss \S+ lr \S+ \d+ ex/s( eta \d+s)?", line) for line in lines]
+    assert [int(m.group(1)) for m in steps if m] == list(range(1, STEPS + 1)), output[-3000:]
+    assert {line for line in lines if "weights sha256" in line} == {
+        f"[rank {r}] strata: rank {r} weights sha256 {d}" for r, d in _rank_digests(output).items()}
+    for noise in ("<stdout>:", "<stderr>:", "WARNING:tensorflow", "eagerly has significant overhead", "] oneDNN"):
+        assert noise not in output, output[-3000:]
 
 
 def test_trainer_runs_unchanged_under_plain_mpirun(reference: Path, tmp_path: Path):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.multi_process
 CONFIG = str(CONFIGS / "classifier.yaml")
 COMMIT_EVERY = 10
 KILL_AT = 25  # rank 1 SIGKILLs itself after this step; the test then removes its host from the list
-STEP_LINE = re.compile(r"^\[0\]<stdout>:step (\d+)/")
+STEP_LINE = re.compile(r"^\[rank 0\] step (\d+)/")
 ELASTIC_LINE = re.compile(r"elastic: rank (\d+) of (\d+) worker\(s\) on (\S+), continuing from committed step (\d+)")
 HOSTS = ("localhost", "127.0.0.1")
 

@@ -171,6 +171,17 @@ def test_horovod_rank_uses_mpi_over_pmix_and_demands_it():
     assert out["HOROVOD_CONTROLLER"] == "mpi" and "TF_CONFIG" not in out and out["STRATA_BACKEND"] == "horovod"
 
 
+def test_each_rank_prefixes_its_own_lines_like_every_launcher():
+    # SLURM has no Strata launcher reading the ranks' output: run-rank tells the trainer the prefix to use
+    # (trainer/output.py), the one `strata launch` puts before every rank's line.
+    from launch.env import rank_prefix
+
+    for rank, env in enumerate(_job_env(["gpu01", "gpu02"], [2, 1])):
+        out = slurm.rank_environment({**env, "PMIX_RANK": str(rank)}, slurm.read_rank(env, ["gpu01", "gpu02"]),
+                                     backend="horovod", gpus_per_node=0)
+        assert out["STRATA_OUTPUT_PREFIX"] == rank_prefix(rank) == f"[rank {rank}] "
+
+
 def test_trainer_and_launcher_agree_on_the_preempted_exit_code():
     from trainer.preemption import PREEMPTED_EXIT_CODE
 
@@ -311,15 +322,30 @@ def test_shlex_and_directive_roundtrip_arbitrary_text():
 
 # ------------------------------------------------------------------------------------- the command
 def test_dry_run_prints_the_script_and_writes_nothing(tmp_path: Path):
+    # Without SLURM's commands on PATH: the checks that need SLURM are named as not run (the refusals of a dry
+    # run on a real cluster are in tests/cluster/).
     run_dir = tmp_path / "run dir"
     done = subprocess.run([STRATA, "slurm", "submit", str(CONFIGS / "classifier.yaml"), "--ntasks-per-node", "2",
-                           "--time", "10:00", "--set", f"run_dir={run_dir}", "--dry-run"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                           "--time", "10:00", "--partition", "gpu", "--set", f"run_dir={run_dir}", "--dry-run"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PATH": str(Path(sys.executable).parent)})
     assert done.returncode == 0, done.stderr
     d = _directives(done.stdout)
     assert d["--ntasks-per-node"] == "2" and d["--time"] == "0-00:10:00" and d["--chdir"] == str(tmp_path)
     assert f"{run_dir}/slurm/slurm-%j.out" == d["--output"]
+    assert done.stderr == ("strata: dry run: checked the config, the resources against it; could NOT check the "
+                           "partition (sinfo): `sinfo` not found; the request (sbatch --test-only): `sbatch` not "
+                           f"found; nothing written or submitted ({run_dir}/slurm/config.yaml would hold the "
+                           "resolved config)\n")
     assert not run_dir.exists()
+
+
+def test_follow_commands_are_one_per_line_and_each_runs_as_printed():
+    from launch.slurm_jobs import follow_commands
+
+    tail, queue, cancel = follow_commands("14", f"{HOSTILE}/slurm/slurm-14")
+    assert shlex.split(tail) == ["tail", "-f", f"{HOSTILE}/slurm/slurm-14.out", f"{HOSTILE}/slurm/slurm-14.err"]
+    assert shlex.split(queue) == ["squeue", "-j", "14"] and shlex.split(cancel) == ["scancel", "14"]
 
 
 @pytest.mark.parametrize("args, needle", [
