@@ -60,6 +60,7 @@ class _Process:
     """What this process knows about stopping (one per process: signals are per process)."""
 
     received: list[int] = field(default_factory=list)  # signal numbers, in order; appended by the watcher
+    handled: set[int] = field(default_factory=set)  # the same, as the main thread's handler saw them
     installed: bool = False
     abortable: bool = False  # single process that has written nothing yet: a signal ends it at once
     multi: bool = False  # one rank of several: stop only at an agreed step
@@ -103,9 +104,11 @@ def files_written() -> None:
 
 
 def _handler(signum: int, _frame) -> None:
-    """Main thread. Everything else happens in the watcher thread, which sees every signal at once."""
+    """Main thread: ends a single process that has written nothing yet; else notes the vote, so that a signal
+    a hook sends its own process (STRATA_FAULT) counts at that very step. The rest is the watcher's."""
     if _process.abortable and signum != signal.SIGUSR1:
         raise StoppedDuringStartup(signum)
+    _process.handled.add(signum)
 
 
 def _watch(read_fd: int) -> None:
@@ -172,7 +175,7 @@ def _say(line: str) -> None:
 # ------------------------------------------------------------------------------------ the votes
 def local_votes() -> list[float]:
     """This process's votes: 1.0 for each of SIGNALS it has received."""
-    return [1.0 if sig in _process.received else 0.0 for sig in SIGNALS]
+    return [1.0 if sig in _process.received or sig in _process.handled else 0.0 for sig in SIGNALS]
 
 
 def stop_signal(votes) -> int | None:
