@@ -177,7 +177,7 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
             failures += [(int(r), int(c), time.monotonic()) for r, c in _FAILED_PROCESS.findall(line)]
             stop.seen = stop.seen or stopping.parse_stop_line(line)
             from_rank = bool(_RANK_OUTPUT.match(line))
-            if stop.seen and not from_rank and line.startswith(_AFTER_A_STOP):
+            if (stop.seen or stop.why) and not from_rank and line.startswith(_AFTER_A_STOP):
                 continue  # horovodrun calls the ranks' stop exits failures; the summary below says what they are
             if not from_rank:
                 launcher_lines.append(line)

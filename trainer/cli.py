@@ -179,6 +179,7 @@ def _train(cfg, *, stop_after: int | None) -> int:
 
     strategy = make_strategy(cfg)
     configure_runtime(cfg)
+    preemption.reclaim_handlers()  # the backend's runtime may have taken SIGTERM over (MultiWorkerMirrored)
     preemption.files_written()  # from here on the run directory may be written: a signal stops at a step
     if strategy.is_chief:
         per_replica = cfg.data.batch_size // strategy.num_replicas

@@ -98,6 +98,15 @@ def install(*, multi_process: bool, rank: int = 0, checkpoints: Path | None = No
     _process.installed = True
 
 
+def reclaim_handlers() -> None:
+    """Install the handlers again: TensorFlow's runtime may have replaced them since. MultiWorkerMirrored's
+    coordination service installs its own C-level SIGTERM handler (a preemption notifier that only sets a
+    flag), after which Python, and so the watcher, would never see a SIGTERM."""
+    if _process.installed and threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _handler)
+
+
 def files_written() -> None:
     """From here on the run directory may be written: a signal no longer ends a single process at once."""
     _process.abortable = False
@@ -141,7 +150,8 @@ def notice(signum: int, *, phase: str, multi: bool, rank: int) -> str:
     again = "; Ctrl-C again to stop at once, without it" if signum == signal.SIGINT else ""
     if phase == "finishing":
         return f"strata: {who}: the run is already finishing" + ("; Ctrl-C again to stop at once" if again else "")
-    when = ("after the first step (start-up is not over)" if phase == "starting"
+    when = ("after the first step (start-up is not over)" if phase == "starting" and multi
+            else "as soon as start-up is over" if phase == "starting"
             else "after the same step on every rank" if multi else "after this step")
     return f"strata: {who}: stopping {when} and saving a checkpoint{again}"
 
@@ -207,6 +217,7 @@ class StopHook(Hook):
 
     def on_train_begin(self, state: LoopState) -> None:
         _process.phase, _process.step, _process.checkpoints = "training", state.step, self.checkpointer.directory
+        reclaim_handlers()
         if not self.multi:  # a signal during start-up: stop before the first step (the restored one is saved)
             self._decide(state, local_votes())
 
