@@ -9,15 +9,19 @@ Why an agreement: a signal reaches the ranks of a job one by one (or only one of
 different steps. A rank that stopped on its own would leave the others waiting in the next all-reduce, and
 ranks that stopped at different steps would disagree about what the checkpoint holds. So a signal only
 sets a local vote; each rank's votes ride in the compiled step's existing all-reduce of the NaN/Inf flags
-(`make_train_step`: a few more floats in a tensor that is reduced anyway, so agreeing costs no extra
-collective and no extra host synchronisation), and every rank stops after the first step whose summed
-votes are non-zero. A rank votes from the step after its handler ran, so a stop lags the signal by at most
-one step (plus the step in flight). One process needs no agreement: it stops after the current step.
+(`make_train_step`: three more floats in a tensor that is reduced anyway; under Horovod the summed votes
+also join the fused all-reduce of the step's outputs, one more tiny tensor next to the loss and the token
+count), and the loop already reads the step's flags every step, so agreeing adds no collective of its own
+and no host synchronisation. Every rank stops after the first step whose summed votes are
+non-zero. A rank votes from the step after its handler ran, so a job stops at most two steps after the
+signal (the step in flight and the next), where the 10-step agreement grid of earlier versions, which paid
+an eager all-reduce per agreement, lagged up to ten. One process needs no agreement: it stops after the
+current step.
 
 Python runs signal handlers only between bytecodes of the main thread, which may sit in a long TensorFlow
-call (a step, a save, a collective waiting for a dead peer). So the handlers are empty and a daemon thread
-reads the signals from `signal.set_wakeup_fd`: it records the votes, prints the first notice, and acts on a
-second Ctrl-C at once, whatever the main thread is doing.
+call (a step, a save, a collective waiting for a dead peer). So the handlers only note the signal, and a
+daemon thread reads the signals from `signal.set_wakeup_fd`: it records the votes, prints the first notice,
+and acts on a second Ctrl-C at once, whatever the main thread is doing.
 
 On by default (STRATA_PREEMPTION=0 turns it off: the default actions, i.e. KeyboardInterrupt and death by
 SIGTERM). Before a single-process run touches its run directory (importing TensorFlow, reading data), a
