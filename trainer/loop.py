@@ -171,10 +171,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     """Run optimizer steps from the last checkpoint (or from step `start`, whose state the model and optimizer
     already hold: an elastic restart) to `train.steps` (or `stop_after` more steps)."""
     cfg = exp.cfg
-    if start is None:
-        start = exp.checkpointer.restore_latest()
-        if strategy.is_chief:
-            print(start_message(exp.checkpointer.directory, start), flush=True)
+    start = _restore(exp, strategy) if start is None else start
     strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
     tb = TensorBoard(exp.run_dir / "tensorboard", enabled=strategy.is_chief, resumed_from=start)
     hooks = default_hooks(exp, strategy, tb) + list(extra_hooks or [])
@@ -231,6 +228,14 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     if strategy.world_size > 1:
         check_replicas_in_sync(exp, strategy)
     return state
+
+
+def _restore(exp: Experiment, strategy: Strategy) -> int:
+    """Restore the newest checkpoint; the chief says where training starts (`resuming from step N ...`)."""
+    start = exp.checkpointer.restore_latest()
+    if strategy.is_chief:
+        print(start_message(exp.checkpointer.directory, start), flush=True)
+    return start
 
 
 def weights_digest(variables) -> tuple[str, float]:
