@@ -8,7 +8,7 @@ to train, and what does a changed `train.steps` do to the learning rate.
 
 `train.steps` is not frozen, but the learning-rate schedule depends on it: a cosine or linear decay is
 planned over `train.steps`, so resuming a run at step k with a different total moves the rate at step k
-(a finished 100-step cosine run sits at 0; the same step of a 200-step schedule is at half the peak: an
+(a finished 100-step cosine run sits at 0; the same step of a 200-step schedule is near half the peak: an
 unplanned warm restart). So a changed `train.steps` is
   * applied, and said so, when the new schedule does not depend on it at step k and after: a constant
     schedule, or a decay that has not begun (k is still inside the warm-up);
