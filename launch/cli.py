@@ -12,6 +12,7 @@ import sys
 
 from launch import doctor, launcher, tensorboard
 from launch.errors import LaunchError
+from launch.stopping import DEFAULT_GRACE_S, FAILURE_GRACE_S
 
 TRAINER = [sys.executable, "-m", "trainer"]
 
@@ -73,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="elastic: executable printing one `host:slots` line per available host")
     la.add_argument("--blacklist-cooldown-range", type=int, nargs=2, default=[10, 300], metavar=("LO", "HI"),
                     help="elastic: seconds before a host whose worker failed may rejoin (default 10 300)")
-    la.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping ranks")
+    la.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                    help="after Ctrl-C or SIGTERM, how long every rank may take to reach the step they agree on, "
+                         "checkpoint it and exit before it is killed (default: %(default)g; a second Ctrl-C "
+                         f"kills at once). Ranks of a failed or hung job get at most {FAILURE_GRACE_S:g} s")
     la.add_argument("config")
     la.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _slurm_parser(sub)

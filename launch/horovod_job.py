@@ -3,8 +3,10 @@
 horovodrun (Gloo) already stops every rank when one exits non-zero (SIGTERM, SIGKILL 5 s later) and prints
 `Process N exit with status code C.`; under --mpi, mpirun aborts the job and names the first failed rank in its
 own report. This module adds what they lack: the rank's host and signal name, the time from that exit to the
-end of the job, a preempted job (every rank exits 75 at the step they agreed on) reported as such rather than
-as a failure, and the hang watchdog over the ranks' heartbeats.
+end of the job, a stopped job (every rank stops at the step they agreed on and exits 75 or 130) reported as a
+stop rather than as a failure, Ctrl-C and SIGTERM passed on to the ranks themselves rather than to horovodrun
+(whose own stop SIGKILLs them 5 s later, too soon for a checkpoint; see launch/stopping.py), and the hang
+watchdog over the ranks' heartbeats.
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from launch import tf_noise
+from launch import stopping, tf_noise
 from launch.env import rank_prefix
-from launch.local import PREEMPTED_EXIT_CODE
+from launch.stopping import FAILURE_GRACE_S, STOPPED_EXIT_CODES
 from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
 
 _FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
@@ -31,6 +33,7 @@ _FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
 # then share a line: `...eta 10s[1,0]<stdout>:\n`).
 _RANK_TAG = re.compile(r"\[(?:\d+,)?(\d+)\]<(stdout|stderr)>:")
 _HOROVOD_FAILED = "Horovod detected that one or more processes exited with non-zero status"
+_AFTER_A_STOP = ("Process ", "Terminating remaining workers after failure of Process")  # horovodrun's words
 # Under --mpi, Horovod's per-process lines do not exist; mpirun reports the first failed rank itself.
 _MPI_ABORTING = ("Primary job  terminated normally, but", "mpirun noticed that", "mpirun detected that")
 _MPI_SIGNALED = re.compile(r"mpirun noticed that process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
@@ -111,40 +114,97 @@ def rank_lines(stream: Iterable[str]) -> Iterator[tuple[int | None, str]]:
     yield from lines.close()
 
 
+class _Stop:
+    """The launcher's part in stopping a horovodrun job on Ctrl-C or SIGTERM (see launch/stopping.py)."""
+
+    def __init__(self, proc: subprocess.Popen, grace_seconds: float):
+        self.proc, self.grace_seconds = proc, grace_seconds
+        self.signals: list[int] = []  # received by the launcher
+        self.ranks: list[int] = []  # pids of this machine's ranks, found at the first signal
+        self.why: str | None = None  # set when the ranks were killed before they could finish stopping
+        self.seen: tuple[int, str] | None = None  # the chief's stop line: (step, what stopped it)
+        self.timer: threading.Timer | None = None  # kills the ranks when the grace period is over
+
+    def on_signal(self, signum: int, _frame: object = None) -> None:
+        """Handler (main thread): the first signal goes to the ranks; a second Ctrl-C kills them."""
+        self.signals.append(signum)
+        if len(self.signals) == 1:
+            self.ranks = stopping.local_ranks(self.proc.pid)
+            if self.ranks:
+                _say(stopping.notice(signum, self.grace_seconds))
+                stopping.send(self.ranks, signum)
+                self.timer = threading.Timer(self.grace_seconds, self.kill,
+                                             args=(f"the ranks did not stop within --grace {self.grace_seconds:g} "
+                                                   "s: stopping them now",))
+                self.timer.daemon = True
+                self.timer.start()
+            else:  # no rank on this machine to tell: horovodrun stops them (SIGTERM, SIGKILL 5 s later)
+                _say(f"strata: {stopping.signal_label(signum)}: no rank runs on this machine; asking horovodrun "
+                     "to stop the job (it allows them 5 s)")
+                self.terminate_horovodrun(signal.SIGTERM)
+        elif signum == signal.SIGINT and self.why is None:
+            self.kill("second Ctrl-C: stopping now" if self.signals[0] == signal.SIGINT else "Ctrl-C: stopping now")
+        elif len(self.signals) > 2:
+            self.terminate_horovodrun(signal.SIGKILL)
+
+    def kill(self, why: str) -> None:
+        """Stop at once: SIGKILL the local ranks, SIGTERM horovodrun (for the ranks on other machines)."""
+        if self.why is not None or self.proc.poll() is not None:
+            return
+        self.why = why
+        stopping.send(self.ranks, signal.SIGKILL)
+        self.terminate_horovodrun(signal.SIGTERM)
+
+    def terminate_horovodrun(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def report(self, run_dir: Path | None) -> int | None:
+        """The job's exit code after a signal stop (None: no stop happened), with its one line."""
+        if not self.signals and self.seen is None:
+            return None
+        if self.why is None and self.seen is not None:
+            step, by = self.seen
+            _say(stopping.stopped(step, by))
+            return stopping.exit_code_for(signal.SIGINT if by == "Ctrl-C" else signal.SIGTERM)
+        if not self.signals:
+            return None  # the chief never confirmed a save: report like any other failure
+        if self.why is None and self.proc.returncode == 0:
+            _say("strata: every rank finished before the stop took effect")
+            return 0
+        _say(stopping.lost(self.why or f"received {signal.Signals(self.signals[0]).name}: stopped the job",
+                           stopping.committed_step(run_dir)))
+        return 130 if signal.SIGINT in self.signals else 128 + self.signals[0]
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], heartbeat_dir: Path | None,
-                   startup_s: float, grace_seconds: float) -> int:
+                   startup_s: float, grace_seconds: float, run_dir: Path | None = None) -> int:
     """Run `argv` (a horovodrun command), copy its output, and return the job's exit code."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
     failures: list[tuple[int, int, float]] = []
-
-    def terminate(signum: int = signal.SIGTERM, _frame: object = None) -> None:
-        """SIGTERM to horovodrun, which stops its ranks; forwarded Ctrl-C / SIGTERM too."""
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    stop = _Stop(proc, grace_seconds)
+    kill_after = min(grace_seconds, FAILURE_GRACE_S)  # a hung job's ranks cannot checkpoint
 
     def abort_hung_job() -> None:
         """SIGTERM to the ranks on this machine (their pids are in the heartbeats) and to horovodrun, SIGKILL
-        after the grace period: a rank stuck in a collective treats SIGTERM as a preemption warning it cannot
-        act on, and horovodrun's own stop would wait 5 s more. horovodrun then sees its ranks gone and exits."""
+        after a few seconds: a rank stuck in a collective treats SIGTERM as a stop request it cannot act on,
+        and horovodrun's own stop would wait 5 s more. horovodrun then sees its ranks gone and exits."""
         beats = read_beats(heartbeat_dir) if heartbeat_dir else {}
         local = [b["pid"] for b in beats.values() if b.get("host") == socket.gethostname()]
 
         def send(sig: int) -> None:
-            for pid in local:
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
+            stopping.send(local, sig)
+            stop.terminate_horovodrun(sig)
 
         send(signal.SIGTERM)
-        timer = threading.Timer(grace_seconds, send, args=(signal.SIGKILL,))
+        timer = threading.Timer(kill_after, send, args=(signal.SIGKILL,))
         timer.daemon = True
         timer.start()
 
@@ -152,7 +212,7 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
     if heartbeat_dir is not None:
         watchdog = Watchdog(heartbeat_dir, world_size=len(hosts), hosts=hosts, startup_s=startup_s,
                             on_hang=abort_hung_job, finished=lambda: {r for r, _, _ in failures}).start()
-    previous = {s: signal.signal(s, terminate) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, stop.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         assert proc.stdout is not None
         held: list[str] | None = None  # horovodrun's own final traceback after a failure: our summary replaces it
@@ -160,6 +220,7 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
         mpi_abort_seen: float | None = None
         noise = None if tf_noise.shown() else tf_noise.NoiseLines()  # horovodrun imports TensorFlow itself
         for rank, line in rank_lines(proc.stdout):
+            stop.seen = stop.seen or stopping.parse_stop_line(line)
             if rank is not None:
                 sys.stdout.write(rank_prefix(rank) + line)
                 sys.stdout.flush()
@@ -167,10 +228,12 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
             if noise and noise.drop(line):
                 continue
             failures += [(int(r), int(c), time.monotonic()) for r, c in _FAILED_PROCESS.findall(line)]
+            if (stop.seen or stop.why) and line.startswith(_AFTER_A_STOP):
+                continue  # horovodrun calls the ranks' stop exits failures; the summary below says what they are
             launcher_lines.append(line)
             if mpi_abort_seen is None and line.startswith(_MPI_ABORTING):
                 mpi_abort_seen = time.monotonic()
-            if failures and line.startswith("Traceback (most recent call last):"):
+            if (failures or stop.signals) and line.startswith("Traceback (most recent call last):"):
                 if held:  # an earlier traceback (e.g. the elastic driver's): only the last one is horovodrun's
                     sys.stdout.write("".join(held))
                 held = []
@@ -188,20 +251,25 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if stop.timer:
+            stop.timer.cancel()
         if watchdog:
             watchdog.close()
     ended = time.monotonic()
     if watchdog and watchdog.fired.is_set():
         print("strata: hung job stopped", file=sys.stderr, flush=True)
         return WATCHDOG_EXIT_CODE
+    stopped = stop.report(run_dir)
+    if stopped is not None:
+        return stopped
     if code == 0:
         return 0
-    if failures and all(c == PREEMPTED_EXIT_CODE for _, c, _ in failures):
+    if failures and all(c in STOPPED_EXIT_CODES for _, c, _ in failures):
         print(f"strata: preempted: every rank stopped at the step they agreed on and it was checkpointed "
               f"(first to exit: rank {failures[0][0]}); run the same command again to resume "
-              f"(exit {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT_CODE
-    real = [f for f in failures if f[1] != PREEMPTED_EXIT_CODE] or failures
+              f"(exit {failures[0][1]})", file=sys.stderr, flush=True)
+        return failures[0][1]
+    real = [f for f in failures if f[1] not in STOPPED_EXIT_CODES] or failures
     if real:
         beats = read_beats(heartbeat_dir) if heartbeat_dir else {}
         print(f"strata: job failed: {failure_message(real, hosts=hosts, ended=ended, beats=beats)}",

@@ -24,6 +24,7 @@ from launch.horovod import horovodrun_argv, horovodrun_elastic_argv
 from launch.horovod_job import run_horovodrun
 from launch.hosts import Host, assign_ranks, is_local, parse_hostfile, parse_hosts
 from launch.local import run_local
+from launch.stopping import DEFAULT_GRACE_S
 from launch.watchdog import heartbeat_dir_for, heartbeat_settings, remove_heartbeat_dir, supervision_env
 
 
@@ -186,16 +187,16 @@ def plan(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str 
     return LaunchPlan(np, hosts, chosen, controller, config, list(overrides), resolved, stop_after, elastic)
 
 
-def run(p: LaunchPlan, *, grace_seconds: float = 5.0) -> int:
-    """Start the workers and supervise them; the exit code is the job's."""
+def run(p: LaunchPlan, *, grace_seconds: float = DEFAULT_GRACE_S) -> int:
+    """Start the workers and supervise them; the exit code is the job's. `grace_seconds`: after Ctrl-C or
+    SIGTERM, how long the ranks may take to stop at an agreed step and checkpoint it (launch/stopping.py)."""
     batch = p.resolved["data"]["batch_size"]
     print(f"strata: launching {p.np} {p.backend} worker(s) on {','.join(f'{h.name}:{h.slots}' for h in p.hosts)}"
           f" | global batch {batch} = {p.np} x {batch // p.np} per replica", flush=True)
     # Hang watchdog over the ranks' heartbeats (train.watchdog_timeout_s; 0 turns it off).
     timeout_s, startup_s = heartbeat_settings(p.resolved)
     timeout_s = 0 if p.elastic else timeout_s  # the watchdog knows a fixed set of ranks; elastic ranks change
-    beats = heartbeat_dir_for(Path(p.resolved["run_dir"] or Path("runs") / p.resolved["name"]), all_local=all(is_local(h) for h in p.hosts)) \
-        if timeout_s > 0 else None
+    beats = heartbeat_dir_for(_run_dir(p), all_local=all(is_local(h) for h in p.hosts)) if timeout_s > 0 else None
     try:
         if p.backend == "multi_worker":
             return _run_multi_worker(p, grace_seconds, beats, startup_s)
@@ -212,7 +213,7 @@ def _run_multi_worker(p: LaunchPlan, grace_seconds: float, beats: Path | None, s
                                                   tf_config_json=tf_config(workers, pl.rank)),
                                        **supervision_env(beats)}) for pl in placements]
     return run_local([p.worker_command()] * p.np, envs, grace_seconds=grace_seconds, heartbeat_dir=beats,
-                     startup_s=startup_s)
+                     startup_s=startup_s, run_dir=_run_dir(p))
 
 
 def _run_horovodrun(p: LaunchPlan, grace_seconds: float, beats: Path | None, startup_s: float) -> int:
@@ -230,4 +231,9 @@ def _run_horovodrun(p: LaunchPlan, grace_seconds: float, beats: Path | None, sta
     # Elastic: Horovod's driver assigns ranks to hosts (and re-assigns them at every reset), so no fixed map.
     hosts = [] if p.elastic else [pl.host for pl in assign_ranks(p.hosts, p.np)]
     return run_horovodrun(argv, env, hosts=hosts, heartbeat_dir=beats,
-                          startup_s=startup_s, grace_seconds=grace_seconds)
+                          startup_s=startup_s, grace_seconds=grace_seconds, run_dir=_run_dir(p))
+
+
+def _run_dir(p: LaunchPlan) -> Path:
+    """The job's run directory (the config's run_dir, else runs/<name>), as the ranks resolve it."""
+    return Path(p.resolved["run_dir"] or Path("runs") / p.resolved["name"])

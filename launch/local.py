@@ -7,10 +7,11 @@ as `[rank R] ...` (env.rank_prefix, the same under every launcher).
 
 The job fails fast: as soon as one rank exits non-zero or dies from a signal, the others are told to stop
 (SIGTERM to their groups, SIGKILL after a grace period), because a collective job with a missing member
-would otherwise hang forever in its next allreduce. Two exits are not failures: PREEMPTED_EXIT_CODE (75,
-"checkpoint saved, requeue me"), after which the other ranks, which agreed on the same stop step, are given
-time to finish their own save and exit; and the hang watchdog (launch/watchdog.py), which stops everything
-when the ranks' heartbeats show no progress.
+would otherwise hang forever in its next allreduce. Two exits are not failures: 75 and 130 (a rank that
+stopped on a signal at the step all ranks agreed on, trainer/preemption.py), after which the other ranks,
+which stop at the same step, are given time to finish and exit; and the hang watchdog (launch/watchdog.py),
+which stops everything when the ranks' heartbeats show no progress. A Ctrl-C or SIGTERM to the launcher is
+passed on to the ranks, which stop the same way (launch/stopping.py).
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from launch import stopping
 from launch.env import rank_prefix
 from launch.errors import LaunchError
+from launch.stopping import DEFAULT_GRACE_S, FAILURE_GRACE_S, STOPPED_EXIT_CODES
 from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
 
 PREEMPTED_EXIT_CODE = 75  # trainer/preemption.py: stopped at the step all ranks agreed on, checkpoint saved
@@ -186,17 +189,21 @@ class _Job:
             reader.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
-def run_local(commands: list[list[str]], envs: list[dict[str, str]], *, grace_seconds: float = 5.0,
+def run_local(commands: list[list[str]], envs: list[dict[str, str]], *, grace_seconds: float = DEFAULT_GRACE_S,
               stdout: TextIO | None = None, stderr: TextIO | None = None, host: str = "localhost",
-              heartbeat_dir: Path | None = None, startup_s: float = 0.0, preempt_wait_s: float = 120.0) -> int:
+              heartbeat_dir: Path | None = None, startup_s: float = 0.0, preempt_wait_s: float = 120.0,
+              run_dir: Path | None = None) -> int:
     """Run rank i as `commands[i]` with the complete environment `envs[i]` (see env.child_environ); supervise.
 
     Returns 0 when every rank exits 0. When a rank fails, stops the others and returns that rank's status
     (its exit code, or 128+N for death by signal N) after one line on `stderr`. When the launcher gets
-    SIGINT/SIGTERM, stops every rank and returns 130/143. A rank exiting PREEMPTED_EXIT_CODE is waited for
-    by the others (up to `preempt_wait_s`), then 75 is returned. With `heartbeat_dir`, the hang watchdog
-    watches the ranks' heartbeats there and stops a hung job with WATCHDOG_EXIT_CODE. `stdout`/`stderr`
-    default to sys.stdout/sys.stderr at call time; `host` only names the machine in messages.
+    SIGINT/SIGTERM, it passes the signal on to every rank, which stop after the same step and checkpoint it
+    (launch/stopping.py), waits up to `grace_seconds` for them, and returns 130 (SIGINT) or 75 (SIGTERM);
+    a second SIGINT, or the end of the grace period, kills them (130, or 128+N). A rank exiting 75 or 130
+    (stopped at the agreed step) is waited for by the others (up to `preempt_wait_s`). With
+    `heartbeat_dir`, the hang watchdog watches the ranks' heartbeats there and stops a hung job with
+    WATCHDOG_EXIT_CODE. `stdout`/`stderr` default to sys.stdout/sys.stderr at call time; `host` only names
+    the machine in messages; `run_dir` (the run directory) lets a stop say which steps will be redone.
     """
     if not commands:
         raise LaunchError("no ranks to start")
@@ -206,7 +213,6 @@ def run_local(commands: list[list[str]], envs: list[dict[str, str]], *, grace_se
         raise LaunchError("a rank has an empty command")
     if grace_seconds < 0:
         raise LaunchError(f"grace period {grace_seconds} s must be >= 0")
-    out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
 
     def say(line: str) -> None:
@@ -215,7 +221,7 @@ def run_local(commands: list[list[str]], envs: list[dict[str, str]], *, grace_se
         except (OSError, ValueError):
             pass
 
-    job = _Job(out)
+    job = _Job(_Watched(stdout if stdout is not None else sys.stdout))
     with _catch_stop_signals(job.received):
         for rank, (command, env) in enumerate(zip(commands, envs)):
             if job.received:
@@ -224,72 +230,135 @@ def run_local(commands: list[list[str]], envs: list[dict[str, str]], *, grace_se
                 job.start(rank, command, env)
             except OSError as error:
                 started = list(range(len(job.procs)))
-                job.stop(started, grace_seconds)
+                job.stop(started, min(grace_seconds, FAILURE_GRACE_S))
                 job.drain()
                 say(f"cannot start rank {rank} ({command[0]}): {error.strerror or error}; "
                     f"stopped the other {len(started)} rank(s)")
                 return 127 if isinstance(error, FileNotFoundError) else 126
+        return _supervise(job, say, err, grace_seconds=grace_seconds, host=host, heartbeat_dir=heartbeat_dir,
+                          startup_s=startup_s, preempt_wait_s=preempt_wait_s, run_dir=run_dir)
 
-        running = set(range(len(job.procs)))
-        failed: int | None = None
-        preempted: list[int] = []  # ranks that exited 75, in order
-        preempt_deadline = float("inf")
-        watchdog = None
-        if heartbeat_dir is not None:
-            watchdog = Watchdog(heartbeat_dir, world_size=len(job.procs), hosts=[host] * len(job.procs),
-                                startup_s=startup_s, on_hang=lambda: None, err=err,
-                                finished=lambda: set(job.exit_times)).start()
-        while running and not job.received and not (watchdog and watchdog.fired.is_set()):
-            if time.monotonic() > preempt_deadline:
-                break
-            try:
-                rank = job.exits.get(timeout=0.1)  # the timeout only bounds how late a launcher signal is seen
-            except queue.Empty:
-                continue
-            running.discard(rank)
-            code = job.procs[rank].returncode
-            if code == PREEMPTED_EXIT_CODE:  # not a failure: the others stop at the same step by themselves
-                preempted.append(rank)
-                preempt_deadline = min(preempt_deadline, time.monotonic() + preempt_wait_s)
-            elif code != 0:
-                failed = rank
-                break
-        if watchdog:
-            watchdog.close()
 
-        if job.received:
-            signum = job.received[0]
-            to_stop = sorted(running)
-            job.stop(to_stop, grace_seconds)
-            job.drain()
-            say(f"received {signal.Signals(signum).name}; stopped {len(to_stop)} running rank(s)")
-            return 128 + signum
-        if watchdog and watchdog.fired.is_set():
-            job.stop(sorted(running), grace_seconds)  # the table was printed when the watchdog fired
-            job.drain()
-            say(f"hung job stopped ({len(running)} rank(s) were still running)")
-            return WATCHDOG_EXIT_CODE
-        if failed is not None:
-            others = sorted(running)
-            # The failed rank's own group too: whatever it started may outlive it.
-            job.stop([failed, *others], grace_seconds)
-            job.drain()
-            proc = job.procs[failed]
-            code = proc.returncode
-            beat = read_beats(heartbeat_dir).get(failed) if heartbeat_dir else None
-            last = f" (its last heartbeat: step {beat['step']}, {beat['phase']})" if beat else ""
-            say(f"rank {failed} on {host} (pid {proc.pid}) {describe_exit(code)}{last}; stopped the other "
-                f"{len(others)} rank(s) {time.monotonic() - job.exit_times[failed]:.1f} s after its exit")
-            return _exit_status(code)
+def _supervise(job: _Job, say: Callable[[str], None], err: TextIO, *, grace_seconds: float, host: str,
+               heartbeat_dir: Path | None, startup_s: float, preempt_wait_s: float, run_dir: Path | None) -> int:
+    """Wait for the ranks; the job's exit code (see run_local)."""
+    running = set(range(len(job.procs)))
+    failed: int | None = None
+    preempted: list[int] = []  # ranks that exited 75 or 130 (stopped at the agreed step), in order
+    preempt_deadline = float("inf")
+    kill_after = min(grace_seconds, FAILURE_GRACE_S)  # a failed or hung job's ranks cannot checkpoint
+    watchdog = None
+    if heartbeat_dir is not None:
+        watchdog = Watchdog(heartbeat_dir, world_size=len(job.procs), hosts=[host] * len(job.procs),
+                            startup_s=startup_s, on_hang=lambda: None, err=err,
+                            finished=lambda: set(job.exit_times)).start()
+    while running and not job.received and not (watchdog and watchdog.fired.is_set()):
+        if time.monotonic() > preempt_deadline:
+            break
+        try:
+            rank = job.exits.get(timeout=0.1)  # the timeout only bounds how late a launcher signal is seen
+        except queue.Empty:
+            continue
+        running.discard(rank)
+        code = job.procs[rank].returncode
+        if code in STOPPED_EXIT_CODES:  # not a failure: the others stop at the same step by themselves
+            preempted.append(rank)
+            preempt_deadline = min(preempt_deadline, time.monotonic() + preempt_wait_s)
+        elif code != 0:
+            failed = rank
+            break
+    if watchdog:
+        watchdog.close()
+
+    if job.received:
+        return _stop_on_signal(job, running, say, grace_seconds=grace_seconds, run_dir=run_dir)
+    if watchdog and watchdog.fired.is_set():
+        job.stop(sorted(running), kill_after)  # the table was printed when the watchdog fired
         job.drain()
-        if preempted:
-            late = sorted(running)
-            if late:
-                job.stop(late, grace_seconds)
-                say(f"rank(s) {', '.join(map(str, late))} did not stop within {preempt_wait_s:.0f} s of rank "
-                    f"{preempted[0]}'s preemption exit; stopped them")
-                return 1
-            say(f"preempted: every rank stopped at the step they agreed on and it was checkpointed (first to exit: "
-                f"rank {preempted[0]}); run the same command again to resume (exit {PREEMPTED_EXIT_CODE})")
-            return PREEMPTED_EXIT_CODE
+        say(f"hung job stopped ({len(running)} rank(s) were still running)")
+        return WATCHDOG_EXIT_CODE
+    if failed is not None:
+        others = sorted(running)
+        # The failed rank's own group too: whatever it started may outlive it.
+        job.stop([failed, *others], kill_after)
+        job.drain()
+        proc = job.procs[failed]
+        code = proc.returncode
+        beat = read_beats(heartbeat_dir).get(failed) if heartbeat_dir else None
+        last = f" (its last heartbeat: step {beat['step']}, {beat['phase']})" if beat else ""
+        say(f"rank {failed} on {host} (pid {proc.pid}) {describe_exit(code)}{last}; stopped the other "
+            f"{len(others)} rank(s) {time.monotonic() - job.exit_times[failed]:.1f} s after its exit")
+        return _exit_status(code)
+    job.drain()
+    if preempted:
+        return _report_stopped(job, sorted(running), preempted, say, preempt_wait_s, kill_after)
+    return 0
+
+
+def _stop_on_signal(job: _Job, running: set[int], say: Callable[[str], None], *, grace_seconds: float,
+                    run_dir: Path | None) -> int:
+    """The launcher got SIGINT/SIGTERM: pass it on to the ranks, which stop after one agreed step and save
+    it; wait for them up to the grace period, or until a second Ctrl-C; say how the job ended."""
+    signum, ranks = job.received[0], sorted(running)
+    say(stopping.notice(signum, grace_seconds).removeprefix("strata: "))
+    for r in ranks:
+        _signal_group(job.procs[r].pid, signum)
+    seen, deadline, why = 1, time.monotonic() + grace_seconds, None
+    while running:
+        if signal.SIGINT in job.received[seen:]:
+            why = "second Ctrl-C: stopping now" if signum == signal.SIGINT else "Ctrl-C: stopping now"
+            break
+        seen = len(job.received)
+        if time.monotonic() > deadline:
+            why = f"the ranks did not stop within --grace {grace_seconds:g} s: stopping them now"
+            break
+        try:
+            running.discard(job.exits.get(timeout=0.1))
+        except queue.Empty:
+            continue
+    job.stop(list(range(len(job.procs))), 0.0 if why else min(grace_seconds, FAILURE_GRACE_S))
+    job.drain()
+    if why is None and job.out.stop is not None:  # the chief saved the agreed step and said so
+        step, by = job.out.stop
+        say(stopping.stopped(step, by).removeprefix("strata: "))
+        return stopping.exit_code_for(signal.SIGINT if by == "Ctrl-C" else signal.SIGTERM)
+    if why is None and all(p.returncode == 0 for p in job.procs):
+        say("every rank finished before the stop took effect")
         return 0
+    gone = why or f"received {signal.Signals(signum).name}; stopped {len(ranks)} running rank(s)"
+    say((stopping.lost(gone, stopping.committed_step(run_dir)) if run_dir is not None else gone)
+        .removeprefix("strata: "))
+    return 130 if why and why.startswith(("second Ctrl-C", "Ctrl-C")) else 128 + signum
+
+
+def _report_stopped(job: _Job, late: list[int], stopped_ranks: list[int], say: Callable[[str], None],
+                    preempt_wait_s: float, kill_after: float) -> int:
+    """Ranks exited 75 or 130 on their own (a signal reached one of them): all of them should have."""
+    if late:
+        job.stop(late, kill_after)
+        say(f"rank(s) {', '.join(map(str, late))} did not stop within {preempt_wait_s:.0f} s of rank "
+            f"{stopped_ranks[0]}'s stop; stopped them")
+        return 1
+    if job.out.stop is not None:
+        step, by = job.out.stop
+        say(stopping.stopped(step, by).removeprefix("strata: "))
+        return stopping.exit_code_for(signal.SIGINT if by == "Ctrl-C" else signal.SIGTERM)
+    code = job.procs[stopped_ranks[0]].returncode
+    say(f"preempted: every rank stopped at the step they agreed on and it was checkpointed (first to exit: "
+        f"rank {stopped_ranks[0]}); run the same command again to resume (exit {code})")
+    return code
+
+
+class _Watched:
+    """The ranks' merged output stream, noting the chief's stop line (launch/stopping.py) as it passes."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.stop = out, None
+
+    def write(self, text: str) -> int:
+        if self.stop is None:
+            self.stop = stopping.parse_stop_line(text)
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()

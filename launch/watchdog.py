@@ -167,7 +167,8 @@ def supervision_env(heartbeat_dir: Path | None, environ=os.environ) -> dict[str,
     watchdog thread per rank), and preemption handling on (STRATA_PREEMPTION=0 in the launcher's
     environment turns it off): a SIGTERM to any one rank then stops all of them at the same, checkpointed
     step instead of killing one and leaving the rest in a collective (pure)."""
-    env = {"STRATA_PREEMPTION": environ.get("STRATA_PREEMPTION", "1")}
+    # STRATA_SUPERVISED: the launcher says what a forwarded Ctrl-C / SIGTERM does, so the ranks need not.
+    env = {"STRATA_PREEMPTION": environ.get("STRATA_PREEMPTION", "1"), "STRATA_SUPERVISED": "1"}
     if heartbeat_dir is not None:
         env.update(STRATA_HEARTBEAT_DIR=str(heartbeat_dir), STRATA_WATCHDOG="launcher")
     return env

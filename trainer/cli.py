@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     with_overrides(t)
     t.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N more steps (checkpointed), e.g. to split a run into chunks")
-    v = sub.add_parser("validate", help="check a config and print it resolved, as JSON")
+    v = sub.add_parser("validate", help="check a config (and that its run directory can resume with it); "
+                                        "print it resolved, as JSON")
     with_overrides(v)
     pl = sub.add_parser("plan", help="print ranks, devices, stages, levels, memory and schedule")
     with_overrides(pl)
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"strata: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        if hasattr(stop, "exit_code"):  # preemption.StoppedDuringStartup: Ctrl-C/SIGTERM before anything was written
+            print(stop.message, file=sys.stderr)
+            return stop.exit_code
         print("strata: interrupted", file=sys.stderr)
         return 130
 
@@ -80,7 +84,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     if args.command == "validate":
+        from trainer.resume import check_run_dir
+
         cfg = load_config(args.config, args.overrides)
+        check_run_dir(cfg)  # and against its run directory: `strata launch` refuses a bad resume before any rank
         print(json.dumps(cfg.model_dump(mode="json")))
         return 0
     if args.command == "plan":
@@ -177,14 +184,32 @@ def _print_data_facts(cfg, splits) -> None:
         print(f"strata: note: {note}", flush=True)
 
 
+def _before_tensorflow(cfg) -> bool:
+    """Start-up that needs no TensorFlow: catch the stop signals, check the run directory against the config
+    (its saved config and newest checkpoint: milliseconds) and say what this start does (rank 0). True when
+    the run has nothing left to do."""
+    from trainer import preemption, resume
+    from trainer.strategy import launched_world_size
+
+    rank = resume.env_rank()
+    multi_process = cfg.distribution.backend in ("horovod", "multi_worker") or launched_world_size() > 1
+    # From now on Ctrl-C, SIGTERM and SIGUSR1 stop the run at a checkpointed step.
+    preemption.install(multi_process=multi_process, rank=rank,
+                       checkpoints=cfg.resolved_run_dir() / resume.CHECKPOINT_DIR)
+    plan = resume.check_run_dir(cfg)
+    if rank == 0:
+        for note in plan.notes:
+            print(note, flush=True)
+    return plan.nothing_to_do
+
+
 def _train(cfg, *, stop_after: int | None) -> int:
     from trainer.cpu_affinity import pin_from_env
 
     pin_from_env()  # opt-in (STRATA_PIN_CPU=1), before any thread starts
+    if _before_tensorflow(cfg):
+        return 0
     from trainer import preemption
-
-    if preemption.enabled():  # SLURM ranks: a warning signal during start-up is kept, not fatal
-        preemption.install_handlers()
     from trainer.data.splits import load_splits
 
     splits = load_splits(cfg.data, cfg.task)  # data-file errors surface here, before TensorFlow loads
@@ -194,6 +219,8 @@ def _train(cfg, *, stop_after: int | None) -> int:
 
     strategy = make_strategy(cfg)
     configure_runtime(cfg)
+    preemption.reclaim_handlers()  # the backend's runtime may have taken SIGTERM over (MultiWorkerMirrored)
+    preemption.files_written()  # from here on the run directory may be written: a signal stops at a step
     if strategy.is_chief:
         per_replica = cfg.data.batch_size // strategy.num_replicas
         print(f"strata: {strategy.describe()} | global batch {cfg.data.batch_size} = "
@@ -207,12 +234,13 @@ def _train(cfg, *, stop_after: int | None) -> int:
     else:
         state = train(exp, strategy, stop_after=stop_after)
     if strategy.is_chief:
-        shown = " ".join(f"{k}={v:.4f}" for k, v in state.eval_metrics.items())
-        reason = f" ({state.stop_reason})" if state.stop_reason else ""
-        print(f"strata: step {state.step}/{cfg.train.steps}{reason} | validation {shown or '(not evaluated yet)'}")
+        if not state.stop_signal:  # a signal stop has said where it stopped (preemption.StopHook), unevaluated
+            shown = " ".join(f"{k}={v:.4f}" for k, v in state.eval_metrics.items())
+            reason = f" ({state.stop_reason})" if state.stop_reason else ""
+            print(f"strata: step {state.step}/{cfg.train.steps}{reason} | validation {shown or '(not evaluated yet)'}")
+            (exp.run_dir / "metrics.json").write_text(json.dumps({"step": state.step, **state.eval_metrics}))
         print(f"strata: run directory {exp.run_dir} | TensorBoard: strata tensorboard {exp.run_dir}")
-        (exp.run_dir / "metrics.json").write_text(json.dumps({"step": state.step, **state.eval_metrics}))
-    return preemption.exit_code(state)  # 75 = preempted, checkpoint saved: requeue me
+    return preemption.exit_code(state)  # 130 after Ctrl-C; 75 after SIGTERM/SIGUSR1: checkpoint saved, run again
 
 
 if __name__ == "__main__":

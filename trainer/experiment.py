@@ -25,13 +25,11 @@ from trainer.data.tokenizer import Vocabulary
 from trainer.errors import ConfigError, StorageError
 from trainer.models import LevelModel, build_model
 from trainer.optim import build_optimizer
+from trainer.resume import CONFIG_FILE, FROZEN_ON_RESUME, check_frozen  # noqa: F401  (re-exported)
 from trainer.strategy.base import Strategy
 
-CONFIG_FILE = "config.yaml"
 VOCAB_FILE = "vocab.json"
 LABELS_FILE = "labels.json"  # classification: number of classes and their names (absent in older runs: binary)
-# Sections that must not change when a run is resumed: they define what the checkpoint means.
-FROZEN_ON_RESUME = ("model", "data", "seed")
 
 
 @dataclass
@@ -59,30 +57,11 @@ def configure_runtime(cfg: ExperimentConfig) -> None:
 
 
 def check_resume_compatible(cfg: ExperimentConfig, run_dir: Path) -> None:
-    """Refuse to resume a run directory that was trained with a different model, data or seed."""
+    """Refuse to resume a run directory that was trained with a different model, data or seed (also checked
+    before TensorFlow loads, by trainer/resume.py; kept here for callers of `prepare` that skip that)."""
     saved_file = run_dir / CONFIG_FILE
-    if not saved_file.is_file():
-        return
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
-    new = cfg.model_dump(mode="json")
-    for raw in (saved, new):  # the test split never touches training: a run may gain one later
-        if isinstance(raw.get("data"), dict):
-            raw["data"] = {k: v for k, v in raw["data"].items() if k != "test_path"}
-    for section in FROZEN_ON_RESUME:
-        if saved.get(section) != new.get(section):
-            diff = _first_difference(saved.get(section), new.get(section), section)
-            raise ConfigError(
-                f"{run_dir}: this run directory was trained with a different {section} config ({diff}); "
-                f"resume with the same {section}, or start a new run with --set run_dir=<new dir>"
-            )
-
-
-def _first_difference(a, b, path: str) -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{path}.{key}")
-    return f"{path}: {a!r} -> {b!r}"
+    if saved_file.is_file():
+        check_frozen(yaml.safe_load(saved_file.read_text(encoding="utf-8")), cfg.model_dump(mode="json"), run_dir)
 
 
 def ensure_writable(run_dir: Path) -> None:

@@ -103,7 +103,7 @@ class CheckpointHook(Hook):
             self.save(state.step)
 
     def on_train_end(self, state: LoopState) -> None:
-        if self.checkpointer.latest_step != state.step:
+        if state.step and self.checkpointer.latest_step != state.step:  # step 0: stopped before any step
             self.save(state.step)
 
     def save(self, step: int) -> None:

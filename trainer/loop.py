@@ -13,10 +13,11 @@ from trainer.experiment import Experiment, model_inputs
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
 from trainer.faults import fault_hooks, gradient_fault
 from trainer.heartbeat import heartbeat_hooks, phase
-from trainer.preemption import preemption_hooks
+from trainer.preemption import VOTES, preemption_hooks, votes_variable
 from trainer.models.decoding import greedy_decoder
 from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags, poison
 from trainer.optim import current_lr
+from trainer.resume import start_message
 from trainer.strategy.base import Strategy
 from trainer.summaries import TensorBoard, flatten
 
@@ -29,6 +30,7 @@ def make_train_step(exp: Experiment, strategy: Strategy):
     accum = cfg.train.grad_accum
     loss_scaling = hasattr(optimizer, "scale_loss") and cfg.train.mixed_precision == "float16"
     inject = gradient_fault(strategy.rank)  # STRATA_FAULT=RANK:STEP:inf only; None (no op) otherwise
+    stop_votes = votes_variable()  # this process's stop requests (trainer/preemption.py)
 
     def replica_step(batch: dict) -> dict:
         variables = model.trainable_variables
@@ -53,7 +55,9 @@ def make_train_step(exp: Experiment, strategy: Strategy):
         if inject is not None:
             grads = inject(grads)
         # NaN/Inf guard (trainer/nonfinite.py): a non-finite loss or gradient on any replica -> all skip.
-        bad = strategy.replica_sum(local_flags(loss, grads))
+        # The stop votes ride in the same all-reduce: every rank learns of a signal in the same step, for free.
+        flags = strategy.replica_sum(tf.concat([local_flags(loss, grads), tf.identity(stop_votes)], 0))
+        bad, stop = flags[:-VOTES], flags[-VOTES:]
         ok = tf.equal(tf.reduce_sum(bad), 0.0)
         grads = strategy.reduce_gradients(grads)
         if loss_scaling:  # it skips a non-finite update itself (and lowers its scale): make it see ours
@@ -61,7 +65,7 @@ def make_train_step(exp: Experiment, strategy: Strategy):
         else:
             strategy.apply_if(ok, lambda g: optimizer.apply_gradients(zip(g, variables)), grads)
         return {"loss": loss, "tokens": tf.cast(task_lib.tokens_in(task, batch), tf.float32),
-                "nonfinite": tf.cast(first_bad(bad), tf.float32), **extras}
+                "nonfinite": tf.cast(first_bad(bad), tf.float32), "stop": stop, **extras}
 
     @tf.function
     def train_step(iterator) -> dict:
@@ -167,7 +171,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     """Run optimizer steps from the last checkpoint (or from step `start`, whose state the model and optimizer
     already hold: an elastic restart) to `train.steps` (or `stop_after` more steps)."""
     cfg = exp.cfg
-    start = exp.checkpointer.restore_latest() if start is None else start
+    start = _restore(exp, strategy) if start is None else start
     strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
     tb = TensorBoard(exp.run_dir / "tensorboard", enabled=strategy.is_chief, resumed_from=start)
     hooks = default_hooks(exp, strategy, tb) + list(extra_hooks or [])
@@ -191,6 +195,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
         out = train_step(iterator)
         state.step += 1
         state.nonfinite = round(float(out["nonfinite"]) / strategy.num_replicas)  # agreed: same on every rank
+        state.stop_votes = out["stop"].numpy().tolist()  # agreed too: a stop is for the same step everywhere
         window_steps += 1
         window_tokens.append(out["tokens"])  # kept as tensors: no host sync, no extra op between log points
         logging_now = state.step % cfg.train.log_every == 0 or state.step == last
@@ -215,18 +220,26 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
         for hook in hooks:
             hook.on_step_end(state)
-        if state.step % cfg.eval.every == 0 or state.step == cfg.train.steps:
+        if (state.step % cfg.eval.every == 0 or state.step == cfg.train.steps) and not state.stop_signal:
             eval_started = time.perf_counter()
             run_eval(exp, strategy, state, hooks, tb, eval_step)
             window_start += time.perf_counter() - eval_started  # evaluation time is not training throughput
     already_done = start >= last
-    if (state.stop_requested and state.step % cfg.eval.every) or already_done:
+    if ((state.stop_requested and state.step % cfg.eval.every) or already_done) and not state.stop_signal:
         run_eval(exp, strategy, state, hooks, tb, eval_step)  # early stop off the grid, or nothing left to do
     for hook in hooks:
         hook.on_train_end(state)
     if strategy.world_size > 1:
         check_replicas_in_sync(exp, strategy)
     return state
+
+
+def _restore(exp: Experiment, strategy: Strategy) -> int:
+    """Restore the newest checkpoint; the chief says where training starts (`resuming from step N ...`)."""
+    start = exp.checkpointer.restore_latest()
+    if strategy.is_chief:
+        print(start_message(exp.checkpointer.directory, start), flush=True)
+    return start
 
 
 def weights_digest(variables) -> tuple[str, float]:

@@ -21,6 +21,10 @@ class LoopState:
     # this is 1 + the index of the first one (1: the loss, 2: the first gradient...; trainer/nonfinite.py).
     nonfinite: int = 0
     stop_reason: str = ""
+    # Stop requests (trainer/preemption.py): the last step's votes summed over every rank (one per signal),
+    # and the signal a stop is for (0: none). A signal stop skips everything not needed to stop.
+    stop_votes: list[float] = field(default_factory=list)
+    stop_signal: int = 0
 
 
 class Hook:

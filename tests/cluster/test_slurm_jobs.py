@@ -174,7 +174,7 @@ def test_preemption_warning_requeues_and_finishes_with_every_step_once(tmp_path:
     log = log_file.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", \
         f"{info['JobState']} (Reason={info.get('Reason')}, held until {begin})\n{log[-3000:]}"
-    (stop,) = [int(s) for s in re.findall(r"preempted: checkpointed step (\d+) on all ranks", log)]
+    (stop,) = [int(s) for s in re.findall(r"strata: stopped at step (\d+) by \S+ .*\(checkpoint saved\)", log)]
     assert 20 <= stop < total
     assert "start 2 on" in log
     # Every step exactly once: the console lines of both starts and the TensorBoard events of both.
@@ -201,7 +201,7 @@ def test_scancel_leaves_a_checkpoint_that_resumes(tmp_path: Path, warned_first: 
     info = job_info(job_id)
     log = log_file.read_text()
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log[-3000:]
-    stopped = [int(s) for s in re.findall(r"preempted: checkpointed step (\d+) on all ranks", log)]
+    stopped = [int(s) for s in re.findall(r"strata: stopped at step (\d+) by \S+ .*\(checkpoint saved\)", log)]
     saved = checkpoint_step_in_fresh_process(run_dir)  # restores the latest checkpoint in a new process
     assert saved >= 20 and saved == (stopped[0] if stopped else saved)
     # Resume it (here in one process: the data order depends only on seed and step, not on the layout).

@@ -236,3 +236,82 @@ def test_watchdog_reports_every_rank_and_stops_a_hung_job(tmp_path, capsys):
     assert rc == 124 and elapsed < 1.0 + 1.0 + 0.5 + 2.0, err  # limit + check interval + grace + start-up
     assert "made no progress" in err and "furthest behind: rank 0 (step 4, step)" in err
     assert re.search(r"^\s+1\s+\S+\s+\d+\s+5\s+step\s+\d+\.\d\s+<- hung$", err, re.M), err
+
+
+# ------------------------------------------------ Ctrl-C / SIGTERM to the launcher: passed on to the ranks
+# A rank that stops like trainer/preemption.py does on a signal: rank 0 says it saved the step, both exit 130
+# (SIGINT) or 75 (SIGTERM). `STUBBORN` ignores SIGINT (a rank stuck where it cannot act on the stop).
+STOPPING_RANK = """
+import os, signal, sys, time
+def stop(signum, frame):
+    if os.environ["R"] == "0":
+        print("strata: stopped at step 7 by " + ("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
+              + " (checkpoint saved); run the same command to resume", flush=True)
+    sys.exit(130 if signum == signal.SIGINT else 75)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(60)
+"""
+STUBBORN = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+STOP_LAUNCHER = """
+import sys
+from pathlib import Path
+from launch.local import run_local
+from tests.conftest import child_env
+ranks, grace = sys.argv[1].split("|"), float(sys.argv[2])
+sys.exit(run_local([[sys.executable, '-c', code] for code in ranks], [child_env(R=str(r)) for r in range(len(ranks))],
+                   grace_seconds=grace, run_dir=Path(sys.argv[3])))
+"""
+
+
+def _launcher_stop(ranks: list[str], signals: list[int], tmp_path: Path, grace: float = 30.0):
+    """Start run_local over `ranks` in a launcher process; once every rank is ready, send it `signals` (each
+    after the launcher's notice of the first). Returns (exit code, stderr lines, seconds from first signal)."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-5.manifest.json").write_text("{}")  # what a committed save leaves
+    launcher = subprocess.Popen([PY, "-c", STOP_LAUNCHER, "|".join(ranks), str(grace), str(tmp_path)], cwd=REPO,
+                                env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = 0
+        while ready < len(ranks):
+            line = launcher.stdout.readline()
+            assert line, launcher.stderr.read()
+            ready += line.endswith("ready\n")
+        start = time.monotonic()
+        launcher.send_signal(signals[0])
+        err = [launcher.stderr.readline()]
+        for sig in signals[1:]:
+            launcher.send_signal(sig)
+        rc = launcher.wait(timeout=60)
+        elapsed = time.monotonic() - start
+        err += launcher.stderr.read().splitlines()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    return rc, [e.rstrip("\n") for e in err], elapsed
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig, code, what", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 75, "SIGTERM")])
+def test_a_stop_the_ranks_saved_is_reported_as_a_stop(tmp_path, sig, code, what):
+    rc, err, _ = _launcher_stop([STOPPING_RANK, STOPPING_RANK], [sig], tmp_path)
+    assert rc == code, err
+    assert err[0].startswith(f"strata: {what}: every rank stops after the same step and saves it (waiting up to 30 s")
+    assert err[-1] == f"strata: stopped at step 7 by {what} (checkpoint saved); run the same command to resume"
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_kills_the_ranks_at_once_and_says_what_is_lost(tmp_path):
+    rc, err, elapsed = _launcher_stop([STUBBORN, STUBBORN], [signal.SIGINT, signal.SIGINT], tmp_path)
+    assert rc == 130 and elapsed < 5.0, err  # not the 30 s grace
+    assert err[-1] == ("strata: second Ctrl-C: stopping now without a checkpoint; steps after 5 (the last "
+                       "checkpoint) will be redone")
+
+
+@pytest.mark.timeout(60)
+def test_ranks_that_do_not_stop_within_the_grace_are_killed(tmp_path):
+    rc, err, elapsed = _launcher_stop([STUBBORN, STOPPING_RANK], [signal.SIGINT], tmp_path, grace=1.0)
+    assert rc == 130 and 1.0 <= elapsed < 5.0, err
+    assert err[-1] == ("strata: the ranks did not stop within --grace 1 s: stopping them now without a checkpoint; "
+                       "steps after 5 (the last checkpoint) will be redone")

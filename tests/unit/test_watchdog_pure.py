@@ -56,8 +56,8 @@ def test_exit_descriptions():
 
 def test_launched_ranks_get_preemption_on_and_the_launcher_as_watchdog(tmp_path):
     assert supervision_env(tmp_path, {}) == {"STRATA_PREEMPTION": "1", "STRATA_HEARTBEAT_DIR": str(tmp_path),
-                                             "STRATA_WATCHDOG": "launcher"}
-    assert supervision_env(None, {"STRATA_PREEMPTION": "0"}) == {"STRATA_PREEMPTION": "0"}
+                                             "STRATA_WATCHDOG": "launcher", "STRATA_SUPERVISED": "1"}
+    assert supervision_env(None, {"STRATA_PREEMPTION": "0"}) == {"STRATA_PREEMPTION": "0", "STRATA_SUPERVISED": "1"}
     assert heartbeat_settings({"train": {"watchdog_timeout_s": 30, "watchdog_startup_s": 900}}) == (30.0, 900.0)
 
 
