@@ -11,7 +11,7 @@ from trainer import task as task_lib
 from trainer.data.batches import eval_dataset, train_dataset
 from trainer.experiment import Experiment, model_inputs
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
-from trainer.faults import fault_hooks, gradient_fault
+from trainer.faults import fault_hooks, step_fault
 from trainer.heartbeat import heartbeat_hooks, phase
 from trainer.preemption import preemption_hooks
 from trainer.models.decoding import greedy_decoder
@@ -28,7 +28,7 @@ def make_train_step(exp: Experiment, strategy: Strategy):
     global_batch = cfg.data.batch_size
     accum = cfg.train.grad_accum
     loss_scaling = hasattr(optimizer, "scale_loss") and cfg.train.mixed_precision == "float16"
-    inject = gradient_fault(strategy.rank)  # STRATA_FAULT=RANK:STEP:inf only; None (no op) otherwise
+    inject = step_fault(strategy.rank)  # STRATA_FAULT=RANK:STEP:inf|nan_loss only; None (no op) otherwise
 
     def replica_step(batch: dict) -> dict:
         variables = model.trainable_variables
@@ -51,7 +51,7 @@ def make_train_step(exp: Experiment, strategy: Strategy):
                 grads = part_grads if grads is None else [_add(g, d) for g, d in zip(grads, part_grads)]
                 loss += part_loss
         if inject is not None:
-            grads = inject(grads)
+            grads, loss = inject(grads), inject.loss(loss)
         # NaN/Inf guard (trainer/nonfinite.py): a non-finite loss or gradient on any replica -> all skip.
         bad = strategy.replica_sum(local_flags(loss, grads))
         ok = tf.equal(tf.reduce_sum(bad), 0.0)
@@ -204,8 +204,8 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
                 "step_time_ms": 1000.0 * elapsed / window_steps,
                 **pipeline_logs(out, strategy.num_replicas),
             }
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {state.step}")
+            if not np.isfinite(loss) and not state.nonfinite:  # the guard flags the loss: cannot happen
+                raise FloatingPointError(f"loss became {loss} at step {state.step} but the step was not skipped")
             for hook in hooks:
                 hook.on_log(state)
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
