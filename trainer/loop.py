@@ -162,17 +162,23 @@ def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[
     return hooks + fault_hooks(strategy.rank) + preemption_hooks(strategy, exp.checkpointer)
 
 
+def last_step(start: int, total_steps: int, stop_after: int | None) -> int:
+    """The step a run started at `start` stops after: `total_steps`, or `stop_after` more steps if sooner."""
+    return total_steps if stop_after is None else min(total_steps, start + stop_after)
+
+
 def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
-          extra_hooks: list[Hook] | None = None, start: int | None = None) -> LoopState:
+          extra_hooks: list[Hook] | None = None, start: int | None = None, stop_at: int | None = None) -> LoopState:
     """Run optimizer steps from the last checkpoint (or from step `start`, whose state the model and optimizer
-    already hold: an elastic restart) to `train.steps` (or `stop_after` more steps)."""
+    already hold: an elastic restart) to `train.steps`, or `stop_after` more steps, or step `stop_at` (fixed
+    by the caller: an elastic restart keeps the target of the job's first start)."""
     cfg = exp.cfg
     start = exp.checkpointer.restore_latest() if start is None else start
     strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
     tb = TensorBoard(exp.run_dir / "tensorboard", enabled=strategy.is_chief, resumed_from=start)
     hooks = default_hooks(exp, strategy, tb) + list(extra_hooks or [])
     state = LoopState(step=start, total_steps=cfg.train.steps)
-    last = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    last = last_step(start, cfg.train.steps, stop_after) if stop_at is None else min(stop_at, cfg.train.steps)
     if start == 0:
         tb.hparams(flatten(cfg.model_dump(mode="json")), ["val/loss"])
 
