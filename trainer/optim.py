@@ -37,13 +37,18 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int,
                     mixed_precision: str) -> keras.optimizers.Optimizer:
-    """Adam/AdamW with the schedule; clipping by global norm; loss scaling for float16."""
+    """Adam/AdamW/SGD with the schedule; clipping by global norm; loss scaling for float16.
+
+    Plain SGD moves each weight by lr x its gradient, so a wrong gradient scale (a mean where a sum is due)
+    changes its steps in proportion; Adam cancels a constant scale except through epsilon."""
     peak = cfg.lr * (num_replicas if cfg.scale_lr_with_replicas else 1)
     schedule = WarmupSchedule(peak, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
                               decay=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     kwargs = dict(learning_rate=schedule, global_clipnorm=cfg.clip_norm)
     if cfg.name == "adamw":
         opt = keras.optimizers.AdamW(weight_decay=cfg.weight_decay, **kwargs)
+    elif cfg.name == "sgd":
+        opt = keras.optimizers.SGD(momentum=cfg.momentum, **kwargs)
     else:
         opt = keras.optimizers.Adam(**kwargs)
     if mixed_precision == "float16":

@@ -29,7 +29,11 @@ def _weights(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path):
-    common = ["--set", "train.steps=8", "--set", "eval.every=1000", "--set", "optimizer.warmup_steps=0"]
+    # Plain SGD with momentum: its update is proportional to the gradient, so micro-step gradients summed
+    # with the wrong scale (e.g. each normalised by its own micro-batch) change the weights; Adam would
+    # divide a constant scale out.
+    common = ["--set", "train.steps=8", "--set", "eval.every=1000", "--set", "optimizer.warmup_steps=0",
+              "--set", "optimizer.name=sgd", "--set", "optimizer.lr=0.5", "--set", "optimizer.momentum=0.9"]
     _train(tmp_path / "one", *common)
     _train(tmp_path / "four", *common, "--set", "train.grad_accum=4")
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "four")

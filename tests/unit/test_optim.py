@@ -34,3 +34,22 @@ def test_learning_rate_scales_with_replicas_only_when_asked():
 def test_float16_gets_loss_scaling():
     opt = build_optimizer(OptimizerConfig(), total_steps=10, num_replicas=1, mixed_precision="float16")
     assert hasattr(opt, "inner_optimizer") and hasattr(opt, "scale_loss")
+
+
+def test_sgd_with_momentum_steps_by_lr_times_gradient():
+    import keras
+    import numpy as np
+
+    opt = build_optimizer(OptimizerConfig(name="sgd", lr=0.5, momentum=0.9), total_steps=10, num_replicas=1,
+                          mixed_precision="off")
+    assert isinstance(opt, keras.optimizers.SGD) and opt.momentum == pytest.approx(0.9)
+    w = keras.Variable(np.array([1.0, -2.0], np.float32))
+    opt.apply_gradients([(np.array([0.2, 0.4], np.float32), w)])
+    np.testing.assert_allclose(w.numpy(), [0.9, -2.2], rtol=1e-6)  # w - lr * g on the first step
+
+
+def test_momentum_is_for_sgd_only():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="momentum needs optimizer.name: sgd"):
+        OptimizerConfig(name="adam", momentum=0.9)
