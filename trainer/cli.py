@@ -84,6 +84,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.stop_after is not None and args.stop_after < 1:
             raise UserError(f"--stop-after {args.stop_after}: must be a positive number of steps")
         return _train(cfg, stop_after=args.stop_after)
+    _require_run_dir(args.run_dir)  # before TensorFlow loads (trainer.experiment imports it): a typo fails fast
     from trainer.experiment import load_run_config
 
     cfg = load_run_config(args.run_dir)
@@ -113,6 +114,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"exported SavedModel to {out} (signature serving_default: text -> "
               f"{'label, probability' if cfg.task == 'classification' else 'summary'})")
     return 0
+
+
+def _require_run_dir(run_dir: str) -> None:
+    """UserError unless `run_dir` holds the resolved config `strata train` writes (trainer.experiment's
+    CONFIG_FILE, named here so this check needs no TensorFlow)."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a Strata run directory (no config.yaml); pass the directory "
+                        "`strata train` created")
 
 
 def _restore(cfg):

@@ -59,6 +59,7 @@ def test_doctor_reports_tensorflow_horovod_and_mpi():
     assert lines["horovod"].startswith("[  ok]") and "gloo" in lines["horovod"] and "mpi" in lines["horovod"]
     assert lines["mpirun"].startswith("[  ok]")
     assert done.stdout.strip().endswith("verdict: ready")
+    assert all(c.isprintable() or c == "\n" for c in done.stdout), repr(done.stdout)  # mpi4py's line ended in NUL
 
 
 def _listening(port: int) -> list[str]:
@@ -73,11 +74,16 @@ def _listening(port: int) -> list[str]:
 
 
 def test_tensorboard_binds_to_loopback_only(tmp_path: Path):
+    import json
+    import urllib.request
+
     from launch.env import free_ports
 
-    (tmp_path / "tensorboard").mkdir()
+    run_dir = tmp_path / "my-run"
+    with tf.summary.create_file_writer(str(run_dir / "tensorboard")).as_default(step=1):
+        tf.summary.scalar("train/loss", 0.5)
     port = free_ports(1)[0]
-    proc = subprocess.Popen([STRATA, "tensorboard", str(tmp_path), "--port", str(port)], env=child_env(),
+    proc = subprocess.Popen([STRATA, "tensorboard", str(run_dir), "--port", str(port)], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 60
@@ -85,6 +91,11 @@ def test_tensorboard_binds_to_loopback_only(tmp_path: Path):
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.5)
         assert _listening(port) == ["0100007F"], "TensorBoard must listen on 127.0.0.1 only"
+        runs = []
+        while time.time() < deadline and not runs:  # what a browser's run list shows, once the files are read
+            runs = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=10).read())
+            time.sleep(0.5)
+        assert runs == ["my-run"], runs  # was ["."]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
