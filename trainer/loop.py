@@ -84,7 +84,8 @@ def pipeline_logs(out: dict, replicas: int) -> dict[str, float]:
     logs["pipeline/bubble_fraction"] = float(np.mean([logs[f"pipeline/stage_{s}_idle_fraction"]
                                                       for s in range(len(busy))]))
     logs["pipeline/step_span_ms"] = 1000.0 * span
-    # Stage-seconds of work per second of step: 1.0 = the stages ran one after another, K = all at once.
+    # Stage-seconds of compute per second of step: 1.0 = the stages ran one after another, K = all at once;
+    # compute time excludes waits for a core (see pipeline.py `_compute_seconds`), so at most K*M/(M+K-1).
     logs["pipeline/overlap"] = float(np.sum(busy)) / span
     return logs
 
