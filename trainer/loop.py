@@ -261,17 +261,22 @@ def run_eval(exp, strategy, state, hooks, tb, eval_step) -> None:
     if exp.cfg.task == "summarization" and strategy.is_chief:
         attention = _attention_map(exp)
         if attention is not None:
-            tb.attention_image(state.step, attention)
+            weights, summary_tokens, document_tokens = attention
+            tb.attention_image(state.step, weights, rows=summary_tokens, columns=document_tokens)
     for hook in hooks:
         hook.on_eval(state)
 
 
-def _attention_map(exp: Experiment) -> np.ndarray | None:
-    """Attention of the first validation example (summary tokens x document tokens), if the model has one."""
+def _attention_map(exp: Experiment) -> tuple[np.ndarray, list[str], list[str]] | None:
+    """Attention of the first validation example (summary tokens x document tokens) and those tokens (each
+    row is the summary token predicted at that position), if the model has attention."""
     first = {k: tf.constant(v[:1]) for k, v in exp.arrays["val"].items()}
     attention = exp.model(model_inputs("summarization", first)).get("attention")
     if attention is None:
         return None
     doc_len = max(int(np.count_nonzero(first["document"][0])), 1)
     sum_len = max(int(np.count_nonzero(first["summary_out"][0])), 1)
-    return attention.numpy()[0, :sum_len, :doc_len]
+    tokens = exp.vocab.tokens
+    words = lambda ids: [tokens[i] if 0 <= i < len(tokens) else "?" for i in ids.numpy().tolist()]  # noqa: E731
+    return (attention.numpy()[0, :sum_len, :doc_len], words(first["summary_out"][0, :sum_len]),
+            words(first["document"][0, :doc_len]))

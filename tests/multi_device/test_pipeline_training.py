@@ -70,10 +70,24 @@ def test_pipelined_summarizer_follows_the_unpipelined_loss_curve(tmp_path: Path)
     for s in (0, 1):
         assert all(v > 0 for _, v in stages[f"pipeline/stage_{s}_compute_ms"])
         assert all(0 <= v < 1 for _, v in stages[f"pipeline/stage_{s}_idle_fraction"])
-    # A stage can never be busier than the step is long.
-    for (_, span), (_, busy) in zip(stages["pipeline/step_span_ms"], stages["pipeline/stage_0_compute_ms"]):
-        assert busy <= span * 1.001
-    print("pipeline/bubble_fraction", stages["pipeline/bubble_fraction"])
+    # Overlap is stage-seconds of compute per step-second: what the logged compute times and span say, and
+    # never more than a 2-stage, 4-micro-batch schedule allows (K*M/(M+K-1) = 1.6; the wall-clock measure
+    # it replaced reported 1.64 against that bound).
+    overlap = stages["pipeline/overlap"]
+    assert [s for s, _ in overlap] == [3, 6, 9, 12]
+    for i, (_, value) in enumerate(overlap):
+        compute = sum(stages[f"pipeline/stage_{s}_compute_ms"][i][1] for s in (0, 1))
+        assert value == pytest.approx(compute / stages["pipeline/step_span_ms"][i][1], rel=1e-3)
+        assert 0 < value <= 1.6 * 1.03, overlap
+    print("pipeline/overlap", overlap, "pipeline/bubble_fraction", stages["pipeline/bubble_fraction"])
+    # The attention heat map names its tokens (the first validation example's summary and document).
+    import tensorflow as tf
+
+    acc = event_accumulator.EventAccumulator(str(piped / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = tf.make_ndarray(acc.Tensors("val/attention_tokens")[-1].tensor_proto).item().decode()
+    rows, columns = (part.split(": ", 1)[1].split() for part in text.split("\n\n"))
+    assert rows and columns and rows[-1] == "</s>", text  # each row: the token predicted there, EOS last
 
 
 def test_plan_shows_ranks_stages_memory_and_warnings():
