@@ -101,8 +101,11 @@ def make_eval_step(exp: Experiment):
     """A compiled forward pass returning additive counts. Evaluation runs per process on its own shard
     (no collective inside), and the counts are summed over processes afterwards."""
     model, task = exp.model, exp.cfg.task
+    # One trace for every batch size: a split's last batch is smaller, and each new shape would trace the
+    # step again (TensorFlow warns about it when a process evaluates several runs, as bench/overhead.py does).
+    spec = eval_dataset(exp.arrays["val"], batch_size=1).element_spec
 
-    @tf.function
+    @tf.function(input_signature=[spec])
     def eval_step(batch: dict) -> dict:
         outputs = model(model_inputs(task, batch), training=False)
         return task_lib.eval_counts(task, batch, outputs)
