@@ -16,7 +16,7 @@ from trainer.heartbeat import heartbeat_hooks, phase
 from trainer.preemption import preemption_hooks
 from trainer.models.decoding import greedy_decoder
 from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags, poison
-from trainer.optim import current_lr
+from trainer.optim import current_lr, merge_duplicate_rows
 from trainer.strategy.base import Strategy
 from trainer.summaries import TensorBoard, flatten
 
@@ -56,6 +56,8 @@ def make_train_step(exp: Experiment, strategy: Strategy):
         bad = strategy.replica_sum(local_flags(loss, grads))
         ok = tf.equal(tf.reduce_sum(bad), 0.0)
         grads = strategy.reduce_gradients(grads)
+        if cfg.optimizer.clip_norm is not None:  # the global norm of a sparse gradient counts a row once
+            grads = merge_duplicate_rows(grads)
         if loss_scaling:  # it skips a non-finite update itself (and lowers its scale): make it see ours
             optimizer.apply_gradients(zip(poison(grads, ok), variables))
         else:

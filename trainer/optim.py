@@ -56,6 +56,25 @@ def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int
     return opt
 
 
+def merge_duplicate_rows(grads: list) -> list:
+    """`grads` with every IndexedSlices gradient (an embedding's) summed per row: one slice per row it touches.
+
+    A token that occurs twice in a batch gives its embedding row two slices, and Horovod's all-reduce of a
+    sparse gradient gathers every rank's slices. Keras' `global_clipnorm` takes the norm of the slices as
+    they are, not of the gradient they add up to ([1, 1] twice: sqrt(4) instead of sqrt(8)), so it clipped by
+    the wrong factor. Merged, the clipped step is that of the dense gradient (what the pipeline, which
+    densifies, already got). Dense gradients pass through unchanged.
+    """
+    merged = []
+    for g in grads:
+        if isinstance(g, tf.IndexedSlices):
+            rows, position = tf.unique(g.indices)
+            g = tf.IndexedSlices(tf.math.unsorted_segment_sum(g.values, position, tf.shape(rows)[0]), rows,
+                                 g.dense_shape)
+        merged.append(g)
+    return merged
+
+
 def rescale_lr_for_replicas(opt: keras.optimizers.Optimizer, cfg: OptimizerConfig, num_replicas: int) -> None:
     """With `scale_lr_with_replicas`, set the peak learning rate for a new replica count (elastic restarts).
 

@@ -53,3 +53,27 @@ def test_momentum_is_for_sgd_only():
 
     with pytest.raises(ValidationError, match="momentum needs optimizer.name: sgd"):
         OptimizerConfig(name="adam", momentum=0.9)
+
+
+def test_clipping_a_sparse_gradient_clips_the_gradient_it_adds_up_to():
+    """Row 0 gets [1, 1] twice: the gradient is [[2, 2], 0, 0], norm sqrt(8). Keras clips the slices as given
+    (norm sqrt(4)); merged first, the clipped step is the dense gradient's."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.optim import merge_duplicate_rows
+
+    sparse = tf.IndexedSlices(tf.constant([[1.0, 1.0], [1.0, 1.0], [3.0, 0.0]]), tf.constant([0, 0, 2]),
+                              tf.constant([3, 2]))
+    dense = tf.convert_to_tensor(sparse)
+    steps = {}
+    for name, grad in (("sparse", sparse), ("merged", merge_duplicate_rows([sparse])[0]), ("dense", dense)):
+        w = keras.Variable(np.zeros((3, 2), np.float32))
+        keras.optimizers.SGD(learning_rate=1.0, global_clipnorm=1.0).apply_gradients([(grad, w)])
+        steps[name] = -w.numpy()
+    np.testing.assert_allclose(steps["merged"], steps["dense"], rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(steps["dense"]), 1.0, rtol=1e-6)
+    assert not np.allclose(steps["sparse"], steps["dense"])  # what Keras does with the slices as they are
+    merged = merge_duplicate_rows([sparse, dense])
+    assert merged[1] is dense and sorted(merged[0].indices.numpy().tolist()) == [0, 2]
