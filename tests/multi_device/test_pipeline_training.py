@@ -99,6 +99,14 @@ def test_pipelined_summarizer_follows_the_unpipelined_loss_curve(tmp_path: Path)
     assert rows and columns and rows[-1] == "</s>", text  # each row: the token predicted there, EOS last
 
 
+def test_example_pipeline_config_plans():
+    """configs/summarizer_pipeline.yaml, the pipeline example the README points to, is a valid layout."""
+    done = strata("plan", str(CONFIGS / "summarizer_pipeline.yaml"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pipeline: 2 stages x 1 replica, 2 devices" in done.stdout, done.stdout
+    assert "schedule: 1f1b, 8 micro-batches per step" in done.stdout and "warning" not in done.stdout.lower()
+
+
 def test_plan_shows_ranks_stages_memory_and_warnings():
     done = strata("plan", *TRANSFORMER, "-np", "2", "-H", "nodeA:1,nodeB:1", "--set", PIPE_EXPLICIT)
     assert done.returncode == 0, done.stderr[-3000:]
