@@ -61,7 +61,8 @@ def test_worker_lost_then_rejoins(tmp_path: Path):
     argv = [STRATA, "launch", "-np", "2", "--elastic", "--min-np", "1", "--max-np", "2",
             "--host-discovery-script", str(script), "--blacklist-cooldown-range", "1", "2", CONFIG,
             "--stop-after", str(STOP_AFTER),
-            *TINY_CLASSIFIER, "--set", f"run_dir={run_dir}", "--set", f"train.steps={TOTAL}", "--set", "train.log_every=5",
+            *TINY_CLASSIFIER, "--set", f"run_dir={run_dir}", "--set", f"train.steps={TOTAL}",
+            "--set", "train.log_every=5",
             "--set", "eval.every=100000", "--set", "checkpoint.every=100000", "--set", "optimizer.warmup_steps=0",
             "--set", f"train.elastic_commit_every={COMMIT_EVERY}", "--set", "model.embed_dim=128",
             "--set", "model.hidden_dim=512"]

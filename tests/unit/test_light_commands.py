@@ -19,7 +19,8 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.parametrize("command", [["evaluate"], ["classify"], ["summarize"], ["export"]])
 def test_a_missing_run_dir_is_reported_before_tensorflow_loads(tmp_path, command):
-    argv = [*command, str(tmp_path / "nonexistent")] + (["some text"] if command[0] in ("classify", "summarize") else [])
+    texts = ["some text"] if command[0] in ("classify", "summarize") else []
+    argv = [*command, str(tmp_path / "nonexistent"), *texts]
     done = subprocess.run([sys.executable, "-c", _WITHOUT_TF, *argv], capture_output=True, text=True, timeout=60,
                           env=child_env())
     assert done.returncode == 2, done.stderr
