@@ -43,8 +43,14 @@ def probe(code: str, timeout: float = 60.0) -> tuple[bool, str]:
                               env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout:.0f}s"
-    text = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
+    text = printable(done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
     return done.returncode == 0, (text[-1] if text else "")
+
+
+def printable(text: str) -> str:
+    """`text` without control characters other than newlines and tabs (pure). MPI's library version string
+    ends with a C string's NUL byte, which made `grep` call doctor's output binary."""
+    return "".join(c for c in text if c.isprintable() or c in "\n\t")
 
 
 def command_version(cmd: list[str]) -> tuple[bool, str]:
@@ -54,7 +60,7 @@ def command_version(cmd: list[str]) -> tuple[bool, str]:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
         return False, "timed out"
-    lines = (done.stdout or done.stderr).strip().splitlines()
+    lines = printable(done.stdout or done.stderr).strip().splitlines()
     return done.returncode == 0, lines[0] if lines else ""
 
 

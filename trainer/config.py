@@ -166,9 +166,9 @@ class DataConfig(_Strict):
 
 # ------------------------------------------------------------------------------------- optimizer
 class OptimizerConfig(_Strict):
-    """Adam/AdamW with warmup then a decay schedule, optional clipping and weight decay."""
+    """Adam/AdamW or SGD (with momentum) with warmup then a decay schedule, optional clipping and weight decay."""
 
-    name: Literal["adam", "adamw"] = "adam"
+    name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: NonNegInt = 0
@@ -176,11 +176,14 @@ class OptimizerConfig(_Strict):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     clip_norm: Annotated[float, Field(gt=0.0)] | None = None
     scale_lr_with_replicas: bool = False
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # sgd only
 
     @model_validator(mode="after")
     def _decay_needs_adamw(self) -> "OptimizerConfig":
         if self.weight_decay > 0 and self.name != "adamw":
             raise ValueError("weight_decay needs optimizer.name: adamw (Adam's L2 is not decoupled)")
+        if self.momentum > 0 and self.name != "sgd":
+            raise ValueError("momentum needs optimizer.name: sgd (Adam keeps its own moments)")
         return self
 
 

@@ -21,7 +21,7 @@ import time
 
 from trainer.experiment import Experiment
 from trainer.hooks import Hook, LoopState
-from trainer.loop import train
+from trainer.loop import last_step, train
 from trainer.optim import rescale_lr_for_replicas
 
 
@@ -41,6 +41,9 @@ def train_elastic(exp: Experiment, strategy, *, stop_after: int | None = None) -
     """Train to `train.steps` with a changing set of workers; return the final loop state."""
     cfg = exp.cfg
     start = exp.checkpointer.restore_latest()  # a fresh job resumes from disk; rank 0's copy wins at sync
+    # `--stop-after N` means N steps from the job's first start, not from every restart's commit: the target
+    # is fixed here once and kept in the elastic state, so rank 0's value reaches workers that join later.
+    stop_at = last_step(start, cfg.train.steps, stop_after)
     variables = [*exp.model.variables, *exp.optimizer.variables, *exp.checkpointer.checkpoint.rng.states]
     began = time.monotonic()
 
@@ -51,7 +54,7 @@ def train_elastic(exp: Experiment, strategy, *, stop_after: int | None = None) -
         print(f"strata: elastic: rank {strategy.rank} of {strategy.world_size} worker(s) on {strategy.host}, "
               f"continuing from committed step {elastic_state.step} at {time.monotonic() - began:.1f}s",
               file=sys.stderr, flush=True)
-        return train(exp, strategy, stop_after=stop_after, start=elastic_state.step,
+        return train(exp, strategy, start=elastic_state.step, stop_at=elastic_state.stop_at,
                      extra_hooks=[CommitHook(elastic_state, cfg.train.elastic_commit_every)])
 
-    return strategy.run_elastic(body, variables=variables, step=start)
+    return strategy.run_elastic(body, variables=variables, step=start, stop_at=stop_at)

@@ -1,6 +1,7 @@
 """Fault injection for tests and drills: make one rank fail on purpose at a chosen step.
 
-Set STRATA_FAULT="RANK:STEP:KIND" in the environment of a run, e.g. `1:5:kill`. KIND is one of
+Set STRATA_FAULT="RANK:STEP:KIND" in the environment of a run, e.g. `1:5:kill` (several, comma-separated:
+`1:5:inf,1:7:nan_loss`). KIND is one of
   exit   the rank exits with code 3 after step STEP,
   kill   the rank sends itself SIGKILL after step STEP (as the OOM killer would),
   hang   the rank stops making progress (sleeps) before step STEP+1,
@@ -9,6 +10,8 @@ Set STRATA_FAULT="RANK:STEP:KIND" in the environment of a run, e.g. `1:5:kill`. 
   inf    the rank adds +Inf to its gradient of the model's last trainable variable in step STEP, inside the
          compiled step and before the all-reduce (drills the NaN/Inf guard, trainer/nonfinite.py). STEP may
          be a range FIRST-LAST (`1:5-9:inf`: steps 5 to 9) to drill the stop after train.max_bad_steps.
+  nan_loss  the rank adds NaN to its loss in step STEP (inside the compiled step, after the gradients: they stay
+         finite, so only the guard's loss flag and, under float16, its poisoning make the step skip). Ranges too.
 Steps count from 1 (step STEP is the STEP-th optimizer step). Unset (the default), nothing happens: the
 hook is not even installed, and the compiled step has no injection op.
 """
@@ -21,7 +24,8 @@ import time
 
 from trainer.hooks import Hook, LoopState
 
-KINDS = ("exit", "kill", "hang", "usr1", "inf")
+IN_STEP = ("inf", "nan_loss")  # act inside the compiled step (StepFault)
+KINDS = ("exit", "kill", "hang", "usr1", *IN_STEP)
 
 
 def parse_fault(spec: str) -> tuple[int, int, int, str]:
@@ -34,15 +38,20 @@ def parse_fault(spec: str) -> tuple[int, int, int, str]:
         raise ValueError(f"STRATA_FAULT={spec!r}: expected RANK:STEP:KIND, e.g. 1:5:kill") from None
     if kind not in KINDS:
         raise ValueError(f"STRATA_FAULT={spec!r}: KIND must be one of {', '.join(KINDS)}")
-    if parsed[2] != parsed[1] and kind != "inf" or parsed[2] < parsed[1]:
-        raise ValueError(f"STRATA_FAULT={spec!r}: a step range FIRST-LAST (FIRST <= LAST) needs KIND inf")
+    if parsed[2] != parsed[1] and kind not in IN_STEP or parsed[2] < parsed[1]:
+        raise ValueError(f"STRATA_FAULT={spec!r}: a step range FIRST-LAST (FIRST <= LAST) needs KIND inf or nan_loss")
     return parsed
 
 
+def parse_faults(specs: str) -> list[tuple[int, int, int, str]]:
+    """Every fault of a comma-separated STRATA_FAULT value (`1:5:inf,1:7:nan_loss`)."""
+    return [parse_fault(spec.strip()) for spec in specs.split(",") if spec.strip()]
+
+
 class FaultInjection(Hook):
-    def __init__(self, spec: str, rank: int):
-        self.rank, self.step, _, self.kind = parse_fault(spec)
-        self.active = rank == self.rank and self.kind != "inf"  # inf acts inside the step: GradientFault
+    def __init__(self, fault: tuple[int, int, int, str], rank: int):
+        self.rank, self.step, _, self.kind = fault
+        self.active = rank == self.rank
 
     def on_step_end(self, state: LoopState) -> None:
         if not self.active or state.step != self.step:
@@ -59,55 +68,64 @@ class FaultInjection(Hook):
             time.sleep(60)
 
 
-class GradientFault(Hook):
-    """`inf`: a variable the compiled step adds to one gradient; 0 except in the chosen steps on the chosen rank.
+class StepFault(Hook):
+    """`inf` and `nan_loss`: two variables the compiled step adds to one gradient and to the loss; 0 except in
+    the chosen steps on the chosen rank.
 
-    Adding 0.0 leaves every finite gradient unchanged, and the op exists only when this fault is set.
+    Adding 0.0 leaves every finite value unchanged, and the ops exist only when such a fault is set.
     """
 
-    def __init__(self, spec: str, rank: int):
-        import tensorflow as tf  # only runs that inject an Inf pay for it here
+    def __init__(self, faults: list[tuple[int, int, int, str]], rank: int):
+        import tensorflow as tf  # only runs that inject a non-finite value pay for it here
 
-        self.rank, self.first, self.last, _ = parse_fault(spec)
-        self.active = rank == self.rank
-        self.addend = tf.Variable(0.0, trainable=False, name="strata_fault_addend")
+        self.faults = [f for f in faults if f[0] == rank and f[3] in IN_STEP]
+        self.rank = rank
+        self.grad_addend = tf.Variable(0.0, trainable=False, name="strata_fault_addend")
+        self.loss_addend = tf.Variable(0.0, trainable=False, name="strata_fault_loss_addend")
 
     def __call__(self, grads: list) -> list:
-        """`grads` with the addend added to the last gradient (inside the compiled step)."""
+        """`grads` with the gradient addend added to the last gradient (inside the compiled step)."""
         import tensorflow as tf
 
         g = grads[-1]
         if isinstance(g, tf.IndexedSlices):
-            g = tf.IndexedSlices(g.values + tf.cast(self.addend, g.values.dtype), g.indices, g.dense_shape)
+            g = tf.IndexedSlices(g.values + tf.cast(self.grad_addend, g.values.dtype), g.indices, g.dense_shape)
         else:
-            g = g + tf.cast(self.addend, g.dtype)
+            g = g + tf.cast(self.grad_addend, g.dtype)
         return [*grads[:-1], g]
+
+    def loss(self, loss):
+        """`loss` plus the loss addend (inside the compiled step)."""
+        import tensorflow as tf
+
+        return loss + tf.cast(self.loss_addend, loss.dtype)
 
     def on_step_begin(self, state: LoopState) -> None:
         step = state.step + 1  # the step about to run
-        inject = self.active and self.first <= step <= self.last
-        if inject:
-            print(f"strata: injected fault: rank {self.rank} inf in a gradient at step {step}", file=sys.stderr,
-                  flush=True)
-        self.addend.assign(float("inf") if inject else 0.0)
+        for kind, addend, value, what in (("inf", self.grad_addend, float("inf"), "inf in a gradient"),
+                                          ("nan_loss", self.loss_addend, float("nan"), "nan in the loss")):
+            inject = any(k == kind and first <= step <= last for _, first, last, k in self.faults)
+            if inject:
+                print(f"strata: injected fault: rank {self.rank} {what} at step {step}", file=sys.stderr,
+                      flush=True)
+            addend.assign(value if inject else 0.0)
 
 
-_gradient_fault: dict[int, GradientFault] = {}
+_step_fault: dict[int, StepFault] = {}
 
 
-def gradient_fault(rank: int) -> GradientFault | None:
-    """The process's `inf` fault (one object, shared by the compiled step and the hooks), or None."""
-    spec = os.environ.get("STRATA_FAULT")
-    if not spec or parse_fault(spec)[3] != "inf":
+def step_fault(rank: int) -> StepFault | None:
+    """The process's in-step fault (one object, shared by the compiled step and the hooks), or None."""
+    faults = parse_faults(os.environ.get("STRATA_FAULT", ""))
+    if not any(kind in IN_STEP for *_, kind in faults):
         return None
-    if rank not in _gradient_fault:
-        _gradient_fault[rank] = GradientFault(spec, rank)
-    return _gradient_fault[rank]
+    if rank not in _step_fault:
+        _step_fault[rank] = StepFault(faults, rank)
+    return _step_fault[rank]
 
 
 def fault_hooks(rank: int) -> list[Hook]:
-    spec = os.environ.get("STRATA_FAULT")
-    if not spec:
-        return []
-    injection = gradient_fault(rank)
-    return [injection] if injection is not None else [FaultInjection(spec, rank)]
+    faults = parse_faults(os.environ.get("STRATA_FAULT", ""))
+    hooks: list[Hook] = [FaultInjection(f, rank) for f in faults if f[3] not in IN_STEP]
+    in_step = step_fault(rank)
+    return hooks + ([in_step] if in_step is not None else [])

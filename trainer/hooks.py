@@ -2,6 +2,7 @@
 early stopping. The loop calls every hook at the same points and never branches on what they do."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -77,7 +78,10 @@ class TensorBoardHook(Hook):
 
     def on_log(self, state: LoopState) -> None:
         logs = state.train_logs
-        self.tb.scalars(state.step, {k: logs[k] for k in ("loss", "learning_rate")}, prefix="train")
+        # A step the NaN/Inf guard skipped has a non-finite loss: it stays out of the curve (the guard
+        # counts it in train/skipped_steps) rather than putting a NaN into TensorBoard's chart.
+        train = {k: logs[k] for k in ("loss", "learning_rate") if k != "loss" or math.isfinite(logs[k])}
+        self.tb.scalars(state.step, train, prefix="train")
         perf = ("examples_per_sec", "tokens_per_sec", "step_time_ms")
         self.tb.scalars(state.step, {k: logs[k] for k in perf}, prefix="perf")
         stages = {k.removeprefix("pipeline/"): v for k, v in logs.items() if k.startswith("pipeline/")}

@@ -11,12 +11,12 @@ from trainer import task as task_lib
 from trainer.data.batches import eval_dataset, train_dataset
 from trainer.experiment import Experiment, model_inputs
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
-from trainer.faults import fault_hooks, gradient_fault
+from trainer.faults import fault_hooks, step_fault
 from trainer.heartbeat import heartbeat_hooks, phase
 from trainer.preemption import VOTES, preemption_hooks, votes_variable
 from trainer.models.decoding import greedy_decoder
 from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags, poison
-from trainer.optim import current_lr
+from trainer.optim import current_lr, merge_duplicate_rows
 from trainer.resume import start_message
 from trainer.strategy.base import Strategy
 from trainer.summaries import TensorBoard, flatten
@@ -29,7 +29,7 @@ def make_train_step(exp: Experiment, strategy: Strategy):
     global_batch = cfg.data.batch_size
     accum = cfg.train.grad_accum
     loss_scaling = hasattr(optimizer, "scale_loss") and cfg.train.mixed_precision == "float16"
-    inject = gradient_fault(strategy.rank)  # STRATA_FAULT=RANK:STEP:inf only; None (no op) otherwise
+    inject = step_fault(strategy.rank)  # STRATA_FAULT=RANK:STEP:inf|nan_loss only; None (no op) otherwise
     stop_votes = votes_variable()  # this process's stop requests (trainer/preemption.py)
 
     def replica_step(batch: dict) -> dict:
@@ -53,13 +53,15 @@ def make_train_step(exp: Experiment, strategy: Strategy):
                 grads = part_grads if grads is None else [_add(g, d) for g, d in zip(grads, part_grads)]
                 loss += part_loss
         if inject is not None:
-            grads = inject(grads)
+            grads, loss = inject(grads), inject.loss(loss)
         # NaN/Inf guard (trainer/nonfinite.py): a non-finite loss or gradient on any replica -> all skip.
         # The stop votes ride in the same all-reduce: every rank learns of a signal in the same step, for free.
         flags = strategy.replica_sum(tf.concat([local_flags(loss, grads), tf.identity(stop_votes)], 0))
         bad, stop = flags[:-VOTES], flags[-VOTES:]
         ok = tf.equal(tf.reduce_sum(bad), 0.0)
         grads = strategy.reduce_gradients(grads)
+        if cfg.optimizer.clip_norm is not None:  # the global norm of a sparse gradient counts a row once
+            grads = merge_duplicate_rows(grads)
         if loss_scaling:  # it skips a non-finite update itself (and lowers its scale): make it see ours
             optimizer.apply_gradients(zip(poison(grads, ok), variables))
         else:
@@ -88,7 +90,8 @@ def pipeline_logs(out: dict, replicas: int) -> dict[str, float]:
     logs["pipeline/bubble_fraction"] = float(np.mean([logs[f"pipeline/stage_{s}_idle_fraction"]
                                                       for s in range(len(busy))]))
     logs["pipeline/step_span_ms"] = 1000.0 * span
-    # Stage-seconds of work per second of step: 1.0 = the stages ran one after another, K = all at once.
+    # Stage-seconds of compute per second of step: 1.0 = the stages ran one after another, K = all at once;
+    # compute time excludes waits for a core (see pipeline.py `_compute_seconds`), so at most K*M/(M+K-1).
     logs["pipeline/overlap"] = float(np.sum(busy)) / span
     return logs
 
@@ -104,8 +107,11 @@ def make_eval_step(exp: Experiment):
     """A compiled forward pass returning additive counts. Evaluation runs per process on its own shard
     (no collective inside), and the counts are summed over processes afterwards."""
     model, task = exp.model, exp.cfg.task
+    # One trace for every batch size: a split's last batch is smaller, and each new shape would trace the
+    # step again (TensorFlow warns about it when a process evaluates several runs, as bench/overhead.py does).
+    spec = eval_dataset(exp.arrays["val"], batch_size=1).element_spec
 
-    @tf.function
+    @tf.function(input_signature=[spec])
     def eval_step(batch: dict) -> dict:
         outputs = model(model_inputs(task, batch), training=False)
         return task_lib.eval_counts(task, batch, outputs)
@@ -166,17 +172,23 @@ def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[
     return hooks + fault_hooks(strategy.rank) + preemption_hooks(strategy, exp.checkpointer)
 
 
+def last_step(start: int, total_steps: int, stop_after: int | None) -> int:
+    """The step a run started at `start` stops after: `total_steps`, or `stop_after` more steps if sooner."""
+    return total_steps if stop_after is None else min(total_steps, start + stop_after)
+
+
 def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
-          extra_hooks: list[Hook] | None = None, start: int | None = None) -> LoopState:
+          extra_hooks: list[Hook] | None = None, start: int | None = None, stop_at: int | None = None) -> LoopState:
     """Run optimizer steps from the last checkpoint (or from step `start`, whose state the model and optimizer
-    already hold: an elastic restart) to `train.steps` (or `stop_after` more steps)."""
+    already hold: an elastic restart) to `train.steps`, or `stop_after` more steps, or step `stop_at` (fixed
+    by the caller: an elastic restart keeps the target of the job's first start)."""
     cfg = exp.cfg
     start = _restore(exp, strategy) if start is None else start
     strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
     tb = TensorBoard(exp.run_dir / "tensorboard", enabled=strategy.is_chief, resumed_from=start)
     hooks = default_hooks(exp, strategy, tb) + list(extra_hooks or [])
     state = LoopState(step=start, total_steps=cfg.train.steps)
-    last = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    last = last_step(start, cfg.train.steps, stop_after) if stop_at is None else min(stop_at, cfg.train.steps)
     if start == 0:
         tb.hparams(flatten(cfg.model_dump(mode="json")), ["val/loss"])
 
@@ -213,8 +225,8 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
                 "step_time_ms": 1000.0 * elapsed / window_steps,
                 **pipeline_logs(out, strategy.num_replicas),
             }
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {state.step}")
+            if not np.isfinite(loss) and not state.nonfinite:  # the guard flags the loss: cannot happen
+                raise FloatingPointError(f"loss became {loss} at step {state.step} but the step was not skipped")
             for hook in hooks:
                 hook.on_log(state)
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
@@ -271,17 +283,22 @@ def run_eval(exp, strategy, state, hooks, tb, eval_step) -> None:
     if exp.cfg.task == "summarization" and strategy.is_chief:
         attention = _attention_map(exp)
         if attention is not None:
-            tb.attention_image(state.step, attention)
+            weights, summary_tokens, document_tokens = attention
+            tb.attention_image(state.step, weights, rows=summary_tokens, columns=document_tokens)
     for hook in hooks:
         hook.on_eval(state)
 
 
-def _attention_map(exp: Experiment) -> np.ndarray | None:
-    """Attention of the first validation example (summary tokens x document tokens), if the model has one."""
+def _attention_map(exp: Experiment) -> tuple[np.ndarray, list[str], list[str]] | None:
+    """Attention of the first validation example (summary tokens x document tokens) and those tokens (each
+    row is the summary token predicted at that position), if the model has attention."""
     first = {k: tf.constant(v[:1]) for k, v in exp.arrays["val"].items()}
     attention = exp.model(model_inputs("summarization", first)).get("attention")
     if attention is None:
         return None
     doc_len = max(int(np.count_nonzero(first["document"][0])), 1)
     sum_len = max(int(np.count_nonzero(first["summary_out"][0])), 1)
-    return attention.numpy()[0, :sum_len, :doc_len]
+    tokens = exp.vocab.tokens
+    words = lambda ids: [tokens[i] if 0 <= i < len(tokens) else "?" for i in ids.numpy().tolist()]  # noqa: E731
+    return (attention.numpy()[0, :sum_len, :doc_len], words(first["summary_out"][0, :sum_len]),
+            words(first["document"][0, :doc_len]))

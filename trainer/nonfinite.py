@@ -65,9 +65,9 @@ def poison(grads: list, ok: tf.Tensor) -> list:
 
 
 def describe(position: int, variable_paths: list[str], level_names: list[str]) -> str:
-    """`the loss` or `gradient of classifier/output/dense/bias (level output)` for a `first_bad` value."""
+    """`loss` or `gradient of classifier/output/dense/bias (level output)` for a `first_bad` value."""
     if position <= 1:
-        return "the loss"
+        return "loss"
     path = variable_paths[position - 2]
     level = next((part for part in path.split("/") if part in level_names), None)
     return f"gradient of {path}" + (f" (level {level})" if level else "")

@@ -37,7 +37,10 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int,
                     mixed_precision: str) -> keras.optimizers.Optimizer:
-    """Adam/AdamW with the schedule; clipping by global norm; loss scaling for float16."""
+    """Adam/AdamW/SGD with the schedule; clipping by global norm; loss scaling for float16.
+
+    Plain SGD moves each weight by lr x its gradient, so a wrong gradient scale (a mean where a sum is due)
+    changes its steps in proportion; Adam cancels a constant scale except through epsilon."""
     peak = cfg.lr * (num_replicas if cfg.scale_lr_with_replicas else 1)
     warmup, _ = effective_warmup(cfg.warmup_steps, total_steps)  # capped for short runs (config.py says why)
     schedule = WarmupSchedule(peak, warmup_steps=warmup, total_steps=total_steps,
@@ -45,11 +48,32 @@ def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int
     kwargs = dict(learning_rate=schedule, global_clipnorm=cfg.clip_norm)
     if cfg.name == "adamw":
         opt = keras.optimizers.AdamW(weight_decay=cfg.weight_decay, **kwargs)
+    elif cfg.name == "sgd":
+        opt = keras.optimizers.SGD(momentum=cfg.momentum, **kwargs)
     else:
         opt = keras.optimizers.Adam(**kwargs)
     if mixed_precision == "float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
+
+
+def merge_duplicate_rows(grads: list) -> list:
+    """`grads` with every IndexedSlices gradient (an embedding's) summed per row: one slice per row it touches.
+
+    A token that occurs twice in a batch gives its embedding row two slices, and Horovod's all-reduce of a
+    sparse gradient gathers every rank's slices. Keras' `global_clipnorm` takes the norm of the slices as
+    they are, not of the gradient they add up to ([1, 1] twice: sqrt(4) instead of sqrt(8)), so it clipped by
+    the wrong factor. Merged, the clipped step is that of the dense gradient (what the pipeline, which
+    densifies, already got). Dense gradients pass through unchanged.
+    """
+    merged = []
+    for g in grads:
+        if isinstance(g, tf.IndexedSlices):
+            rows, position = tf.unique(g.indices)
+            g = tf.IndexedSlices(tf.math.unsorted_segment_sum(g.values, position, tf.shape(rows)[0]), rows,
+                                 g.dense_shape)
+        merged.append(g)
+    return merged
 
 
 def rescale_lr_for_replicas(opt: keras.optimizers.Optimizer, cfg: OptimizerConfig, num_replicas: int) -> None:

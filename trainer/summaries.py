@@ -38,22 +38,55 @@ class TensorBoard:
             hp.hparams_config(hparams=[hp.HParam(k) for k in values], metrics=[hp.Metric(t) for t in metric_tags])
             hp.hparams(values)
 
-    def attention_image(self, step: int, weights: np.ndarray, *, name: str = "val/attention") -> None:
-        """A heat map of one example's attention (summary position x document position)."""
+    def attention_image(self, step: int, weights: np.ndarray, *, rows: list[str] | None = None,
+                        columns: list[str] | None = None, name: str = "val/attention") -> None:
+        """A heat map of one example's attention (summary position x document position), with the summary
+        tokens down the left and the document tokens along the top when given; the tokens also go to a text
+        summary `<name>_tokens` beside the image."""
         if not self.enabled:
             return
-        w = np.asarray(weights, dtype=np.float32)
-        w = (w - w.min()) / max(float(w.max() - w.min()), 1e-9)
-        # A simple dark-blue -> yellow colour map, and upscaling so small maps are visible.
-        rgb = np.stack([w, w, 0.4 * (1.0 - w)], axis=-1)
-        scale = max(1, 256 // max(w.shape))
-        rgb = np.kron(rgb, np.ones((scale, scale, 1), dtype=np.float32))
+        rgb = attention_heatmap(weights, rows=rows, columns=columns)
         with self.writer.as_default(step=step):
             tf.summary.image(name, rgb[None], step=step, description="rows: summary tokens, columns: document tokens")
+            if rows is not None and columns is not None:
+                tf.summary.text(f"{name}_tokens", f"rows (summary): {' '.join(rows)}\n\n"
+                                                  f"columns (document): {' '.join(columns)}", step=step)
 
     def flush(self) -> None:
         if self.enabled:
             self.writer.flush()
+
+
+CELL = 16  # pixels per attention weight
+
+
+def attention_heatmap(weights: np.ndarray, *, rows: list[str] | None = None,
+                      columns: list[str] | None = None) -> np.ndarray:
+    """float32 [H, W, 3] in [0, 1] (pure): the weights as dark blue (low) to yellow (high) cells of CELL
+    pixels, with `rows` written left of each row and `columns` written upwards above each column."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w = np.asarray(weights, dtype=np.float32)
+    w = (w - w.min()) / max(float(w.max() - w.min()), 1e-9)
+    cells = np.stack([w, w, 0.4 * (1.0 - w)], axis=-1)
+    cells = np.kron(cells, np.ones((CELL, CELL, 1), dtype=np.float32))
+    if rows is None or columns is None:
+        return cells
+    if (len(rows), len(columns)) != w.shape:
+        raise ValueError(f"{len(rows)} row and {len(columns)} column labels for attention weights of shape {w.shape}")
+    font = ImageFont.load_default(size=CELL - 4)
+    width = lambda text: int(font.getlength(text)) + 1  # noqa: E731
+    left, top = max(map(width, rows)) + 6, max(map(width, columns)) + 6
+    canvas = Image.new("RGB", (left + cells.shape[1], top + cells.shape[0]), "white")
+    canvas.paste(Image.fromarray((255 * cells).astype(np.uint8)), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(rows):
+        draw.text((left - 3, top + i * CELL + CELL // 2), text, fill="black", font=font, anchor="rm")
+    for j, text in enumerate(columns):  # drawn flat on a strip, then turned to read upwards
+        strip = Image.new("RGB", (top, CELL), "white")
+        ImageDraw.Draw(strip).text((3, CELL // 2), text, fill="black", font=font, anchor="lm")
+        canvas.paste(strip.rotate(90, expand=True), (left + j * CELL, 0))
+    return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
 def mark_session_start(logdir: Path, first_step: int) -> None:

@@ -203,7 +203,11 @@ def test_scancel_leaves_a_checkpoint_that_resumes(tmp_path: Path, warned_first: 
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log[-3000:]
     stopped = [int(s) for s in re.findall(r"strata: stopped at step (\d+) by \S+ .*\(checkpoint saved\)", log)]
     saved = checkpoint_step_in_fresh_process(run_dir)  # restores the latest checkpoint in a new process
-    assert saved >= 20 and saved == (stopped[0] if stopped else saved)
+    assert saved >= 20
+    if stopped:  # the ranks agreed on a step and checkpointed it
+        assert saved == stopped[0], (saved, stopped)
+    else:  # stopped before they agreed: the last periodic checkpoint (checkpoint.every=10), not a later step
+        assert saved % 10 == 0 and saved <= max(step_lines(log, total)), (saved, log[-3000:])
     # Resume it (here in one process: the data order depends only on seed and step, not on the layout).
     resumed = strata("train", str(run_dir / "slurm" / "config.yaml"), "--set", "distribution.backend=single",
                      timeout=300)
@@ -211,7 +215,7 @@ def test_scancel_leaves_a_checkpoint_that_resumes(tmp_path: Path, warned_first: 
     assert step_lines(resumed.stdout, total, prefix="")[0] == saved + 1
     assert checkpoint_step_in_fresh_process(run_dir) == total
     steps = tb_steps(run_dir)
-    assert steps[-1] == total and len(set(steps)) == len(steps)  # nothing done twice after the resume
+    assert steps == list(range(1, total + 1))  # every step once: none twice after the resume, none missing
     print(f"scancel'd job {job_id}: checkpoint at step {saved}, resumed to {total}")
 
 

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
@@ -24,6 +25,11 @@ COMMON = [*TINY_CLASSIFIER, "--set", "train.log_every=1", "--set", "eval.every=1
 
 def _saved_step(run_dir: Path) -> int:
     return int(tf.train.load_checkpoint(str(run_dir / "checkpoints")).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def _weights(run_dir: Path) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
+    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map() if "_trainable_variables/" in n}
 
 
 def _tb_steps(run_dir: Path) -> list[int]:
@@ -45,6 +51,14 @@ def test_agreed_stop_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.findall(r"^step (\d+)/20 loss", resumed.stdout, re.M)[0] == "8"
     assert _tb_steps(run_dir) == list(range(1, 21))
+    # ... and ends with the weights of the same 20 steps never interrupted.
+    straight = tmp_path / "straight"
+    done = strata("train", CONFIG, *COMMON, "--set", f"run_dir={straight}", "--set", "train.steps=20")
+    assert done.returncode == 0, done.stderr[-3000:]
+    final, reference = _weights(run_dir), _weights(straight)
+    assert final.keys() == reference.keys() and final
+    for name in final:
+        np.testing.assert_allclose(final[name], reference[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_a_real_sigterm_mid_run(tmp_path: Path):

@@ -30,7 +30,11 @@ def _weights(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path):
-    common = ["--set", "train.steps=8", "--set", "eval.every=1000", "--set", "optimizer.warmup_steps=0"]
+    # Plain SGD with momentum: its update is proportional to the gradient, so micro-step gradients summed
+    # with the wrong scale (e.g. each normalised by its own micro-batch) change the weights; Adam would
+    # divide a constant scale out.
+    common = ["--set", "train.steps=8", "--set", "eval.every=1000", "--set", "optimizer.warmup_steps=0",
+              "--set", "optimizer.name=sgd", "--set", "optimizer.lr=0.5", "--set", "optimizer.momentum=0.9"]
     _train(tmp_path / "one", *common)
     _train(tmp_path / "four", *common, "--set", "train.grad_accum=4")
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "four")
@@ -56,6 +60,7 @@ def test_doctor_reports_tensorflow_horovod_and_mpi():
     assert lines["horovod"].startswith("[  ok]") and "gloo" in lines["horovod"] and "mpi" in lines["horovod"]
     assert lines["mpirun"].startswith("[  ok]")
     assert done.stdout.strip().endswith("verdict: ready")
+    assert all(c.isprintable() or c == "\n" for c in done.stdout), repr(done.stdout)  # mpi4py's line ended in NUL
 
 
 def _listening(port: int) -> list[str]:
@@ -70,13 +75,18 @@ def _listening(port: int) -> list[str]:
 
 
 def test_tensorboard_binds_to_loopback_only(tmp_path: Path):
+    import json
+    import urllib.request
+
     from launch.env import free_ports
 
-    (tmp_path / "tensorboard").mkdir()
+    run_dir = tmp_path / "my-run"
+    with tf.summary.create_file_writer(str(run_dir / "tensorboard")).as_default(step=1):
+        tf.summary.scalar("train/loss", 0.5)
     port = free_ports(1)[0]
     env = child_env()
     env.pop("TF_CPP_MIN_LOG_LEVEL")  # as a user runs it (TF_ENABLE_ONEDNN_OPTS=1: TensorFlow's lines on any CPU)
-    proc = subprocess.Popen([STRATA, "tensorboard", str(tmp_path), "--port", str(port)], env=env,
+    proc = subprocess.Popen([STRATA, "tensorboard", str(run_dir), "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 60
@@ -84,6 +94,11 @@ def test_tensorboard_binds_to_loopback_only(tmp_path: Path):
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.5)
         assert _listening(port) == ["0100007F"], "TensorBoard must listen on 127.0.0.1 only"
+        runs = []
+        while time.time() < deadline and not runs:  # what a browser's run list shows, once the files are read
+            runs = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=10).read())
+            time.sleep(0.5)
+        assert runs == ["my-run"], runs  # was ["."]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

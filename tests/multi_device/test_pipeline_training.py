@@ -49,6 +49,15 @@ def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
             if k.startswith("optimizer/_trainable_variables/") and k.endswith("VARIABLE_VALUE")}
 
 
+def weights_at(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    """The trainable weights of the run's checkpoint of `step`, keyed like `final_weights`."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints" / f"ckpt-{step}"))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith("optimizer/_trainable_variables/") and k.endswith("VARIABLE_VALUE")}
+
+
 def test_pipelined_summarizer_follows_the_unpipelined_loss_curve(tmp_path: Path):
     plain, piped = tmp_path / "plain", tmp_path / "piped"
     a = strata("train", *SUMMARIZER, "--set", f"run_dir={plain}", timeout=400)
@@ -70,10 +79,32 @@ def test_pipelined_summarizer_follows_the_unpipelined_loss_curve(tmp_path: Path)
     for s in (0, 1):
         assert all(v > 0 for _, v in stages[f"pipeline/stage_{s}_compute_ms"])
         assert all(0 <= v < 1 for _, v in stages[f"pipeline/stage_{s}_idle_fraction"])
-    # A stage can never be busier than the step is long.
-    for (_, span), (_, busy) in zip(stages["pipeline/step_span_ms"], stages["pipeline/stage_0_compute_ms"]):
-        assert busy <= span * 1.001
-    print("pipeline/bubble_fraction", stages["pipeline/bubble_fraction"])
+    # Overlap is stage-seconds of compute per step-second: what the logged compute times and span say, and
+    # never more than a 2-stage, 4-micro-batch schedule allows (K*M/(M+K-1) = 1.6; the wall-clock measure
+    # it replaced reported 1.64 against that bound).
+    overlap = stages["pipeline/overlap"]
+    assert [s for s, _ in overlap] == [3, 6, 9, 12]
+    for i, (_, value) in enumerate(overlap):
+        compute = sum(stages[f"pipeline/stage_{s}_compute_ms"][i][1] for s in (0, 1))
+        assert value == pytest.approx(compute / stages["pipeline/step_span_ms"][i][1], rel=1e-3)
+        assert 0 < value <= 1.6 * 1.03, overlap
+    print("pipeline/overlap", overlap, "pipeline/bubble_fraction", stages["pipeline/bubble_fraction"])
+    # The attention heat map names its tokens (the first validation example's summary and document).
+    import tensorflow as tf
+
+    acc = event_accumulator.EventAccumulator(str(piped / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = tf.make_ndarray(acc.Tensors("val/attention_tokens")[-1].tensor_proto).item().decode()
+    rows, columns = (part.split(": ", 1)[1].split() for part in text.split("\n\n"))
+    assert rows and columns and rows[-1] == "</s>", text  # each row: the token predicted there, EOS last
+
+
+def test_example_pipeline_config_plans():
+    """configs/summarizer_pipeline.yaml, the pipeline example the README points to, is a valid layout."""
+    done = strata("plan", str(CONFIGS / "summarizer_pipeline.yaml"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pipeline: 2 stages x 1 replica, 2 devices" in done.stdout, done.stdout
+    assert "schedule: 1f1b, 8 micro-batches per step" in done.stdout and "warning" not in done.stdout.lower()
 
 
 def test_plan_shows_ranks_stages_memory_and_warnings():
@@ -105,26 +136,32 @@ def test_checkpoints_move_between_layouts(tmp_path: Path):
     """6 steps as 2 stages x 2 Horovod replicas then 6 as 1 stage x 1 replica, and the other way round,
     end with the weights of 12 uninterrupted unpipelined steps (same global batch throughout)."""
     straight, there, back = tmp_path / "straight", tmp_path / "there", tmp_path / "back"
-    done = strata("train", *TRANSFORMER, "--set", f"run_dir={straight}", timeout=400)
+    # SGD with momentum (state in the checkpoint like Adam's): it moves a weight by lr x its gradient, so a
+    # parameter whose true gradient is ~0 stays put. Adam would move it by a full step (lr 1e-3) in whatever
+    # direction the rounding noise of a different summation order points, and only a tolerance of one Adam
+    # step (what this test used) would pass, one that a layout change losing the optimizer state passes too.
+    model = [*TRANSFORMER, "--set", "optimizer.name=sgd", "--set", "optimizer.weight_decay=0", "--set",
+             "optimizer.lr=0.02", "--set", "optimizer.momentum=0.9"]
+    done = strata("train", *model, "--set", f"run_dir={straight}", timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    hybrid = ["launch", "-np", "2", *TRANSFORMER, "--set", PIPE_EXPLICIT]
+    hybrid = ["launch", "-np", "2", *model, "--set", PIPE_EXPLICIT]
     first = strata(*hybrid, "--set", f"run_dir={there}", "--stop-after", "6", timeout=400)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
-    second = strata("train", *TRANSFORMER, "--set", f"run_dir={there}", timeout=400)
+    second = strata("train", *model, "--set", f"run_dir={there}", timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
 
-    first = strata("train", *TRANSFORMER, "--set", f"run_dir={back}", "--stop-after", "6", timeout=400)
+    first = strata("train", *model, "--set", f"run_dir={back}", "--stop-after", "6", timeout=400)
     assert first.returncode == 0, first.stderr[-3000:]
     second = strata(*hybrid, "--set", f"run_dir={back}", timeout=400)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert "weights identical on all 2 ranks" in second.stdout
 
-    # The function the model computes is the same: training losses and the final validation loss agree.
-    # Weights agree to well under one Adam step (lr 1e-3): Adam divides each gradient by its own running
-    # RMS, so parameters whose true gradient is ~0 (an attention key bias, a dead ReLU unit's weights) move
-    # by whatever sign the rounding noise of a different summation order has; they do not change the loss.
+    # The function the model computes is the same: training losses and the final validation loss agree,
+    # and so do the weights, to a small fraction of how far the last 6 steps moved them.
     reference, ref_metrics = final_weights(straight), json.loads((straight / "metrics.json").read_text())
+    halfway = weights_at(straight, 6)
+    moved = max(float(np.max(np.abs(reference[k] - halfway[k]))) for k in reference)
     ref_losses = [v for _, v in scalars(straight, "train/loss")["train/loss"]]
     assert len(reference) > 10
     for run in (there, back):
@@ -136,8 +173,9 @@ def test_checkpoints_move_between_layouts(tmp_path: Path):
         weights = final_weights(run)
         assert weights.keys() == reference.keys()
         worst = max(float(np.max(np.abs(weights[k] - reference[k]))) for k in reference)
-        print(f"{run.name}: train losses {losses} vs {ref_losses}; max |weight difference| {worst:.2e}")
-        assert worst < 1e-3, run.name
+        print(f"{run.name}: train losses {losses} vs {ref_losses}; max |weight difference| {worst:.2e}, "
+              f"steps 7-12 moved a weight by up to {moved:.2e}")
+        assert worst < 1e-3 * moved, (run.name, worst, moved)
 
 
 @pytest.mark.multi_process

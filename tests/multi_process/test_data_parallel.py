@@ -1,6 +1,11 @@
 """Data-parallel equivalence, the backbone of issue 3: with the same seed and data order, 2 replicas x
 per-replica batch b follow the loss curve of 1 replica x batch 2b, step by step, on every backend; the
-backends agree with each other; every rank ends with identical weights."""
+backends agree with each other; every rank ends with identical weights.
+
+The runs use plain SGD with momentum (and the config's cosine schedule): an update proportional to the
+gradient, so a gradient off by a constant factor (an all-reduce that averages where it must sum) moves every
+curve. Adam divides that factor out except through its epsilon (issue 10: such a bug left the Adam curves
+only 5e-4 apart)."""
 from __future__ import annotations
 
 import re
@@ -17,7 +22,8 @@ from tests.conftest import CONFIGS, TINY_CLASSIFIER, run_cmd, strata
 pytestmark = pytest.mark.multi_process
 STEPS = 12
 COMMON = [*TINY_CLASSIFIER, "--set", f"train.steps={STEPS}", "--set", "train.log_every=1", "--set", "eval.every=6",
-          "--set", "optimizer.warmup_steps=0", "--set", "model.dropout=0.0"]
+          "--set", "optimizer.warmup_steps=0", "--set", "model.dropout=0.0",
+          "--set", "optimizer.name=sgd", "--set", "optimizer.lr=0.5", "--set", "optimizer.momentum=0.9"]
 CONFIG = str(CONFIGS / "classifier.yaml")
 
 
@@ -105,5 +111,6 @@ def test_trainer_runs_unchanged_under_plain_mpirun(reference: Path, tmp_path: Pa
             "trainer", "train", CONFIG, *COMMON, "--set", f"run_dir={run_dir}", "--set", "distribution.backend=horovod"]
     done = run_cmd(argv, timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert len(set(_rank_digests(done.stdout).values())) == 1
+    digests = _rank_digests(done.stdout)
+    assert set(digests) == {0, 1} and digests[0] == digests[1], digests  # one digest alone proves nothing
     _assert_equivalent(run_dir, reference)

@@ -1,7 +1,8 @@
 """Elastic Horovod (issue 6): 2 workers on two "hosts" (`localhost` and `127.0.0.1`, both this machine, which
 Horovod starts without ssh), one killed mid-epoch: the survivor goes on from the last commit, alone, redoing
 at most the commit interval; when the host is listed again, a new worker joins and the job finishes with 2
-workers holding identical weights. Real `strata launch --elastic` -> horovodrun -> training processes."""
+workers holding identical weights, at the step `--stop-after` fixed at the first start (issue 10: every restart
+used to count it again from its commit). Real `strata launch --elastic` -> horovodrun -> training processes."""
 from __future__ import annotations
 
 import os
@@ -21,6 +22,7 @@ CONFIG = str(CONFIGS / "classifier.yaml")
 COMMIT_EVERY = 10
 KILL_AT = 25  # rank 1 SIGKILLs itself after this step; the test then removes its host from the list
 STEP_LINE = re.compile(r"^\[rank 0\] step (\d+)/")
+TOTAL, STOP_AFTER = 1600, 1500  # the job must stop at step 1500, whatever its restarts
 ELASTIC_LINE = re.compile(r"elastic: rank (\d+) of (\d+) worker\(s\) on (\S+), continuing from committed step (\d+)")
 HOSTS = ("localhost", "127.0.0.1")
 
@@ -58,7 +60,9 @@ def test_worker_lost_then_rejoins(tmp_path: Path):
     # Big enough layers that 1 worker takes a few ms a step: the run must outlast a new worker's start-up.
     argv = [STRATA, "launch", "-np", "2", "--elastic", "--min-np", "1", "--max-np", "2",
             "--host-discovery-script", str(script), "--blacklist-cooldown-range", "1", "2", CONFIG,
-            *TINY_CLASSIFIER, "--set", f"run_dir={run_dir}", "--set", "train.steps=1500", "--set", "train.log_every=5",
+            "--stop-after", str(STOP_AFTER),
+            *TINY_CLASSIFIER, "--set", f"run_dir={run_dir}", "--set", f"train.steps={TOTAL}",
+            "--set", "train.log_every=5",
             "--set", "eval.every=100000", "--set", "checkpoint.every=100000", "--set", "optimizer.warmup_steps=0",
             "--set", f"train.elastic_commit_every={COMMIT_EVERY}", "--set", "model.embed_dim=128",
             "--set", "model.hidden_dim=512"]
@@ -118,7 +122,12 @@ def test_worker_lost_then_rejoins(tmp_path: Path):
     redone = KILL_AT - resumed_at
     assert 0 <= redone <= COMMIT_EVERY, (KILL_AT, resumed_at)
     assert last_step_before_loss <= KILL_AT + 1
-    assert "strata: weights identical on all 2 ranks" in out and "step 1500/1500" in out
+    assert "strata: weights identical on all 2 ranks" in out
+    # Two restarts (from commit 20, then at the rejoin) and still the target of the first start: the old
+    # code stopped at 20 + 1500, then at the rejoin's commit + 1500 (capped at train.steps = 1600).
+    logged = [int(m.group(1)) for m in map(STEP_LINE.match, (line for _, line in lines)) if m]
+    assert max(logged) == STOP_AFTER, (max(logged), out[-2000:])
+    assert f"strata: step {STOP_AFTER}/{TOTAL}" in out, out[-2000:]
     print(f"elastic: rank 1 (on {lost}) killed after step {KILL_AT}; survivor continued from committed step {resumed_at} "
           f"({redone} steps redone, commit every {COMMIT_EVERY}) {events['alone'] - events['killed']:.1f}s after "
           f"the kill; host listed again -> 2 workers training {events['rejoined'] - events['host_back']:.1f}s later")

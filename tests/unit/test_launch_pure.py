@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -284,3 +285,29 @@ def test_launch_package_never_imports_the_trainer_or_frameworks():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in ("trainer", "tensorflow", "horovod"), f"{path.name} imports {name}"
+
+
+def test_tensorboard_serves_the_run_under_its_own_name(tmp_path):
+    """TensorBoard names a run after its folder relative to --logdir ("." for the event folder itself): it is
+    given a folder holding one link named after the run, one such folder per run directory."""
+    from launch.tensorboard import link_run, tensorboard_argv, view_dir
+
+    root = tmp_path / "views"
+    view, name = view_dir("runs/my-run/", root)
+    assert name == "my-run" and view.parent == root
+    assert view_dir(str(Path("runs/my-run").resolve()), root) == (view, name)  # same run, same folder
+    assert view_dir("other/my-run", root)[0] != view  # same name elsewhere: another folder
+    argv = tensorboard_argv("runs/my-run", host="127.0.0.1", port=6007, root=root)
+    assert argv[1:] == ["-m", "tensorboard.main", "--logdir", str(view), "--host", "127.0.0.1", "--port", "6007"]
+    run = tmp_path / "my-run"
+    (run / "tensorboard").mkdir(parents=True)
+    link = link_run(str(run), root)
+    assert link.name == "my-run" and link.resolve() == (run / "tensorboard").resolve()
+    assert link_run(str(run), root) == link and [p.name for p in link.parent.iterdir()] == ["my-run"]
+
+
+def test_doctor_lines_are_printable_text():
+    from launch.doctor import printable
+
+    assert printable("Open MPI v4.1.4, May 26, 2022\x00") == "Open MPI v4.1.4, May 26, 2022"
+    assert printable("a\tb\nc\x1b[0m") == "a\tb\nc[0m"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.faults import parse_fault
+from trainer.faults import parse_fault, parse_faults
 from trainer.nonfinite import describe, first_bad, local_flags, poison
 
 
@@ -28,14 +28,22 @@ def test_poison_only_when_not_ok():
 
 def test_describe_names_variable_and_level():
     paths = ["m/embed/emb", "m/output/dense/bias"]
-    assert describe(1, paths, ["embed", "output"]) == "the loss"
+    assert describe(1, paths, ["embed", "output"]) == "loss"
     assert describe(3, paths, ["embed", "output"]) == "gradient of m/output/dense/bias (level output)"
 
 
-def test_fault_spec_ranges_are_for_inf_only():
+def test_fault_spec_ranges_are_for_in_step_faults_only():
     assert parse_fault("1:5:inf") == (1, 5, 5, "inf")
     assert parse_fault("0:4-9:inf") == (0, 4, 9, "inf")
+    assert parse_fault("0:4-9:nan_loss") == (0, 4, 9, "nan_loss")
     assert parse_fault("1:5:kill") == (1, 5, 5, "kill")
-    for bad in ("1:5-9:kill", "1:9-5:inf", "1:x:inf", "1:5:boom"):
+    for bad in ("1:5-9:kill", "1:9-5:inf", "1:x:inf", "1:5:boom", "1:5:nan"):
         with pytest.raises(ValueError):
             parse_fault(bad)
+
+
+def test_several_faults_in_one_spec():
+    assert parse_faults("1:5:inf, 1:7:nan_loss") == [(1, 5, 5, "inf"), (1, 7, 7, "nan_loss")]
+    assert parse_faults("") == []
+    with pytest.raises(ValueError, match="1:5:boom"):
+        parse_faults("1:5:inf,1:5:boom")

@@ -34,3 +34,46 @@ def test_learning_rate_scales_with_replicas_only_when_asked():
 def test_float16_gets_loss_scaling():
     opt = build_optimizer(OptimizerConfig(), total_steps=10, num_replicas=1, mixed_precision="float16")
     assert hasattr(opt, "inner_optimizer") and hasattr(opt, "scale_loss")
+
+
+def test_sgd_with_momentum_steps_by_lr_times_gradient():
+    import keras
+    import numpy as np
+
+    opt = build_optimizer(OptimizerConfig(name="sgd", lr=0.5, momentum=0.9), total_steps=10, num_replicas=1,
+                          mixed_precision="off")
+    assert isinstance(opt, keras.optimizers.SGD) and opt.momentum == pytest.approx(0.9)
+    w = keras.Variable(np.array([1.0, -2.0], np.float32))
+    opt.apply_gradients([(np.array([0.2, 0.4], np.float32), w)])
+    np.testing.assert_allclose(w.numpy(), [0.9, -2.2], rtol=1e-6)  # w - lr * g on the first step
+
+
+def test_momentum_is_for_sgd_only():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="momentum needs optimizer.name: sgd"):
+        OptimizerConfig(name="adam", momentum=0.9)
+
+
+def test_clipping_a_sparse_gradient_clips_the_gradient_it_adds_up_to():
+    """Row 0 gets [1, 1] twice: the gradient is [[2, 2], 0, 0], norm sqrt(8). Keras clips the slices as given
+    (norm sqrt(4)); merged first, the clipped step is the dense gradient's."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.optim import merge_duplicate_rows
+
+    sparse = tf.IndexedSlices(tf.constant([[1.0, 1.0], [1.0, 1.0], [3.0, 0.0]]), tf.constant([0, 0, 2]),
+                              tf.constant([3, 2]))
+    dense = tf.convert_to_tensor(sparse)
+    steps = {}
+    for name, grad in (("sparse", sparse), ("merged", merge_duplicate_rows([sparse])[0]), ("dense", dense)):
+        w = keras.Variable(np.zeros((3, 2), np.float32))
+        keras.optimizers.SGD(learning_rate=1.0, global_clipnorm=1.0).apply_gradients([(grad, w)])
+        steps[name] = -w.numpy()
+    np.testing.assert_allclose(steps["merged"], steps["dense"], rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(steps["dense"]), 1.0, rtol=1e-6)
+    assert not np.allclose(steps["sparse"], steps["dense"])  # what Keras does with the slices as they are
+    merged = merge_duplicate_rows([sparse, dense])
+    assert merged[1] is dense and sorted(merged[0].indices.numpy().tolist()) == [0, 2]

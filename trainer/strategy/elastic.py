@@ -70,17 +70,18 @@ class ElasticHorovod(Horovod):
     def broadcast_initial_state(self, variables: list) -> None:
         """Nothing to do: `VariablesState.sync` broadcast rank 0's state before training (re)started."""
 
-    def run_elastic(self, body: Callable[[Any], Any], *, variables: list, step: int) -> Any:
+    def run_elastic(self, body: Callable[[Any], Any], *, variables: list, step: int, **values: Any) -> Any:
         """Call `body(state)` until it returns, re-forming the ring whenever ranks leave or join.
 
         `state.step` is the last committed step and `state.commit()` commits (see trainer/elastic.py);
-        `variables` are Keras or tf.Variables: everything a commit must capture.
+        `variables` are Keras or tf.Variables: everything a commit must capture; `values` are plain Python
+        values kept in the state too (rank 0's are broadcast to every worker at each sync).
         """
         from horovod.common.elastic import run_fn
         from horovod.common.exceptions import HorovodInternalError
 
         hvd = self.hvd
-        state = self._state_class(hvd, [getattr(v, "value", v) for v in variables], step=step)
+        state = self._state_class(hvd, [getattr(v, "value", v) for v in variables], step=step, **values)
 
         def guarded(state):
             try:
