@@ -174,7 +174,21 @@ def check_run_dir(cfg) -> ResumePlan:
         raise ConfigError(f"{saved_file}: not a Strata config; restore it, or start a new run with "
                           "--set run_dir=<new dir>")
     latest = latest_checkpoint(run_dir / CHECKPOINT_DIR)
-    return plan_resume(saved, cfg.model_dump(mode="json"), latest[0] if latest else None, run_dir)
+    step = latest[0] if latest else None
+    if step is not None and step >= cfg.train.steps:  # "nothing to do" only on a checkpoint that would load
+        step = newest_intact_step(run_dir / CHECKPOINT_DIR)
+    return plan_resume(saved, cfg.model_dump(mode="json"), step, run_dir)
+
+
+def newest_intact_step(directory: Path) -> int | None:
+    """The newest committed checkpoint whose files all match its manifest (reads every byte), or None.
+
+    Only the finished-run shortcut needs this: a damaged newest checkpoint must not make a run look done when
+    restoring would fall back to an older one and train on."""
+    for step in files.committed_steps(directory):
+        if files.verify(directory, files.checkpoint_name(step)) is None:
+            return step
+    return None
 
 
 def env_rank(environ=os.environ) -> int:

@@ -38,8 +38,8 @@ def test_bad_launch_is_refused_before_start(tmp_path: Path, args: list[str], fra
 
 def test_config_errors_pass_through_the_launcher(tmp_path: Path):
     done = strata("launch", "-np", "2", CONFIG, "--set", "model.hiden=1", timeout=60)
-    assert done.returncode == 2 and done.stderr.strip().endswith("model.hiden: unknown key; check the spelling "
-                                                                 "(see configs/*.yaml for the valid keys)")
+    assert done.returncode == 2 and done.stderr.strip().endswith("model.hiden: unknown key; did you mean "
+                                                                 "model.hidden_dim?")
 
 
 def test_controller_detection_reads_check_build_output():

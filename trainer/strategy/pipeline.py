@@ -143,8 +143,13 @@ def _compute_seconds(labels: Sequence[tuple[int, str, int]], durations: Sequence
         kinds = [kind for (stage, kind, _) in labels if stage == s]
         total = tf.constant(0.0, tf.float64)
         for kind in sorted(set(kinds)):
-            same = [d for d, k in zip(stage_durations, kinds, strict=True) if k == kind]
-            total += len(same) * tf.maximum(tf.reduce_min(tf.stack(same)), 0.0)  # a late start clock: 0, not < 0
+            ops = [d for d, k in zip(stage_durations, kinds, strict=True) if k == kind]
+            same = tf.reshape(tf.stack(ops), [len(ops)])
+            # A start clock can run after its op's end clock (both wait only for data, and a busy thread pool
+            # may run the start late): such a duration says nothing, so the fastest is taken among the others.
+            measured = tf.where(same > 0.0, same, tf.constant(float("inf"), tf.float64))
+            fastest = tf.reduce_min(measured)
+            total += len(ops) * tf.where(tf.math.is_inf(fastest), tf.constant(0.0, tf.float64), fastest)
         per_stage.append(total)
     return tf.stack(per_stage)
 
