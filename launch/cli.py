@@ -11,10 +11,9 @@ import os
 import sys
 
 from launch import doctor, launcher, tensorboard
+from launch.contract import USAGE_EXIT_CODE, train_command, trainer_command
 from launch.errors import LaunchError
 from launch.stopping import DEFAULT_GRACE_S, FAILURE_GRACE_S
-
-TRAINER = [sys.executable, "-m", "trainer"]
 
 
 class UsageError(Exception):
@@ -150,26 +149,21 @@ def _elastic_spec(args: argparse.Namespace):
 
 def trainer_argv(args: argparse.Namespace) -> list[str]:
     """The `python -m trainer` command line for a single-process command (pure)."""
+    python = sys.executable
     if args.command == "train":
-        argv = [*TRAINER, "train", args.config]
-        for item in args.overrides:
-            argv += ["--set", item]
-        if args.stop_after is not None:
-            argv += ["--stop-after", str(args.stop_after)]
-        return argv
+        return train_command(python, args.config, args.overrides, stop_after=args.stop_after)
     if args.command == "evaluate":
-        return [*TRAINER, "evaluate", args.run_dir, "--split", args.split]
+        return trainer_command(python, "evaluate", args.run_dir, "--split", args.split)
     if args.command in ("classify", "summarize"):
-        return [*TRAINER, args.command, args.run_dir, "--", *args.texts]
+        return trainer_command(python, args.command, args.run_dir, "--", *args.texts)
     if args.command == "plan":
-        argv = [*TRAINER, "plan", args.config, "--ranks", ",".join(args.placement)]
-        for item in args.overrides:
-            argv += ["--set", item]
+        argv = trainer_command(python, "plan", args.config, "--ranks", ",".join(args.placement),
+                               overrides=args.overrides)
         return argv + (["--dry-run"] if args.dry_run else [])
     if args.command == "export":
-        return [*TRAINER, "export", args.run_dir] + (["--out", args.out] if args.out else [])
+        return trainer_command(python, "export", args.run_dir, *(["--out", args.out] if args.out else []))
     if args.command == "data":
-        return [*TRAINER, "data", *args.data_args]
+        return trainer_command(python, "data", *args.data_args)
     raise ValueError(args.command)
 
 
@@ -193,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         command = trainer_argv(args)
     except (UsageError, LaunchError) as err:
         print(f"strata: error: {err}", file=sys.stderr)
-        return 2
+        return USAGE_EXIT_CODE
     sys.stdout.flush()
     os.execv(command[0], command)  # replaces this process: no shell, arguments passed as a list
     return 0  # not reached

@@ -22,10 +22,10 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from launch import stopping, tf_noise
-from launch.env import rank_prefix
-from launch.stopping import FAILURE_GRACE_S, STOPPED_EXIT_CODES
-from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
+from launch import contract, stopping, tf_noise
+from launch.contract import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODES, WATCHDOG_EXIT_CODE, rank_prefix
+from launch.stopping import FAILURE_GRACE_S
+from launch.watchdog import Watchdog, read_beats
 
 _FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
 # A rank's output as horovodrun relays it: `[R]<stdout>:` (Gloo, whole lines) or, from mpirun's
@@ -168,7 +168,7 @@ class _Stop:
         if self.why is None and self.seen is not None:
             step, by = self.seen
             _say(stopping.stopped(step, by))
-            return stopping.exit_code_for(signal.SIGINT if by == "Ctrl-C" else signal.SIGTERM)
+            return contract.stop_exit_code(by)
         if not self.signals:
             return None  # the chief never confirmed a save: report like any other failure
         if self.why is None and self.proc.returncode == 0:
@@ -176,7 +176,7 @@ class _Stop:
             return 0
         _say(stopping.lost(self.why or f"received {signal.Signals(self.signals[0]).name}: stopped the job",
                            stopping.committed_step(run_dir)))
-        return 130 if signal.SIGINT in self.signals else 128 + self.signals[0]
+        return INTERRUPTED_EXIT_CODE if signal.SIGINT in self.signals else 128 + self.signals[0]
 
 
 def _say(line: str) -> None:

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch import contract
 from launch.env import child_environ, free_ports, rank_env, tf_config
 from launch.errors import LaunchError
 from launch.elastic import ElasticSpec, all_local, check_sizes, discover_hosts
@@ -43,19 +44,13 @@ class LaunchPlan:
     elastic: ElasticSpec | None = None  # workers may leave and join (Horovod elastic, launch/elastic.py)
 
     def worker_command(self) -> list[str]:
-        argv = [sys.executable, "-m", "trainer", "train", self.config]
-        for item in [*self.overrides, f"distribution.backend={self.backend}"]:
-            argv += ["--set", item]
-        if self.stop_after is not None:
-            argv += ["--stop-after", str(self.stop_after)]
-        return argv
+        return contract.train_command(sys.executable, self.config, self.overrides, backend=self.backend,
+                                      stop_after=self.stop_after)
 
 
 def validate_config(config: str, overrides: list[str]) -> dict:
     """The worker's resolved config, or LaunchError with the worker's one-line message."""
-    argv = [sys.executable, "-m", "trainer", "validate", config]
-    for item in overrides:
-        argv += ["--set", item]
+    argv = contract.validate_command(sys.executable, config, overrides)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -226,7 +221,7 @@ def _run_horovodrun(p: LaunchPlan, grace_seconds: float, beats: Path | None, sta
     else:
         argv = horovodrun_argv(np=p.np, hosts=p.hosts, controller=p.controller, command=p.worker_command(),
                                as_root=os.geteuid() == 0, program=program)
-    env = child_environ(os.environ, {"STRATA_BACKEND": "horovod", **supervision_env(beats)})
+    env = child_environ(os.environ, {contract.ENV_BACKEND: "horovod", **supervision_env(beats)})
     # Horovod options from the config (distribution.horovod) are applied by each rank before hvd.init().
     # Elastic: Horovod's driver assigns ranks to hosts (and re-assigns them at every reset), so no fixed map.
     hosts = [] if p.elastic else [pl.host for pl in assign_ranks(p.hosts, p.np)]
@@ -236,4 +231,4 @@ def _run_horovodrun(p: LaunchPlan, grace_seconds: float, beats: Path | None, sta
 
 def _run_dir(p: LaunchPlan) -> Path:
     """The job's run directory (the config's run_dir, else runs/<name>), as the ranks resolve it."""
-    return Path(p.resolved["run_dir"] or Path("runs") / p.resolved["name"])
+    return contract.run_dir_of(p.resolved["name"], p.resolved["run_dir"])

@@ -21,15 +21,14 @@ from pathlib import Path
 
 import jinja2
 
-from launch.env import OUTPUT_PREFIX_KEY, rank_env, rank_prefix, tf_config
+from launch import contract
+from launch.contract import PREEMPTED_EXIT_CODE, rank_prefix
+from launch.env import rank_env, tf_config
 from launch.errors import LaunchError
 from launch.hostlist import expand_counts
 from launch.hosts import Host, RankPlacement, assign_ranks
 
 BACKENDS = ("horovod", "multi_worker")
-# Exit code of a rank that stopped for a preemption signal after its step was checkpointed on all ranks
-# (trainer/preemption.py; the launcher cannot import the trainer, a unit test checks they agree).
-PREEMPTED_EXIT_CODE = 75
 DEFAULT_WARNING_SECONDS = 90
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 TEMPLATE = "strata.sbatch.j2"
@@ -37,10 +36,6 @@ TEMPLATE = "strata.sbatch.j2"
 # multi_worker ports: one block of PORT_BLOCK ports per (job, start), below Linux's ephemeral range
 # (32768+), so a requeued job (same id, next restart count) never waits for its old ports to be released.
 PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20000, 64, 190
-
-# Variables with which MPI/PMI launchers announce "you are one of N ranks". A multi_worker rank must not
-# carry them (the trainer would take them for an MPI launch and refuse a non-Horovod backend).
-_LAUNCHER_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
 _TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 
@@ -325,15 +320,17 @@ def rank_environment(environ: Mapping[str, str], rank: SlurmRank, *, backend: st
     config_json = None
     drop: tuple[str, ...] = ()
     # No Strata launcher reads a SLURM rank's output: the rank prefixes its own lines (trainer/output.py).
-    extra: dict[str, str] = {"STRATA_PREEMPTION": "1", OUTPUT_PREFIX_KEY: rank_prefix(me.rank)}
+    extra: dict[str, str] = {contract.ENV_PREEMPTION: "1", contract.ENV_OUTPUT_PREFIX: rank_prefix(me.rank)}
     if backend == "multi_worker":
         addresses = []
         for p in rank.placements:
             addresses.append(f"{p.host}:{worker_ports(rank.job_id, rank.restart, p.local_size)[p.local_rank]}")
         config_json = tf_config(addresses, me.rank)
-        drop = _LAUNCHER_SIZE_VARS
+        # MPI/PMI "you are one of N ranks" variables would make the trainer take this for an MPI launch and
+        # refuse a non-Horovod backend.
+        drop = contract.LAUNCHER_SIZE_VARS
     else:
-        if not (environ.get("PMIX_RANK") or environ.get("PMI_RANK")):
+        if not any(environ.get(key) for key in contract.PMI_RANK_VARS):
             raise LaunchError("the horovod backend under SLURM needs `srun --mpi=pmix` (Horovod's MPI controller "
                               "over SLURM's PMIx); add it to the srun line (see slurm/example.sbatch)")
         extra.update(HOROVOD_CONTROLLER="mpi", HOROVOD_CPU_OPERATIONS="mpi")
@@ -347,23 +344,17 @@ def rank_environment(environ: Mapping[str, str], rank: SlurmRank, *, backend: st
     overrides.update(extra)
     if gpus is not None:
         overrides["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    env = {k: v for k, v in environ.items() if k not in drop and k != "TF_CONFIG"}
+    env = {k: v for k, v in environ.items() if k not in drop and k != contract.ENV_TF_CONFIG}
     env.update(overrides)
     return env
-
-
-def trainer_command(python: str, config: str, overrides: list[str], *, backend: str) -> list[str]:
-    argv = [python, "-m", "trainer", "train", config]
-    for item in [*overrides, f"distribution.backend={backend}"]:
-        argv += ["--set", item]
-    return argv
 
 
 def describe_rank(rank: SlurmRank, env: Mapping[str, str]) -> str:
     """One line a rank prints before it starts training (in the job's log)."""
     me = rank.placement
-    wiring = json.loads(env["TF_CONFIG"])["cluster"]["worker"][me.rank] if "TF_CONFIG" in env else "MPI over PMIx"
+    config = env.get(contract.ENV_TF_CONFIG)
+    wiring = json.loads(config)["cluster"]["worker"][me.rank] if config else "MPI over PMIx"
     gpus = env.get("CUDA_VISIBLE_DEVICES")
     return (f"strata: slurm rank {me.rank}/{rank.world_size} on {me.host} (local {me.local_rank}/{me.local_size}), "
-            f"job {rank.job_id} start {rank.restart + 1}, {env['STRATA_BACKEND']} {wiring}"
+            f"job {rank.job_id} start {rank.restart + 1}, {env[contract.ENV_BACKEND]} {wiring}"
             + (f", GPUs {gpus}" if gpus is not None else ""))

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from launch import slurm
-from launch.env import OUTPUT_PREFIX_KEY
+from launch import contract
 from launch.errors import LaunchError
 from launch.hostlist import expand_hostlist
 from launch.launcher import validate_config
@@ -135,12 +135,12 @@ def submit(*, config: str, overrides: list[str], backend: str | None, nodes: int
     resolved = validate_config(config, [*overrides, f"distribution.backend={chosen}"])
     resources = slurm.check_resources(resolved, backend=chosen, nodes=nodes, ntasks_per_node=ntasks_per_node,
                                       gpus_per_node=gpus_per_node, time=time, warning_seconds=warning)
-    run_dir = Path(resolved["run_dir"] or Path("runs") / resolved["name"]).absolute()
+    run_dir = contract.run_dir_of(resolved["name"], resolved["run_dir"]).absolute()
     resolved["run_dir"] = str(run_dir)
     job_dir = run_dir / "slurm"
     job = slurm.JobScript(
         job_name=job_name or f"strata-{resolved['name']}", resources=resources, backend=chosen,
-        python=sys.executable, config=str(job_dir / "config.yaml"), workdir=str(Path.cwd()),
+        python=sys.executable, config=str(job_dir / contract.RUN_CONFIG_FILE), workdir=str(Path.cwd()),
         log_dir=str(job_dir), partition=partition, account=account)
     script = slurm.render_script(job, template=Path(template) if template else None)
     skipped = {"partition": check_partition(partition), "test-only": test_only(script, dry_run=dry_run)}
@@ -187,8 +187,8 @@ def run_rank(*, config: str, overrides: list[str], backend: str, gpus_per_node: 
     environ = dict(os.environ)
     rank = slurm.read_rank(environ, node_list(environ))
     env = slurm.rank_environment(environ, rank, backend=backend, gpus_per_node=gpus_per_node)
-    print(env[OUTPUT_PREFIX_KEY] + slurm.describe_rank(rank, env), flush=True)
-    argv = slurm.trainer_command(sys.executable, config, overrides, backend=backend)
+    print(env[contract.ENV_OUTPUT_PREFIX] + slurm.describe_rank(rank, env), flush=True)
+    argv = contract.train_command(sys.executable, config, overrides, backend=backend)
     # Until the trainer installs its handler (after Python starts), an early preemption warning is ignored
     # rather than fatal (SIGUSR1's default action kills); SIGTERM keeps its default. Ignored survives exec.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

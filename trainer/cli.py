@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from launch.contract import INTERRUPTED_EXIT_CODE
 from trainer.errors import UserError
 
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(stop.message, file=sys.stderr)
             return stop.exit_code
         print("strata: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
 
 
 def _dispatch(args: argparse.Namespace) -> int:

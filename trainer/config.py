@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from launch.contract import RUN_CONFIG_FILE, run_dir_of
 from trainer.errors import ConfigError
 
 
@@ -416,7 +417,7 @@ class ExperimentConfig(_Strict):
         return "classification" if self.model.kind == "classifier" else "summarization"
 
     def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+        return run_dir_of(self.name, self.run_dir)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -534,9 +535,6 @@ def _format_error(source: str, err: ValidationError) -> str:
     if (not loc and kind not in ("missing",)) or msg.startswith(f"{path}."):  # the message names its own field
         return f"{source}: {msg}"
     return f"{source}: {path}: {msg}{shown}"
-
-
-RUN_CONFIG_FILE = "config.yaml"  # the resolved config `strata train` saves in every run directory
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

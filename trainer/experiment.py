@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
+from launch.contract import CHECKPOINT_DIR
 from trainer.checkpoint import Checkpointer, random_state
 from trainer.config import ExperimentConfig, load_run_config  # noqa: F401  (re-exported)
 from trainer.data.splits import BINARY, LabelSet, Splits, encode_splits, load_splits, training_texts
@@ -96,7 +97,7 @@ def check_free_space(run_dir: Path, *, per_checkpoint: int, keep: int) -> None:
     A save writes the new checkpoint before deleting the oldest, so keep + 1 must fit; space the run's
     existing checkpoints already take is counted as available (resuming replaces them).
     """
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run_dir / CHECKPOINT_DIR
     used = sum(f.stat().st_size for f in checkpoints.iterdir() if f.is_file()) if checkpoints.is_dir() else 0
     needed = (keep + 1) * (per_checkpoint + per_checkpoint // 20 + (64 << 10)) - used  # 5% + 64 KiB margin
     existing = _nearest_existing(run_dir)
@@ -192,7 +193,7 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
             per_checkpoint = checkpoint_bytes([*model.variables, *optimizer.variables, *rng.states])
             check_free_space(run_dir, per_checkpoint=per_checkpoint, keep=cfg.checkpoint.keep)
         write_run_files(cfg, run_dir, vocab, labels if cfg.task == "classification" else None)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+    checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
                                 write=training and strategy.is_chief, model=model, optimizer=optimizer, rng=rng)
     return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer, pipeline, labels)
 

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import yaml
 
+from launch import contract
 from trainer import checkpoint_manifest as files
 from trainer.errors import ConfigError
 
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = contract.RUN_CONFIG_FILE
+CHECKPOINT_DIR = contract.CHECKPOINT_DIR
 # Sections that must not change when a run is resumed: they define what the checkpoint means.
 FROZEN_ON_RESUME = ("model", "data", "seed")
 
@@ -180,7 +181,4 @@ def check_run_dir(cfg) -> ResumePlan:
 def env_rank(environ=os.environ) -> int:
     """This process's rank as its launcher set it (strata launch, horovodrun, mpirun, srun), 0 if none did:
     known before any backend starts, so that only rank 0 prints the start-up decisions."""
-    for key in ("STRATA_RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
-        if environ.get(key, "").isdigit():
-            return int(environ[key])
-    return 0
+    return contract.env_int(environ, contract.LAUNCHER_RANK_VARS, 0)

@@ -174,18 +174,12 @@ def test_horovod_rank_uses_mpi_over_pmix_and_demands_it():
 def test_each_rank_prefixes_its_own_lines_like_every_launcher():
     # SLURM has no Strata launcher reading the ranks' output: run-rank tells the trainer the prefix to use
     # (trainer/output.py), the one `strata launch` puts before every rank's line.
-    from launch.env import rank_prefix
+    from launch.contract import rank_prefix
 
     for rank, env in enumerate(_job_env(["gpu01", "gpu02"], [2, 1])):
         out = slurm.rank_environment({**env, "PMIX_RANK": str(rank)}, slurm.read_rank(env, ["gpu01", "gpu02"]),
                                      backend="horovod", gpus_per_node=0)
         assert out["STRATA_OUTPUT_PREFIX"] == rank_prefix(rank) == f"[rank {rank}] "
-
-
-def test_trainer_and_launcher_agree_on_the_preempted_exit_code():
-    from trainer.preemption import PREEMPTED_EXIT_CODE
-
-    assert slurm.PREEMPTED_EXIT_CODE == PREEMPTED_EXIT_CODE == 75
 
 
 # -------------------------------------------------------------------------------------- resources

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import stopping
+from launch import contract, stopping
 from trainer import preemption, resume
 from trainer.config import load_config
 from trainer.errors import ConfigError
@@ -109,13 +109,12 @@ def test_what_the_user_is_told():
     assert preemption.lost_message(7, None).endswith("there is none yet, so the next start begins at step 0")
 
 
-@pytest.mark.parametrize("signum", preemption.SIGNALS)
+@pytest.mark.parametrize("signum", contract.STOP_SIGNALS)
 def test_the_launcher_reads_the_chiefs_stop_line(signum):
     line = preemption.stop_line(210, signum)
-    assert stopping.parse_stop_line(f"[1,0]<stdout>:{line}\n") == (210, preemption.WHAT[signum])
-    assert stopping.exit_code_for(signal.SIGINT if preemption.WHAT[signum] == "Ctrl-C" else signal.SIGTERM) == \
-        preemption.EXIT_CODES[signum]
-    assert stopping.STOPPED_EXIT_CODES == tuple(sorted(set(preemption.EXIT_CODES.values())))
+    assert stopping.parse_stop_line(f"[1,0]<stdout>:{line}\n") == (210, contract.STOP_LABELS[signum])
+    assert contract.stop_exit_code(contract.STOP_LABELS[signum]) == preemption.STOP_EXIT_CODES[signum]
+    assert stopping.STOPPED_EXIT_CODES == tuple(sorted(set(preemption.STOP_EXIT_CODES.values())))
 
 
 # ------------------------------------------------------------------------------- launcher side

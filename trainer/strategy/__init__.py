@@ -6,22 +6,17 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from launch.contract import LAUNCHER_SIZE_VARS, env_int
 from trainer.config import ExperimentConfig
 from trainer.errors import ConfigError
 
 if TYPE_CHECKING:
     from trainer.strategy.base import Strategy
 
-# Variables that horovodrun / mpirun / srun set in every rank they start.
-_LAUNCHER_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-
 
 def launched_world_size() -> int:
-    """How many ranks an external launcher (horovodrun, mpirun) started, 1 when none did."""
-    for key in _LAUNCHER_SIZE_VARS:
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 1
+    """How many ranks an external launcher (horovodrun, mpirun, srun) started, 1 when none did."""
+    return env_int(os.environ, LAUNCHER_SIZE_VARS, 1)
 
 
 def make_strategy(cfg: ExperimentConfig) -> "Strategy":

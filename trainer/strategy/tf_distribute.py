@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
+from launch.contract import ENV_TF_CONFIG
 from trainer.strategy.base import Strategy
 
 
@@ -114,7 +115,7 @@ class MultiWorker(_TFDistribute):
     name = "multi_worker"
 
     def __init__(self):
-        spec = json.loads(os.environ.get("TF_CONFIG", "{}"))
+        spec = json.loads(os.environ.get(ENV_TF_CONFIG, "{}"))
         workers = spec.get("cluster", {}).get("worker", [])
         if not workers:
             raise ValueError("distribution.backend multi_worker needs TF_CONFIG; start it with "

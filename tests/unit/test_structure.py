@@ -1,0 +1,83 @@
+"""The code's shape, checked: one launcher-to-worker contract that nothing spells out again, and functions
+that fit a screen. Pure AST reads of trainer/ and launch/: no TensorFlow, milliseconds."""
+from __future__ import annotations
+
+import ast
+import signal
+from pathlib import Path
+
+from launch import contract
+from tests.conftest import REPO
+
+PACKAGES = ("trainer", "launch")
+CONTRACT = REPO / "launch" / "contract.py"
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> list[Path]:
+    return sorted(p for package in PACKAGES for p in (REPO / package).rglob("*.py"))
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the string constants that are docstrings (module, class, function)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def _contract_strings() -> set[str]:
+    names = {getattr(contract, n) for n in dir(contract) if n.startswith("ENV_")}
+    names |= {*contract.LAUNCHER_SIZE_VARS, *contract.LAUNCHER_RANK_VARS, *contract.LAUNCHER_LOCAL_RANK_VARS}
+    return names | {contract.HEARTBEAT_GLOB, contract.HEARTBEAT_DIR, contract.RUN_CONFIG_FILE,
+                    contract.CHECKPOINT_DIR, contract.MANIFEST_SUFFIX, contract.RUNS_DIR,
+                    contract.WATCHDOG_IN_LAUNCHER}
+
+
+def test_nothing_redefines_the_launcher_to_worker_contract():
+    """Environment variable names, heartbeat and run-directory names, the exit codes and the trainer's command
+    line appear as literals in launch/contract.py only; every other module imports them from there."""
+    strings, codes = _contract_strings(), {contract.PREEMPTED_EXIT_CODE, contract.INTERRUPTED_EXIT_CODE,
+                                           contract.WATCHDOG_EXIT_CODE}
+    offenders = []
+    for path in _modules():
+        if path == CONTRACT:
+            continue
+        tree = ast.parse(path.read_text())
+        skip = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.List, ast.Tuple)):
+                words = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+                if any(words[i:i + 2] == ["-m", contract.TRAINER_MODULE] for i in range(len(words))):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} a `-m trainer` command line")
+            if not isinstance(node, ast.Constant) or id(node) in skip:
+                continue
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            if isinstance(node.value, str) and node.value in strings:
+                offenders.append(f"{where} {node.value!r}")
+            elif type(node.value) is int and node.value in codes:
+                offenders.append(f"{where} exit code {node.value}")
+    assert not offenders, "define these in launch/contract.py and import them:\n" + "\n".join(offenders)
+
+
+def test_trainer_and_launcher_agree_on_exit_codes_and_the_stop_line():
+    from launch import slurm, stopping
+    from trainer import heartbeat, preemption
+
+    assert slurm.PREEMPTED_EXIT_CODE == preemption.STOP_EXIT_CODES[signal.SIGTERM] == 75
+    assert heartbeat.WATCHDOG_EXIT_CODE == 124 and stopping.STOPPED_EXIT_CODES == (75, 130)
+    for signum in contract.STOP_SIGNALS:
+        step, label = stopping.parse_stop_line(f"[rank 0] {preemption.stop_line(7, signum)}\n")
+        assert step == 7 and contract.stop_exit_code(label) == preemption.STOP_EXIT_CODES[signum]
+
+
+def test_the_trainer_command_lines_are_argv_lists():
+    argv = contract.train_command("py", "c.yaml", ["a=1"], backend="horovod", stop_after=5)
+    assert argv == ["py", "-m", "trainer", "train", "c.yaml", "--set", "a=1", "--set",
+                    "distribution.backend=horovod", "--stop-after", "5"]
+    assert contract.is_train_command(["/venv/bin/python", *argv[1:]])
+    assert contract.validate_command("py", "c.yaml", replicas=[1, 2], replicas_as="-np ({n})") == [
+        "py", "-m", "trainer", "validate", "c.yaml", "--replicas", "1,2", "--replicas-as", "-np ({n})"]
