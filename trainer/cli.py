@@ -15,6 +15,9 @@ from pathlib import Path
 
 from launch.contract import INTERRUPTED_EXIT_CODE
 from trainer.errors import UserError
+from trainer.tasks import TASKS
+
+INFERENCE_COMMANDS = {task.command: task.command_help for task in TASKS.values()}  # classify, summarize
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics of a trained run on a split")
     e.add_argument("run_dir")
     e.add_argument("--split", choices=["val", "test"], default="test")
-    for name, what in (("classify", "texts to classify"), ("summarize", "documents to summarize")):
+    for name, what in INFERENCE_COMMANDS.items():
         c = sub.add_parser(name, help=f"run a trained model on {what}")
         c.add_argument("run_dir")
         c.add_argument("texts", nargs="+")
@@ -108,35 +111,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         from trainer.data.splits import check_split
 
         check_split(cfg.data, args.split, args.run_dir)  # before TensorFlow: never score val as "test"
-    if args.command in ("classify", "summarize"):
-        wanted = "classification" if args.command == "classify" else "summarization"
-        if cfg.task != wanted:
-            other = "summarize" if args.command == "classify" else "classify"
-            raise UserError(f"{args.run_dir} holds a {cfg.task} model; use `strata {other}`")
+    if args.command in INFERENCE_COMMANDS and args.command != cfg.task.command:
+        raise UserError(f"{args.run_dir} holds a {cfg.task} model; use `strata {cfg.task.command}`")
     exp, _ = _restore(cfg)
     if args.command == "evaluate":
         from trainer.loop import evaluate
         from trainer.strategy.single import SingleDevice
 
         metrics = evaluate(exp, SingleDevice(), split=args.split)
-        names = {"classes": list(exp.labels.names)} if cfg.task == "classification" and exp.labels.names else {}
+        names = {"classes": list(exp.labels.names)} if exp.labels.names else {}
         print(json.dumps({"split": args.split, "step": exp.checkpointer.latest_step, **names, **metrics}))
-    elif args.command == "classify":
-        _classify(exp, args.texts)
-    elif args.command == "summarize":  # JSON lines like classify: one per input, with the input
-        from trainer.loop import decode_summaries
-
-        for text, summary in zip(args.texts, decode_summaries(exp, exp.vocab.encode_batch(args.texts, cfg.data.max_len))):
-            print(json.dumps({"summary": summary, "text": text}))
+    elif args.command in INFERENCE_COMMANDS:  # JSON lines: one per input, with the input
+        for answer in exp.task.answer(exp, args.texts):
+            print(json.dumps(answer))
     elif args.command == "export":
         from trainer.export import export_saved_model
 
         out = export_saved_model(exp, Path(args.out) if args.out else exp.run_dir / "export")
-        if cfg.task == "classification":
-            outputs = "label, probability" if exp.labels.num_classes == 2 else "label, probabilities"
-            outputs += ", label_name" if exp.labels.names else ""
-        else:
-            outputs = "summary"
+        outputs = exp.task.serving_outputs(exp.labels)
         print(f"exported SavedModel to {out} (signature serving_default: text -> {outputs})")
     return 0
 
@@ -152,27 +144,6 @@ def _restore(cfg):
     if step == 0:
         raise UserError(f"{exp.run_dir}: no checkpoint yet; train first with `strata train`")
     return exp, step
-
-
-def _classify(exp, texts: list[str]) -> None:
-    """One JSON line per text: the label (a class id), its name if the data named classes, the
-    probability of class 1 (two classes) or of every class (K > 2), and the text."""
-    import tensorflow as tf
-
-    tokens = tf.constant(exp.vocab.encode_batch(texts, exp.cfg.data.max_len))
-    outputs = exp.model({"tokens": tokens}, training=False)
-    for i, text in enumerate(texts):
-        if "probabilities" in outputs:
-            probabilities = outputs["probabilities"][i].numpy()
-            label = int(probabilities.argmax())
-            answer = {"label": label, "probabilities": [round(float(p), 4) for p in probabilities]}
-        else:
-            p = float(outputs["probability"][i])
-            label = int(p >= 0.5)
-            answer = {"label": label, "probability": round(p, 4)}
-        if exp.labels.names:
-            answer = {"label": label, "label_name": exp.labels.name(label), **answer}
-        print(json.dumps({**answer, "text": text}))
 
 
 def _print_data_facts(cfg, splits) -> None:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from launch.contract import RUN_CONFIG_FILE, run_dir_of
+from trainer import tasks
 from trainer.errors import ConfigError
 
 
@@ -108,9 +109,9 @@ class TransformerModel(_Strict):
         return self
 
 
-ModelConfig = Annotated[
-    Union[ClassifierModel, SummarizerModel, TransformerModel], Field(discriminator="kind")
-]
+# One section per model kind (trainer/tasks/ WORKLOADS registers what each learns and builds).
+MODEL_SECTIONS = (ClassifierModel, SummarizerModel, TransformerModel)
+ModelConfig = Annotated[Union[MODEL_SECTIONS], Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -292,13 +293,6 @@ class DistributionConfig(_Strict):
     pipeline: PipelineConfig | None = None  # absent: no pipeline (one stage, the whole model per replica)
 
 
-# Validation metrics each task reports (early stopping may watch any of them).
-METRICS = {
-    "classification": ("loss", "accuracy", "precision", "recall", "f1"),
-    "summarization": ("loss", "token_accuracy", "rouge1", "rouge2", "rougeL"),
-}
-
-
 def effective_warmup(warmup_steps: int, total_steps: int) -> tuple[int, str | None]:
     """Warm-up steps to use, and a note when `warmup_steps` had to be capped.
 
@@ -343,11 +337,11 @@ class ExperimentConfig(_Strict):
             )
         if self.distribution.pipeline is not None:
             self._check_pipeline()
-        if self.model.kind == "classifier" and self.data.source == "tfds":
+        if self.data.source == "tfds" and not self.task.reads_tfds:
             raise ValueError("data.source tfds is supported for the summarizers only")
         es = self.train.early_stopping
         if es:
-            known = METRICS[self.task]
+            known = self.task.metrics
             if es.metric.removeprefix("val_") not in known:
                 raise ValueError(f"train.early_stopping.metric {es.metric!r} is not computed for {self.task}; "
                                  f"choose one of {', '.join('val_' + m for m in known)}")
@@ -412,9 +406,9 @@ class ExperimentConfig(_Strict):
         return effective_warmup(self.optimizer.warmup_steps, self.train.steps)
 
     @property
-    def task(self) -> str:
-        """'classification' or 'summarization'."""
-        return "classification" if self.model.kind == "classifier" else "summarization"
+    def task(self) -> tasks.Task:
+        """What the model kind learns (trainer/tasks/): its data fields, loss, metrics, inference, export."""
+        return tasks.task_for(self.model.kind)
 
     def resolved_run_dir(self) -> Path:
         return run_dir_of(self.name, self.run_dir)
@@ -478,7 +472,7 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-_MODEL_KINDS = {"classifier": ClassifierModel, "summarizer": SummarizerModel, "transformer": TransformerModel}
+_MODEL_KINDS = {section.model_fields["kind"].default: section for section in MODEL_SECTIONS}
 
 
 def _section_fields(loc: tuple) -> list[str]:
@@ -518,7 +512,7 @@ def _format_error(source: str, err: ValidationError) -> str:
     """One line: the first problem, its dotted path, what was given and the fix."""
     e = err.errors()[0]
     # Drop the discriminator tag pydantic inserts into union paths (model.classifier.x -> model.x).
-    loc = [str(p) for p in e["loc"] if p not in ("classifier", "summarizer", "transformer")]
+    loc = [str(p) for p in e["loc"] if p not in _MODEL_KINDS]
     path = ".".join(loc) or "(top level)"
     msg = e["msg"].removeprefix("Value error, ")
     kind = e["type"]
@@ -529,7 +523,7 @@ def _format_error(source: str, err: ValidationError) -> str:
     elif kind == "missing":
         msg = "required but missing"
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
-        path, msg = f"{path}.kind", "must be one of: classifier, summarizer, transformer"
+        path, msg = f"{path}.kind", f"must be one of: {', '.join(_MODEL_KINDS)}"
     given = e.get("input")
     shown = "" if kind in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
     if (not loc and kind not in ("missing",)) or msg.startswith(f"{path}."):  # the message names its own field

@@ -28,9 +28,10 @@ from trainer.models import LevelModel, build_model
 from trainer.optim import build_optimizer
 from trainer.resume import CONFIG_FILE, FROZEN_ON_RESUME, check_frozen  # noqa: F401  (re-exported)
 from trainer.strategy.base import Strategy
+from trainer.tasks import Task
 
 VOCAB_FILE = "vocab.json"
-LABELS_FILE = "labels.json"  # classification: number of classes and their names (absent in older runs: binary)
+LABELS_FILE = "labels.json"  # a labelled task's number of classes and their names (absent in older runs: binary)
 
 
 @dataclass
@@ -45,7 +46,11 @@ class Experiment:
     checkpointer: Checkpointer
     # Training with distribution.pipeline: runs each replica's forward/backward over the stages.
     pipeline: Any = None  # trainer.strategy.pipeline.PipelineEngine (imported only when used)
-    labels: LabelSet = BINARY  # classification: the classes the model was built for
+    labels: LabelSet = BINARY  # a labelled task's classes, which the model was built for
+
+    @property
+    def task(self) -> Task:
+        return self.cfg.task
 
 
 def configure_runtime(cfg: ExperimentConfig) -> None:
@@ -117,7 +122,7 @@ def run_labels(cfg: ExperimentConfig, run_dir: Path, splits: Splits) -> LabelSet
     since its outputs would be read against the wrong classes."""
     derived = splits.labels or BINARY
     path = run_dir / LABELS_FILE
-    if cfg.task != "classification" or not path.is_file():
+    if not cfg.task.labelled or not path.is_file():
         return derived
     try:
         saved = LabelSet.from_json(json.loads(path.read_text(encoding="utf-8")))
@@ -192,17 +197,12 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
         if cfg.checkpoint.check_free_space:
             per_checkpoint = checkpoint_bytes([*model.variables, *optimizer.variables, *rng.states])
             check_free_space(run_dir, per_checkpoint=per_checkpoint, keep=cfg.checkpoint.keep)
-        write_run_files(cfg, run_dir, vocab, labels if cfg.task == "classification" else None)
+        write_run_files(cfg, run_dir, vocab, labels if cfg.task.labelled else None)
     checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
                                 write=training and strategy.is_chief, model=model, optimizer=optimizer, rng=rng)
     return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer, pipeline, labels)
 
 
-def model_inputs(task: str, batch: dict) -> dict:
-    """The features the model reads (labels and targets stay out)."""
-    keys = ("tokens",) if task == "classification" else ("document", "summary_in")
-    return {k: batch[k] for k in keys}
-
-
-def example_inputs(arrays: dict[str, np.ndarray], task: str) -> dict:
-    return {k: tf.constant(v[:2]) for k, v in model_inputs(task, arrays).items()}
+def example_inputs(arrays: dict[str, np.ndarray], task: Task) -> dict:
+    """Two examples' model inputs, as tensors: what a first call builds the model's variables from."""
+    return {k: tf.constant(v[:2]) for k, v in task.model_inputs(arrays).items()}

@@ -7,14 +7,12 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from trainer import task as task_lib
 from trainer.data.batches import eval_dataset, train_dataset
-from trainer.experiment import Experiment, model_inputs
+from trainer.experiment import Experiment
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
 from trainer.faults import fault_hooks, step_fault
 from trainer.heartbeat import heartbeat_hooks, phase
 from trainer.preemption import VOTES, preemption_hooks, votes_variable
-from trainer.models.decoding import greedy_decoder
 from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags, poison
 from trainer.optim import current_lr, merge_duplicate_rows
 from trainer.resume import start_message
@@ -45,9 +43,9 @@ def make_train_step(exp: Experiment, strategy: Strategy):
             for i in range(accum):  # gradient accumulation: `accum` micro-slices of this replica's batch
                 part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
                 with tf.GradientTape() as tape:
-                    outputs = model(model_inputs(task, part), training=True)
+                    outputs = model(task.model_inputs(part), training=True)
                     # Normalise by the GLOBAL batch; replicas' gradients are then summed (strategy/base.py).
-                    part_loss = tf.reduce_sum(task_lib.per_example_loss(task, part, outputs)) / global_batch
+                    part_loss = tf.reduce_sum(task.per_example_loss(part, outputs)) / global_batch
                     scaled = optimizer.scale_loss(part_loss) if loss_scaling else part_loss
                 part_grads = tape.gradient(scaled, variables)
                 grads = part_grads if grads is None else [_add(g, d) for g, d in zip(grads, part_grads)]
@@ -66,7 +64,7 @@ def make_train_step(exp: Experiment, strategy: Strategy):
             optimizer.apply_gradients(zip(poison(grads, ok), variables))
         else:
             strategy.apply_if(ok, lambda g: optimizer.apply_gradients(zip(g, variables)), grads)
-        return {"loss": loss, "tokens": tf.cast(task_lib.tokens_in(task, batch), tf.float32),
+        return {"loss": loss, "tokens": tf.cast(task.tokens_in(batch), tf.float32),
                 "nonfinite": tf.cast(first_bad(bad), tf.float32), "stop": stop, **extras}
 
     @tf.function
@@ -106,15 +104,15 @@ def _add(a, b):
 def make_eval_step(exp: Experiment):
     """A compiled forward pass returning additive counts. Evaluation runs per process on its own shard
     (no collective inside), and the counts are summed over processes afterwards."""
-    model, task = exp.model, exp.cfg.task
+    model, task = exp.model, exp.task
     # One trace for every batch size: a split's last batch is smaller, and each new shape would trace the
     # step again (TensorFlow warns about it when a process evaluates several runs, as bench/overhead.py does).
     spec = eval_dataset(exp.arrays["val"], batch_size=1).element_spec
 
     @tf.function(input_signature=[spec])
     def eval_step(batch: dict) -> dict:
-        outputs = model(model_inputs(task, batch), training=False)
-        return task_lib.eval_counts(task, batch, outputs)
+        outputs = model(task.model_inputs(batch), training=False)
+        return task.eval_counts(batch, outputs)
 
     return eval_step
 
@@ -128,28 +126,13 @@ def evaluate(exp: Experiment, strategy: Strategy, *, split: str = "val", eval_st
                            num_shards=strategy.world_size)
     if cfg.eval.max_batches:
         dataset = dataset.take(cfg.eval.max_batches)
-    totals = {key: 0.0 for key in task_lib.count_keys(cfg.task, exp.labels.num_classes)}
+    totals = {key: 0.0 for key in exp.task.count_keys(exp.labels.num_classes)}
     for batch in dataset:
         for key, value in eval_step(batch).items():
             totals[key] += float(value)
-    metrics = task_lib.metrics_from_counts(cfg.task, strategy.all_reduce_sum(totals))
-    if cfg.task == "summarization":
-        metrics.update(summary_scores(exp, split=split))
+    metrics = exp.task.metrics_from_counts(strategy.all_reduce_sum(totals))
+    metrics.update(exp.task.extra_metrics(exp, split))  # e.g. ROUGE of decoded summaries
     return metrics
-
-
-def decode_summaries(exp: Experiment, documents: np.ndarray) -> list[str]:
-    """Greedy summaries for token-id documents."""
-    ids = greedy_decoder(exp.model, exp.cfg.data.summary_len)(tf.constant(documents)).numpy()
-    return [exp.vocab.decode(row) for row in ids]
-
-
-def summary_scores(exp: Experiment, *, split: str) -> dict[str, float]:
-    """ROUGE of greedy summaries on the first `eval.rouge_examples` examples of a split."""
-    n = exp.cfg.eval.rouge_examples
-    references = [ex["summary"] for ex in getattr(exp.splits, split)[:n]]
-    predictions = decode_summaries(exp, exp.arrays[split]["document"][:n])
-    return task_lib.rouge(references, predictions)
 
 
 def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[Hook]:
@@ -280,25 +263,7 @@ def check_replicas_in_sync(exp: Experiment, strategy: Strategy) -> None:
 def run_eval(exp, strategy, state, hooks, tb, eval_step) -> None:
     with phase("eval"):
         state.eval_metrics = evaluate(exp, strategy, eval_step=eval_step)
-    if exp.cfg.task == "summarization" and strategy.is_chief:
-        attention = _attention_map(exp)
-        if attention is not None:
-            weights, summary_tokens, document_tokens = attention
-            tb.attention_image(state.step, weights, rows=summary_tokens, columns=document_tokens)
+    if strategy.is_chief:
+        exp.task.eval_summaries(exp, tb, state.step)  # e.g. the attention image
     for hook in hooks:
         hook.on_eval(state)
-
-
-def _attention_map(exp: Experiment) -> tuple[np.ndarray, list[str], list[str]] | None:
-    """Attention of the first validation example (summary tokens x document tokens) and those tokens (each
-    row is the summary token predicted at that position), if the model has attention."""
-    first = {k: tf.constant(v[:1]) for k, v in exp.arrays["val"].items()}
-    attention = exp.model(model_inputs("summarization", first)).get("attention")
-    if attention is None:
-        return None
-    doc_len = max(int(np.count_nonzero(first["document"][0])), 1)
-    sum_len = max(int(np.count_nonzero(first["summary_out"][0])), 1)
-    tokens = exp.vocab.tokens
-    words = lambda ids: [tokens[i] if 0 <= i < len(tokens) else "?" for i in ids.numpy().tolist()]  # noqa: E731
-    return (attention.numpy()[0, :sum_len, :doc_len], words(first["summary_out"][0, :sum_len]),
-            words(first["document"][0, :doc_len]))

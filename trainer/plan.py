@@ -71,7 +71,7 @@ def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bo
         print("no pipeline (distribution.pipeline is not set): every replica holds the whole model")
         return 0
 
-    from trainer.experiment import configure_runtime, model_inputs
+    from trainer.experiment import configure_runtime
     from trainer.data.splits import encode_splits, training_texts
     from trainer.data.tokenizer import Vocabulary
     from trainer.models import build_model
@@ -104,11 +104,11 @@ def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bo
                         replicas, costs, memory, timed=dry_run)
     print(format_plan(plan))
     if dry_run:
-        _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica, model_inputs)
+        _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica)
     return 0
 
 
-def _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica, model_inputs) -> None:
+def _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica) -> None:
     """Build the pipelined model and time one forward/backward step (traced, then run twice)."""
     import keras
     import tensorflow as tf
@@ -120,7 +120,7 @@ def _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica, model
     model = new_model()
     engine = PipelineEngine(model, cfg.task, partition, devices, micro_batches=pipe.micro_batches,
                             schedule=pipe.schedule, recompute=pipe.recompute, global_batch=cfg.data.batch_size)
-    engine.build(model_inputs(cfg.task, {k: v[:2] for k, v in arrays.items()}))
+    engine.build(cfg.task.model_inputs({k: v[:2] for k, v in arrays.items()}))
     batch = {k: tf.constant(v[:per_replica]) for k, v in arrays.items()}
     step = tf.function(engine.gradients)
     began = time.perf_counter()

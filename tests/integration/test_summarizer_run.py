@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tests.conftest import CONFIGS, serve_in_fresh_process, strata
 from trainer.config import load_config
 from trainer.data.splits import load_splits
-from trainer.task import lead_baseline, rouge
+from trainer.tasks.summarization import lead_baseline, rouge
 
 pytestmark = pytest.mark.slow
 SMALL = ["--set", "data.builtin.train_examples=2000", "--set", "data.builtin.val_examples=100",

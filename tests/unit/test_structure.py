@@ -81,3 +81,23 @@ def test_the_trainer_command_lines_are_argv_lists():
     assert contract.is_train_command(["/venv/bin/python", *argv[1:]])
     assert contract.validate_command("py", "c.yaml", replicas=[1, 2], replicas_as="-np ({n})") == [
         "py", "-m", "trainer", "validate", "c.yaml", "--replicas", "1,2", "--replicas-as", "-np ({n})"]
+
+
+def test_no_task_or_model_kind_name_is_compared_outside_the_registry():
+    """Code asks the task object (trainer/tasks/) what to do; `== "classification"` anywhere else would make a
+    new workload touch that file too."""
+    from trainer.tasks import TASKS, WORKLOADS
+
+    names = set(TASKS) | set(WORKLOADS)
+    offenders = []
+    for path in _modules():
+        if "tasks" in path.relative_to(REPO).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            sides += [e for side in sides if isinstance(side, (ast.Tuple, ast.List, ast.Set)) for e in side.elts]
+            if any(isinstance(s, ast.Constant) and s.value in names for s in sides):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, "compare through the task object instead:\n" + "\n".join(offenders)

@@ -15,6 +15,7 @@ from trainer.models.decoding import greedy_decode, greedy_decoder, mask_after_eo
 from trainer.models.levels import BOS_ID, EOS_ID, PAD_ID, Carry, Level, LevelModel
 from trainer.models.summarizer import build_summarizer
 from trainer.models.transformer import build_transformer
+from trainer.tasks import workload
 
 __all__ = [
     "BOS_ID",
@@ -35,17 +36,13 @@ __all__ = [
 
 def build_model(cfg_model: Any, *, vocab_size: int, max_len: int, summary_len: int,
                 num_classes: int = 2) -> LevelModel:
-    """Build the (unbuilt) model for a `cfg.model` section, dispatching on `cfg_model.kind`.
+    """Build the (unbuilt) model for a `cfg.model` section: the builder its kind registers (trainer/tasks/),
+    given the sizes its task says it takes.
 
     Variables are created under the global Keras dtype policy at the first call: set mixed precision
     before calling this, and call `build_from_inputs()` inside the distribution scope. `num_classes`
-    (the classifier only) comes from the training labels (trainer/data/splits.py `LabelSet`).
+    (labelled tasks only) comes from the training labels (trainer/data/splits.py `LabelSet`).
     """
-    kind = cfg_model.kind
-    if kind == "classifier":
-        return build_classifier(cfg_model, vocab_size=vocab_size, max_len=max_len, num_classes=num_classes)
-    if kind == "summarizer":
-        return build_summarizer(cfg_model, vocab_size=vocab_size, max_len=max_len, summary_len=summary_len)
-    if kind == "transformer":
-        return build_transformer(cfg_model, vocab_size=vocab_size, max_len=max_len, summary_len=summary_len)
-    raise ValueError(f"unknown model kind {kind!r}; expected classifier, summarizer or transformer")
+    work = workload(cfg_model.kind)  # ValueError naming the known kinds
+    dims = work.task.model_dims(max_len=max_len, summary_len=summary_len, num_classes=num_classes)
+    return work.build_fn()(cfg_model, vocab_size=vocab_size, **dims)

@@ -21,14 +21,14 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from trainer.tasks import TASKS
+
 Carry = dict[str, tf.Tensor]
 
 # Special token ids shared with the tokenizer.
 PAD_ID = 0
 BOS_ID = 2
 EOS_ID = 3
-
-TASKS = ("classification", "summarization")
 
 
 class Level(keras.layers.Layer):
@@ -89,7 +89,7 @@ class LevelModel(keras.Model):
 
     Attributes:
         levels: the levels, in order.
-        task: "classification" or "summarization".
+        task: the name of the task it learns (trainer/tasks/ TASKS).
         input_specs: `{name: tf.TensorSpec}` of the model inputs (batch dimension None).
     """
 
@@ -103,7 +103,7 @@ class LevelModel(keras.Model):
     ) -> None:
         super().__init__(name=name)
         if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+            raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
         names = [lvl.name for lvl in levels]
         if not names:
             raise ValueError("a LevelModel needs at least one level")

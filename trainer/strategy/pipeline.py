@@ -44,8 +44,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import task as task_lib
 from trainer.models.levels import Carry, LevelModel
+from trainer.tasks import Task, resolve
 from trainer.strategy.pipeline_plan import BACKWARD, FORWARD, ScheduleDeadlock, make_schedule, stage_level_names
 
 
@@ -155,7 +155,7 @@ class PipelineEngine:
     def __init__(
         self,
         model: LevelModel,
-        task: str,
+        task: str | Task,
         partition: Sequence[tuple[int, int]],
         devices: Sequence[str],
         micro_batches: int,
@@ -164,14 +164,14 @@ class PipelineEngine:
         global_batch: int | None = None,
     ) -> None:
         self.model = model
-        self.task = task
+        self.task = resolve(task)
         self.partition = [(int(a), int(b)) for a, b in partition]
         self.stage_levels = stage_level_names(model.level_names, self.partition)  # validates the partition
         self.devices = list(devices)
         if len(self.devices) != len(self.partition):
             raise ValueError(f"{len(self.partition)} stages but {len(self.devices)} devices; give one device per stage")
-        if task != model.task:
-            raise ValueError(f"task {task!r} does not match the model's task {model.task!r}")
+        if self.task.name != model.task:
+            raise ValueError(f"task {self.task.name!r} does not match the model's task {model.task!r}")
         self.micro_batches = micro_batches
         self.schedule_name = schedule
         self.schedule = make_schedule(schedule, len(self.partition), micro_batches)  # validates both
@@ -283,7 +283,7 @@ class PipelineEngine:
         if s < self.num_stages - 1:
             return out, None
         # Normalised by the GLOBAL batch so summed micro-batch (and replica) gradients are the mean's.
-        loss = tf.reduce_sum(task_lib.per_example_loss(self.task, batch, out)) / self.global_batch
+        loss = tf.reduce_sum(self.task.per_example_loss(batch, out)) / self.global_batch
         return out, loss
 
     def gradients(self, batch: Mapping[str, Any]) -> tuple[tf.Tensor, list[tf.Tensor | None], dict[str, tf.Tensor]]:

@@ -21,10 +21,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import tensorflow as tf
 
-from trainer import task as task_lib
 from trainer.config import ExperimentConfig, PipelineConfig
 from trainer.errors import ConfigError
 from trainer.models.levels import LevelModel
+from trainer.tasks import Task, resolve
 from trainer.strategy.pipeline_plan import (
     PipelinePlan,
     balanced_partition,
@@ -96,7 +96,7 @@ class LevelCost:
     input_bytes: float = 0.0  # the level's input carry per micro-batch (what recomputation keeps)
 
 
-def profile_levels(model: LevelModel, example: Mapping[str, Any], task: str, device: str,
+def profile_levels(model: LevelModel, example: Mapping[str, Any], task: str | Task, device: str,
                    repeats: int = 3) -> list[LevelCost]:
     """Time each level's forward+backward on `example` (one micro-batch) on `device`.
 
@@ -104,7 +104,7 @@ def profile_levels(model: LevelModel, example: Mapping[str, Any], task: str, dev
     and timed (median of `repeats` runs of 3 calls, after a warm-up). Builds the model if needed.
     """
     def timed(i: int, carry: Mapping[str, tf.Tensor]) -> float:
-        fb = _forward_backward(model, i, task, example if i == model.num_levels - 1 else None)
+        fb = _forward_backward(model, i, resolve(task), example if i == model.num_levels - 1 else None)
         fb(carry)  # trace + warm up
         times = []
         for _ in range(repeats):
@@ -142,7 +142,7 @@ def balanced_by_params(costs: list[LevelCost], stages: int) -> list[tuple[int, i
     return balanced_partition([float(max(c.params, 1)) for c in costs], stages)
 
 
-def _forward_backward(model: LevelModel, index: int, task: str, batch: Mapping[str, Any] | None) -> Callable:
+def _forward_backward(model: LevelModel, index: int, task: Task, batch: Mapping[str, Any] | None) -> Callable:
     """A compiled forward+backward of one level (the last level differentiates the loss)."""
     level = model.levels[index]
 
@@ -153,7 +153,7 @@ def _forward_backward(model: LevelModel, index: int, task: str, batch: Mapping[s
             tape.watch(inputs)
             out = model.run_levels(carry, index, index + 1, training=True)
             if batch is not None:
-                target = tf.reduce_sum(task_lib.per_example_loss(task, batch, out))
+                target = tf.reduce_sum(task.per_example_loss(batch, out))
             else:
                 target = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) for v in out.values()
                                    if v.dtype.is_floating])
@@ -256,7 +256,6 @@ def build_pipeline(cfg: ExperimentConfig, strategy: Any, new_model: Callable[[],
     """
     import keras
 
-    from trainer.experiment import model_inputs
     from trainer.strategy.pipeline import PipelineEngine
 
     pipe = cfg.distribution.pipeline
@@ -278,7 +277,7 @@ def build_pipeline(cfg: ExperimentConfig, strategy: Any, new_model: Callable[[],
     model = new_model()
     engine = PipelineEngine(model, cfg.task, partition, devices, micro_batches=pipe.micro_batches,
                             schedule=pipe.schedule, recompute=pipe.recompute, global_batch=cfg.data.batch_size)
-    engine.build(model_inputs(cfg.task, {k: v[:2] for k, v in example.items()}))
+    engine.build(cfg.task.model_inputs({k: v[:2] for k, v in example.items()}))
     if strategy.is_chief:
         timed = costs is not None
         if timed:
