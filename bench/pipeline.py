@@ -70,7 +70,7 @@ def child(spec: dict) -> dict:
     from trainer.tasks import SUMMARIZATION
     from trainer.strategy.pipeline import PipelineEngine
     from trainer.strategy.pipeline_setup import profile_levels
-    from trainer.strategy.pipeline_plan import balanced_partition
+    from trainer.parallel.partition import balanced_partition
 
     rng = np.random.default_rng(0)
     batch_size = spec["batch"]

@@ -175,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tensorboard":
             return tensorboard.serve(args.run_dir, host=args.host, port=args.port)
         if args.command == "launch":
-            launch_plan = launcher.plan(np=args.np, hosts_spec=args.hosts, hostfile=args.hostfile,
-                                        backend=args.backend, mpi=args.mpi, config=args.config,
-                                        overrides=args.overrides, stop_after=args.stop_after,
-                                        elastic=_elastic_spec(args))
-            return launcher.run(launch_plan, grace_seconds=args.grace)
+            spec = launcher.check_launch(np=args.np, hosts_spec=args.hosts, hostfile=args.hostfile,
+                                         backend=args.backend, mpi=args.mpi, config=args.config,
+                                         overrides=args.overrides, stop_after=args.stop_after,
+                                         elastic=_elastic_spec(args))
+            return launcher.run(spec, grace_seconds=args.grace)
         if args.command == "slurm":
             return _slurm(args)
         if args.command == "plan":

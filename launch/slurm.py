@@ -77,15 +77,29 @@ class Resources:
     gpus_per_node: int
     time_seconds: int | None
     warning_seconds: int
+    local_replicas: int = 1  # replicas per task: a multi_worker task's GPUs; one otherwise
 
     @property
     def tasks(self) -> int:
         return self.nodes * self.tasks_per_node
 
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas of the job (what the global batch is split over)."""
+        return self.tasks * self.local_replicas
+
+    @property
+    def replicas_as(self) -> str:
+        """How the request makes its replicas, for the layout check's messages (`{n}`: their number)."""
+        per_worker = f" x {self.local_replicas} GPUs per worker" if self.local_replicas > 1 else ""
+        return f"the job's {{n}} replicas (--nodes {self.nodes} x --ntasks-per-node {self.tasks_per_node}{per_worker})"
+
 
 def check_resources(resolved: dict, *, backend: str, nodes: int, ntasks_per_node: int | None,
                     gpus_per_node: int, time: str | None, warning_seconds: int = DEFAULT_WARNING_SECONDS) -> Resources:
-    """Refuse requests that cannot work, with the numbers and a fix in the one-line message."""
+    """Refuse requests that cannot work, with the numbers and a fix in the one-line message. Whether the
+    config's batch splits over the job's replicas is the worker's check (`python -m trainer validate
+    --replicas`, see slurm_jobs.submit), like everything else about the parallel layout."""
     if backend not in BACKENDS:
         raise LaunchError(f"--backend {backend!r}: SLURM jobs run one task per rank; use horovod or multi_worker")
     if nodes < 1:
@@ -108,30 +122,14 @@ def check_resources(resolved: dict, *, backend: str, nodes: int, ntasks_per_node
         if gpus_per_node % ntasks_per_node:
             raise LaunchError(f"--gpus-per-node {gpus_per_node} does not split evenly over --ntasks-per-node "
                               f"{ntasks_per_node}; make it a multiple")
-    tasks = nodes * ntasks_per_node
     local_replicas = gpus_per_node // ntasks_per_node if (gpus_per_node and backend == "multi_worker") else 1
-    _check_batch(resolved, replicas=tasks * local_replicas,
-                 shape=f"--nodes {nodes} x --ntasks-per-node {ntasks_per_node}"
-                       + (f" x {local_replicas} GPUs per worker" if local_replicas > 1 else ""))
     seconds = parse_time(time) if time else None
     if warning_seconds < 0 or warning_seconds > 65535:
         raise LaunchError(f"--warning {warning_seconds}: seconds before the time limit, 0..65535")
     if seconds is not None and seconds <= warning_seconds:
         raise LaunchError(f"--time {time} ({seconds} s) leaves no time before the preemption warning "
                           f"({warning_seconds} s before the end); ask for more time or lower --warning")
-    return Resources(nodes, ntasks_per_node, gpus_per_node, seconds, warning_seconds)
-
-
-def _check_batch(resolved: dict, *, replicas: int, shape: str) -> None:
-    b, accum = resolved["data"]["batch_size"], resolved["train"]["grad_accum"]
-    pipe = resolved["distribution"].get("pipeline")
-    split, what = (pipe["micro_batches"], "distribution.pipeline.micro_batches") if pipe else (accum, "train.grad_accum")
-    if b % (replicas * split):
-        fits = [n for n in range(replicas, 0, -1) if b % (n * split) == 0]
-        raise LaunchError(
-            f"data.batch_size ({b}) must be divisible by the job's {replicas} replicas ({shape}) x {what} ({split}): "
-            f"this config allows at most {max(fits)} replica(s) of that shape; ask for fewer tasks or set "
-            f"data.batch_size={replicas * split * max(1, b // (replicas * split))}")
+    return Resources(nodes, ntasks_per_node, gpus_per_node, seconds, warning_seconds, local_replicas)
 
 
 # ------------------------------------------------------------------------------------------ quoting

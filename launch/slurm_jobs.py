@@ -1,11 +1,12 @@
 """SLURM jobs, the part that talks to SLURM: `strata slurm submit` and `strata slurm run-rank`.
 
-submit: validate the config (the trainer's own schema, in a child process), check the resources against
-it and against SLURM (`sinfo` for the partition, `sbatch --test-only` for the rest), then write the config
-snapshot and the batch script into RUN_DIR/slurm/ and `sbatch` it. Bad input stops before anything is
-written or submitted. --dry-run runs the same checks, names those it could not run (no SLURM here,
-controller down) and prints the script instead of writing it. The snapshot is what every start of the job trains, so editing the YAML while the
-job waits or after a requeue cannot change a run halfway.
+submit: validate the config and its parallel layout over the job's replicas (the trainer's own checks, in a
+child process), check the resources against it and against SLURM (`sinfo` for the partition,
+`sbatch --test-only` for the rest), then write the config snapshot and the batch script into RUN_DIR/slurm/
+and `sbatch` it. Bad input stops before anything is written or submitted. --dry-run runs the same checks,
+names those it could not run (no SLURM here, controller down) and prints the script instead of writing it.
+The snapshot is what every start of the job trains, so editing the YAML while the job waits or after a
+requeue cannot change a run halfway.
 
 run-rank: executed by srun once per rank; reads SLURM's variables, builds the rank's environment
 (launch/slurm.py) and execs `python -m trainer train` with it. No Strata launcher reads a SLURM job's
@@ -129,12 +130,13 @@ def submit(*, config: str, overrides: list[str], backend: str | None, nodes: int
            gpus_per_node: int, time: str | None, partition: str | None, account: str | None,
            job_name: str | None, warning: int, template: str | None, dry_run: bool) -> int:
     """Check the job like SLURM would (a dry run too), then write RUN/slurm/ and sbatch it."""
-    first = validate_config(config, overrides)
+    first, _ = validate_config(config, overrides)
     chosen = backend or (first["distribution"]["backend"] if first["distribution"]["backend"] in slurm.BACKENDS
                          else "horovod")
-    resolved = validate_config(config, [*overrides, f"distribution.backend={chosen}"])
-    resources = slurm.check_resources(resolved, backend=chosen, nodes=nodes, ntasks_per_node=ntasks_per_node,
+    resources = slurm.check_resources(first, backend=chosen, nodes=nodes, ntasks_per_node=ntasks_per_node,
                                       gpus_per_node=gpus_per_node, time=time, warning_seconds=warning)
+    resolved, _ = validate_config(config, [*overrides, f"distribution.backend={chosen}"],
+                                  replicas=[resources.replicas], replicas_as=resources.replicas_as)
     run_dir = contract.run_dir_of(resolved["name"], resolved["run_dir"]).absolute()
     resolved["run_dir"] = str(run_dir)
     job_dir = run_dir / "slurm"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from launch.contract import INTERRUPTED_EXIT_CODE
-from trainer.errors import UserError
+from trainer.errors import ConfigError, UserError
 from trainer.tasks import TASKS
 
 INFERENCE_COMMANDS = {task.command: task.command_help for task in TASKS.values()}  # classify, summarize
@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a config (and that its run directory can resume with it); "
                                         "print it resolved, as JSON")
     with_overrides(v)
+    v.add_argument("--replicas", default=None, metavar="N[,N...]",
+                   help="also check the parallel layout for each number of data-parallel replicas; print "
+                        '{"config": ..., "layouts": [...]}')
+    v.add_argument("--replicas-as", default=None, metavar="TEXT",
+                   help="how the user asked for the replicas, for the messages; {n} is the count (e.g. '-np ({n})')")
     pl = sub.add_parser("plan", help="print ranks, devices, stages, levels, memory and schedule")
     with_overrides(pl)
     pl.add_argument("--ranks", default="localhost:0", help="host:local_rank of every rank, comma-separated")
@@ -88,12 +93,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     if args.command == "validate":
-        from trainer.resume import check_run_dir
-
-        cfg = load_config(args.config, args.overrides)
-        check_run_dir(cfg)  # and against its run directory: `strata launch` refuses a bad resume before any rank
-        print(json.dumps(cfg.model_dump(mode="json")))
-        return 0
+        return _validate(args)
     if args.command == "plan":
         from trainer.plan import parse_ranks, run_plan
 
@@ -130,6 +130,30 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = export_saved_model(exp, Path(args.out) if args.out else exp.run_dir / "export")
         outputs = exp.task.serving_outputs(exp.labels)
         print(f"exported SavedModel to {out} (signature serving_default: text -> {outputs})")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """The config, checked against its run directory (`strata launch` refuses a bad resume before any rank
+    starts) and, with --replicas, laid out for each replica count; printed as JSON (launch/contract.py)."""
+    from trainer.config import load_config
+    from trainer.parallel.layout import LayoutError, layout_for
+    from trainer.resume import check_run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    check_run_dir(cfg)
+    resolved = cfg.model_dump(mode="json")
+    if args.replicas is None:
+        print(json.dumps(resolved))
+        return 0
+    counts = args.replicas.split(",")
+    if not all(c.isdigit() and int(c) > 0 for c in counts):
+        raise UserError(f"--replicas {args.replicas!r}: expected positive whole numbers, e.g. --replicas 1,2")
+    try:
+        layouts = [layout_for(cfg, int(n), args.replicas_as).to_json() for n in counts]
+    except LayoutError as err:
+        raise ConfigError(str(err)) from None
+    print(json.dumps({"config": resolved, "layouts": layouts}))
     return 0
 
 

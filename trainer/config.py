@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from launch.contract import RUN_CONFIG_FILE, run_dir_of
 from trainer import tasks
 from trainer.errors import ConfigError
+from trainer.parallel.layout import config_layout
 
 
 class SafeYaml12Loader(yaml.SafeLoader):
@@ -323,20 +324,7 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "ExperimentConfig":
-        b, accum = self.data.batch_size, self.train.grad_accum
-        if b % accum:
-            raise ValueError(
-                f"train.grad_accum ({accum}) must divide data.batch_size ({b}); try grad_accum "
-                f"{max(d for d in range(1, accum + 1) if b % d == 0)}"
-            )
-        devices = self.distribution.devices
-        if devices and self.distribution.backend == "mirrored" and b % (devices * accum):
-            raise ValueError(
-                f"data.batch_size ({b}) must be divisible by distribution.devices ({devices}) x "
-                f"train.grad_accum ({accum}) so every replica gets whole micro-batches"
-            )
-        if self.distribution.pipeline is not None:
-            self._check_pipeline()
+        config_layout(self)  # how the batch and the model split (trainer/parallel/layout.py: every rule there)
         if self.data.source == "tfds" and not self.task.reads_tfds:
             raise ValueError("data.source tfds is supported for the summarizers only")
         es = self.train.early_stopping
@@ -346,60 +334,6 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"train.early_stopping.metric {es.metric!r} is not computed for {self.task}; "
                                  f"choose one of {', '.join('val_' + m for m in known)}")
         return self
-
-    def _check_pipeline(self) -> None:
-        """What can be checked without knowing the number of replicas (the launcher checks the rest)."""
-        pipe, dist = self.distribution.pipeline, self.distribution
-        assert pipe is not None
-        levels = self.model.level_names()
-        if pipe.stages > len(levels):
-            raise ValueError(
-                f"distribution.pipeline.stages ({pipe.stages}) exceeds the {len(levels)} levels of the "
-                f"{self.model.kind} ({', '.join(levels)}); use at most {len(levels)} stages"
-            )
-        if pipe.partition != "auto":
-            if len(pipe.partition) != pipe.stages:
-                raise ValueError(
-                    f"distribution.pipeline.partition lists {len(pipe.partition)} stages but stages is "
-                    f"{pipe.stages}; give one level list per stage"
-                )
-            from trainer.strategy.pipeline_plan import explicit_partition  # pure, no TensorFlow
-
-            try:
-                explicit_partition(levels, pipe.partition)
-            except ValueError as err:
-                raise ValueError(f"distribution.pipeline.partition: {err}") from None
-        if pipe.devices is not None and len(pipe.devices) != pipe.stages:
-            raise ValueError(
-                f"distribution.pipeline.devices lists {len(pipe.devices)} devices for {pipe.stages} stages; "
-                "give one device per stage"
-            )
-        if self.data.batch_size % pipe.micro_batches:
-            raise ValueError(
-                f"distribution.pipeline.micro_batches ({pipe.micro_batches}) must divide data.batch_size "
-                f"({self.data.batch_size}); try micro_batches="
-                f"{max(d for d in range(1, pipe.micro_batches + 1) if self.data.batch_size % d == 0)}"
-            )
-        if dist.backend == "mirrored":
-            raise ValueError(
-                "distribution.pipeline does not combine with backend mirrored (both want this process's devices); "
-                "use backend single, horovod or multi_worker"
-            )
-        if self.train.grad_accum > 1:
-            raise ValueError(
-                "train.grad_accum must be 1 with distribution.pipeline: micro-batches already accumulate "
-                "gradients; raise distribution.pipeline.micro_batches instead"
-            )
-        if pipe.recompute and getattr(self.model, "dropout", 0.0) > 0:
-            raise ValueError(
-                f"distribution.pipeline.recompute needs a deterministic forward but model.dropout is "
-                f"{self.model.dropout}; set model.dropout=0.0 or recompute=false"
-            )
-        if self.train.mixed_precision == "float16":
-            raise ValueError(
-                "train.mixed_precision float16 (loss scaling) is not supported with distribution.pipeline; "
-                "use bfloat16"
-            )
 
     def warmup(self) -> tuple[int, str | None]:
         """(warm-up steps the schedule uses, a note to print when that differs from optimizer.warmup_steps)."""

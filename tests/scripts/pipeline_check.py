@@ -42,7 +42,7 @@ from trainer.tasks import SUMMARIZATION  # noqa: E402
 from trainer.config import SummarizerModel, TransformerModel  # noqa: E402
 from trainer.models import BOS_ID, EOS_ID, PAD_ID, Level, LevelModel, build_model  # noqa: E402
 from trainer.strategy.pipeline import PipelineEngine, split_micro_batches  # noqa: E402
-from trainer.strategy.pipeline_plan import balanced_partition  # noqa: E402
+from trainer.parallel.partition import balanced_partition  # noqa: E402
 
 TASK = "summarization"
 VOCAB, DOC_LEN, SUM_LEN, BATCH = 40, 12, 6, 8

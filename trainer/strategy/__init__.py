@@ -1,6 +1,6 @@
 """Distribution backends behind one interface (see base.py). The only package that imports horovod or
-calls tf.distribute. Importing this package does not import TensorFlow (pipeline_plan.py is pure and
-serves `strata plan`); each backend is imported when it is chosen."""
+calls tf.distribute. Importing this package does not import TensorFlow; each backend is imported when it is
+chosen. The plans they carry out (layout, stages, schedules) are pure: trainer/parallel/."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from launch.contract import LAUNCHER_SIZE_VARS, env_int
 from trainer.config import ExperimentConfig
 from trainer.errors import ConfigError
+from trainer.parallel.layout import Layout, LayoutError, layout_for
 
 if TYPE_CHECKING:
     from trainer.strategy.base import Strategy
@@ -58,7 +59,7 @@ def make_strategy(cfg: ExperimentConfig) -> "Strategy":
         from trainer.strategy.horovod import Horovod
 
         strategy = Horovod(dist)
-    check_batch_split(cfg, strategy.num_replicas)
+    replica_layout(cfg, strategy.num_replicas)  # the batch must split over the replicas the backend formed
     return strategy
 
 
@@ -75,22 +76,13 @@ def _split_cpu_for_stages(stages: int) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(max(2 * stages, 4))
 
 
-def check_batch_split(cfg: ExperimentConfig, replicas: int) -> int:
-    """Per-replica batch; a one-line error when the global batch does not divide into whole micro-batches."""
-    b, accum = cfg.data.batch_size, cfg.train.grad_accum
-    pipe = cfg.distribution.pipeline
-    if pipe is not None and (b % replicas or (b // replicas) % pipe.micro_batches):
-        raise ConfigError(
-            f"data.batch_size ({b}) must be divisible by replicas ({replicas}) x distribution.pipeline."
-            f"micro_batches ({pipe.micro_batches}); try data.batch_size="
-            f"{replicas * pipe.micro_batches * max(1, b // (replicas * pipe.micro_batches))}"
-        )
-    if b % replicas or (b // replicas) % accum:
-        raise ConfigError(
-            f"data.batch_size ({b}) must be divisible by replicas ({replicas}) x train.grad_accum ({accum}); "
-            f"try data.batch_size={replicas * accum * max(1, b // (replicas * accum))}"
-        )
-    return b // replicas
+def replica_layout(cfg: ExperimentConfig, replicas: int, *, training: bool = True) -> Layout:
+    """The run's layout over `replicas` data-parallel replicas (trainer/parallel/layout.py); ConfigError (one
+    line) when it cannot run. Without `training` there is no pipeline: the whole model on one device."""
+    try:
+        return layout_for(cfg, replicas, pipeline=training)
+    except LayoutError as err:
+        raise ConfigError(str(err)) from None
 
 
-__all__ = ["make_strategy", "check_batch_split", "launched_world_size"]
+__all__ = ["launched_world_size", "make_strategy", "replica_layout"]

@@ -1,9 +1,9 @@
 """Pipeline-parallel engine: one replica's forward/backward over K stages on K devices, M micro-batches.
 
-A `LevelModel` is cut into K contiguous level slices (`partition`, see pipeline_plan.py); stage s runs
+A `LevelModel` is cut into K contiguous level slices (`partition`, see trainer/parallel/partition.py); stage s runs
 `model.run_levels(carry, start, stop)` under `tf.device(devices[s])` and hands its output carry to stage
 s+1. The replica's batch is split into M equal micro-batches, and each stage executes the forward ("F")
-and backward ("B") ops of `pipeline_plan.make_schedule(schedule, K, M)` in exactly that order:
+and backward ("B") ops of `trainer/parallel/schedule.py` `make_schedule(schedule, K, M)` in exactly that order:
 
     engine = PipelineEngine(model, "summarization", [(0, 2), (2, 5)], ["/cpu:0", "/cpu:1"],
                             micro_batches=4, schedule="1f1b", recompute=False, global_batch=64)
@@ -46,7 +46,8 @@ import tensorflow as tf
 
 from trainer.models.levels import Carry, LevelModel
 from trainer.tasks import Task, resolve
-from trainer.strategy.pipeline_plan import BACKWARD, FORWARD, ScheduleDeadlock, make_schedule, stage_level_names
+from trainer.parallel.partition import stage_level_names
+from trainer.parallel.schedule import BACKWARD, FORWARD, ScheduleDeadlock, make_schedule
 
 
 def split_micro_batches(batch: Mapping[str, Any], micro_batches: int) -> list[dict[str, tf.Tensor]]:

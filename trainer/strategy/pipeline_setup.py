@@ -8,7 +8,7 @@
 `auto` partitioning measures each level's forward+backward time on a micro-batch on the stage device,
 its parameter bytes (weights, gradients, Adam moments) and an activation-memory estimate, then picks the
 contiguous split whose slowest stage is fastest within each device's memory
-(`pipeline_plan.balanced_partition`). Every replica measures, the times are averaged over replicas, so all
+(`trainer/parallel/partition.py` `balanced_partition`). Every replica measures, the times are averaged over replicas, so all
 replicas choose the same split.
 """
 from __future__ import annotations
@@ -25,14 +25,9 @@ from trainer.config import ExperimentConfig, PipelineConfig
 from trainer.errors import ConfigError
 from trainer.models.levels import LevelModel
 from trainer.tasks import Task, resolve
-from trainer.strategy.pipeline_plan import (
-    PipelinePlan,
-    balanced_partition,
-    explicit_partition,
-    format_plan,
-    stage_costs,
-    stage_device_names,
-)
+from trainer.parallel.layout import stage_device_names
+from trainer.parallel.partition import balanced_partition, explicit_partition, stage_costs
+from trainer.parallel.report import PipelineReport, format_report
 
 # Adam in fp32: weights + gradients + two moments.
 BYTES_PER_PARAM = 16.0
@@ -221,9 +216,9 @@ def describe_costs(costs: list[LevelCost]) -> str:
     return "\n".join(lines)
 
 
-def make_plan(cfg: ExperimentConfig, level_names: list[str], partition: list[tuple[int, int]],
+def make_report(cfg: ExperimentConfig, level_names: list[str], partition: list[tuple[int, int]],
               devices: list[str], replicas: int, costs: list[LevelCost] | None,
-              device_memory: float | None, *, timed: bool = True) -> PipelinePlan:
+              device_memory: float | None, *, timed: bool = True) -> PipelineReport:
     """The `strata plan` view of this run (also printed at the start of training). Stage times (and the
     imbalance warning) only when `timed`, i.e. the costs were measured."""
     pipe = cfg.distribution.pipeline
@@ -233,7 +228,7 @@ def make_plan(cfg: ExperimentConfig, level_names: list[str], partition: list[tup
     params = None if costs is None else [sum(c.params for c in costs[a:b]) for a, b in partition]
     acts = None if costs is None else [sum(c.activation_bytes for c in costs[a:b]) for a, b in partition]
     boundary = None if costs is None else [costs[a].input_bytes for a, _ in partition]
-    return PipelinePlan(stages=pipe.stages, micro_batches=pipe.micro_batches, schedule=pipe.schedule,
+    return PipelineReport(stages=pipe.stages, micro_batches=pipe.micro_batches, schedule=pipe.schedule,
                         stage_levels=names, global_batch=cfg.data.batch_size, replicas=replicas,
                         stage_params=params, stage_activation_bytes=acts, stage_costs=per_stage,
                         recompute=pipe.recompute, stage_boundary_bytes=boundary,
@@ -242,8 +237,8 @@ def make_plan(cfg: ExperimentConfig, level_names: list[str], partition: list[tup
                         bytes_per_param=BYTES_PER_PARAM)
 
 
-__all__ = ["LevelCost", "balanced_by_params", "build_pipeline", "choose_partition", "static_costs", "describe_costs", "device_memory_bytes", "format_plan",
-           "gpu_indices", "make_plan", "profile_levels", "stage_devices"]
+__all__ = ["LevelCost", "balanced_by_params", "build_pipeline", "choose_partition", "static_costs", "describe_costs", "device_memory_bytes", "format_report",
+           "gpu_indices", "make_report", "profile_levels", "stage_devices"]
 
 
 def build_pipeline(cfg: ExperimentConfig, strategy: Any, new_model: Callable[[], LevelModel],
@@ -284,6 +279,6 @@ def build_pipeline(cfg: ExperimentConfig, strategy: Any, new_model: Callable[[],
             print(describe_costs(costs), flush=True)
         else:  # explicit split: still show parameters and activation estimates per stage
             costs = static_costs(model, example)
-        plan = make_plan(cfg, level_names, partition, devices, strategy.num_replicas, costs, memory, timed=timed)
-        print(format_plan(plan), flush=True)
+        report = make_report(cfg, level_names, partition, devices, strategy.num_replicas, costs, memory, timed=timed)
+        print(format_report(report), flush=True)
     return model, engine
