@@ -45,11 +45,11 @@ def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bo
     splits = load_splits(cfg.data, cfg.task)
     import tensorflow as tf
 
-    from trainer.strategy import _split_cpu_for_stages
+    from trainer.strategy import split_cpu_for_stages
 
     pipe = cfg.distribution.pipeline
     if pipe is not None and pipe.devices is None:
-        _split_cpu_for_stages(pipe.stages)
+        split_cpu_for_stages(pipe.stages)
     gpus_here = len(tf.config.list_physical_devices("GPU"))
     _print_ranks(cfg, layout, ranks, gpus_here)
     if pipe is None:

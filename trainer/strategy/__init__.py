@@ -3,6 +3,7 @@ calls tf.distribute. Importing this package does not import TensorFlow; each bac
 chosen. The plans they carry out (layout, stages, schedules) are pure: trainer/parallel/."""
 from __future__ import annotations
 
+import importlib
 import os
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,18 @@ def launched_world_size() -> int:
     return env_int(os.environ, LAUNCHER_SIZE_VARS, 1)
 
 
+# distribution.backend -> the backend's class ("module:Class", imported when chosen); `Class.create(cfg)`
+# builds it, picking its own variant (elastic Horovod, multi_worker with pipeline stages).
+BACKENDS = {
+    "single": "trainer.strategy.single:SingleDevice",
+    "mirrored": "trainer.strategy.tf_distribute:Mirrored",
+    "multi_worker": "trainer.strategy.tf_distribute:MultiWorker",
+    "horovod": "trainer.strategy.horovod:Horovod",
+}
+
+
 def make_strategy(cfg: ExperimentConfig) -> "Strategy":
-    """Build the backend named by `distribution.backend` and check the batch splits evenly over it."""
+    """Build the backend named by `distribution.backend` and check the layout fits the replicas it formed."""
     dist = cfg.distribution
     ranks = launched_world_size()
     if ranks > 1 and dist.backend not in ("horovod",):
@@ -30,40 +41,14 @@ def make_strategy(cfg: ExperimentConfig) -> "Strategy":
             f"add --set distribution.backend=horovod"
         )
     if dist.pipeline is not None and dist.pipeline.devices is None:
-        _split_cpu_for_stages(dist.pipeline.stages)  # before any backend starts TensorFlow's runtime
-    if dist.backend == "single":
-        from trainer.strategy.single import SingleDevice
-
-        strategy: "Strategy" = SingleDevice()
-    elif dist.backend == "mirrored":
-        from trainer.strategy.tf_distribute import Mirrored
-
-        strategy = Mirrored(dist.devices)
-    elif dist.backend == "multi_worker":
-        from trainer.strategy.tf_distribute import MultiWorker
-
-        try:
-            if dist.pipeline is not None:
-                from trainer.strategy.multi_worker_pipeline import MultiWorkerPipeline
-
-                strategy = MultiWorkerPipeline()
-            else:
-                strategy = MultiWorker()
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    elif os.environ.get("HOROVOD_ELASTIC") == "1":  # horovodrun --min-np/--max-np: workers may come and go
-        from trainer.strategy.elastic import ElasticHorovod
-
-        strategy = ElasticHorovod(dist)
-    else:
-        from trainer.strategy.horovod import Horovod
-
-        strategy = Horovod(dist)
+        split_cpu_for_stages(dist.pipeline.stages)  # before any backend starts TensorFlow's runtime
+    module, _, name = BACKENDS[dist.backend].partition(":")
+    strategy: "Strategy" = getattr(importlib.import_module(module), name).create(cfg)
     replica_layout(cfg, strategy.num_replicas)  # the batch must split over the replicas the backend formed
     return strategy
 
 
-def _split_cpu_for_stages(stages: int) -> None:
+def split_cpu_for_stages(stages: int) -> None:
     """Without GPUs, pipeline stages run on logical CPU devices, which must exist before the runtime starts."""
     import tensorflow as tf
 
@@ -85,4 +70,4 @@ def replica_layout(cfg: ExperimentConfig, replicas: int, *, training: bool = Tru
         raise ConfigError(str(err)) from None
 
 
-__all__ = ["launched_world_size", "make_strategy", "replica_layout"]
+__all__ = ["BACKENDS", "launched_world_size", "make_strategy", "replica_layout", "split_cpu_for_stages"]

@@ -41,6 +41,15 @@ def horovod_env(dist: DistributionConfig) -> dict[str, str]:
 class Horovod(Strategy):
     name = "horovod"
 
+    @classmethod
+    def create(cls, cfg: Any) -> "Horovod":
+        """Under `horovodrun --min-np/--max-np` (HOROVOD_ELASTIC=1) the elastic variant: workers come and go."""
+        if os.environ.get("HOROVOD_ELASTIC") == "1":
+            from trainer.strategy.horovod_elastic import ElasticHorovod
+
+            return ElasticHorovod(cfg.distribution)
+        return cls(cfg.distribution)
+
     def __init__(self, dist: DistributionConfig):
         for key, value in horovod_env(dist).items():
             os.environ.setdefault(key, value)

@@ -153,6 +153,8 @@ def _compute_seconds(labels: Sequence[tuple[int, str, int]], durations: Sequence
 class PipelineEngine:
     """Runs one replica's pipelined forward/backward; see the module docstring."""
 
+    reported = ("stage_busy_s", "step_span_s")  # extras that join the step's outputs (see `logs`)
+
     def __init__(
         self,
         model: LevelModel,
@@ -202,6 +204,24 @@ class PipelineEngine:
     @property
     def num_stages(self) -> int:
         return len(self.partition)
+
+    @staticmethod
+    def logs(outputs: dict, replicas: int) -> dict[str, float]:
+        """Per-stage compute time and idle (bubble) fraction of the latest step, averaged over replicas (the
+        step's outputs are summed over replicas)."""
+        busy = np.asarray(outputs["stage_busy_s"], dtype=np.float64) / replicas
+        span = max(float(outputs["step_span_s"]) / replicas, 1e-12)
+        logs = {}
+        for s, seconds in enumerate(busy):
+            logs[f"pipeline/stage_{s}_compute_ms"] = 1000.0 * seconds
+            logs[f"pipeline/stage_{s}_idle_fraction"] = max(0.0, 1.0 - seconds / span)
+        logs["pipeline/bubble_fraction"] = float(np.mean([logs[f"pipeline/stage_{s}_idle_fraction"]
+                                                          for s in range(len(busy))]))
+        logs["pipeline/step_span_ms"] = 1000.0 * span
+        # Stage-seconds of compute per second of step: 1.0 = the stages ran one after another, K = all at
+        # once; compute time excludes waits for a core (`_compute_seconds`), so at most K*M/(M+K-1).
+        logs["pipeline/overlap"] = float(np.sum(busy)) / span
+        return logs
 
     # ------------------------------------------------------------------------------------------ build
     def build(self, example_inputs: Mapping[str, Any] | None = None) -> "PipelineEngine":

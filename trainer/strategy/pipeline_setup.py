@@ -25,7 +25,7 @@ from trainer.config import ExperimentConfig, PipelineConfig
 from trainer.errors import ConfigError
 from trainer.models.levels import LevelModel
 from trainer.tasks import Task, resolve
-from trainer.parallel.layout import stage_device_names
+from trainer.parallel.layout import Layout, stage_device_names
 from trainer.parallel.partition import balanced_partition, explicit_partition, stage_costs
 from trainer.parallel.report import PipelineReport, format_report
 
@@ -241,7 +241,7 @@ __all__ = ["LevelCost", "balanced_by_params", "build_pipeline", "choose_partitio
            "gpu_indices", "make_report", "profile_levels", "stage_devices"]
 
 
-def build_pipeline(cfg: ExperimentConfig, strategy: Any, new_model: Callable[[], LevelModel],
+def build_pipeline(cfg: ExperimentConfig, layout: Layout, strategy: Any, new_model: Callable[[], LevelModel],
                    train_arrays: Mapping[str, np.ndarray]) -> tuple[LevelModel, Any]:
     """Build the model with each stage's variables on its device, and the engine that trains it.
 
@@ -256,9 +256,7 @@ def build_pipeline(cfg: ExperimentConfig, strategy: Any, new_model: Callable[[],
     pipe = cfg.distribution.pipeline
     assert pipe is not None
     devices = stage_devices(pipe, strategy.local_rank)
-    per_replica = cfg.data.batch_size // strategy.num_replicas
-    micro = per_replica // pipe.micro_batches
-    example = {k: tf.constant(v[:micro]) for k, v in train_arrays.items()}
+    example = {k: tf.constant(v[:layout.micro_batch_size]) for k, v in train_arrays.items()}
     memory = device_memory_bytes(pipe, devices)
     level_names = cfg.model.level_names()
     costs = None

@@ -98,6 +98,10 @@ class Mirrored(_TFDistribute):
 
     name = "mirrored"
 
+    @classmethod
+    def create(cls, cfg: Any) -> "Mirrored":
+        return cls(cfg.distribution.devices)
+
     def __init__(self, devices: int | None):
         names = local_devices(devices)
         self.local_replicas = len(names)
@@ -105,14 +109,22 @@ class Mirrored(_TFDistribute):
         cross = None if names[0].startswith("/gpu") else tf.distribute.ReductionToOneDevice()
         self.strategy = tf.distribute.MirroredStrategy(names, cross_device_ops=cross)
 
-    def input_shard(self) -> tuple[int, int]:
-        return 0, 1
-
 
 class MultiWorker(_TFDistribute):
     """One process per worker, cluster described by TF_CONFIG (set by `strata launch` or SLURM)."""
 
     name = "multi_worker"
+
+    @classmethod
+    def create(cls, cfg: Any) -> "MultiWorker":
+        """With pipeline stages, the variant whose variables stay on their stages (multi_worker_pipeline.py)."""
+        from trainer.errors import ConfigError
+        from trainer.strategy.multi_worker_pipeline import MultiWorkerPipeline
+
+        try:
+            return MultiWorkerPipeline() if cfg.distribution.pipeline is not None else cls()
+        except ValueError as err:  # no TF_CONFIG
+            raise ConfigError(str(err)) from None
 
     def __init__(self):
         spec = json.loads(os.environ.get(ENV_TF_CONFIG, "{}"))
