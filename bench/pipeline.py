@@ -69,7 +69,7 @@ def child(spec: dict) -> dict:
     from trainer.models import build_model
     from trainer.tasks import SUMMARIZATION
     from trainer.strategy.pipeline import PipelineEngine
-    from trainer.strategy.pipeline_setup import profile_levels
+    from trainer.strategy.pipeline.profile import profile_levels
     from trainer.parallel.partition import balanced_partition
 
     rng = np.random.default_rng(0)

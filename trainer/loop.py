@@ -123,10 +123,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     if start == 0:
         tb.hparams(flatten(cfg.model_dump(mode="json")), ["val/loss"])
 
-    shard, shards = exp.layout.data_shard(strategy.rank, strategy.world_size)
-    dataset = train_dataset(exp.arrays["train"], global_batch=cfg.data.batch_size, seed=cfg.seed,
-                            start_step=start, shard_index=shard, num_shards=shards)
-    iterator = strategy.distribute_dataset(dataset)
+    iterator = _batches(exp, strategy, start)
     train_step, eval_step = make_train_step(exp, strategy), make_eval_step(exp)
 
     for hook in hooks:
@@ -146,18 +143,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
             float(out["loss"])
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
         if logging_now:
-            loss = float(out["loss"])  # waits for the step: the timing window is honest
-            elapsed = time.perf_counter() - window_start
-            state.train_logs = {
-                "loss": loss,
-                "learning_rate": current_lr(exp.optimizer),
-                "examples_per_sec": window_steps * cfg.data.batch_size / elapsed,
-                "tokens_per_sec": float(tf.add_n(window_tokens)) / elapsed,
-                "step_time_ms": 1000.0 * elapsed / window_steps,
-                **exp.engine.logs(out, strategy.num_replicas),
-            }
-            if not np.isfinite(loss) and not state.nonfinite:  # the guard flags the loss: cannot happen
-                raise FloatingPointError(f"loss became {loss} at step {state.step} but the step was not skipped")
+            state.train_logs = _train_logs(exp, strategy, state, out, window_start, window_steps, window_tokens)
             for hook in hooks:
                 hook.on_log(state)
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
@@ -175,6 +161,32 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     if strategy.world_size > 1:
         check_replicas_in_sync(exp, strategy)
     return state
+
+
+def _batches(exp: Experiment, strategy: Strategy, start: int):
+    """This process's share of every global batch from step `start` on (its data-parallel shard), as the
+    strategy feeds its replicas."""
+    shard, shards = exp.layout.data_shard(strategy.rank, strategy.world_size)
+    dataset = train_dataset(exp.arrays["train"], global_batch=exp.cfg.data.batch_size, seed=exp.cfg.seed,
+                            start_step=start, shard_index=shard, num_shards=shards)
+    return strategy.distribute_dataset(dataset)
+
+
+def _train_logs(exp: Experiment, strategy: Strategy, state: LoopState, out: dict, window_start: float,
+                window_steps: int, window_tokens: list) -> dict[str, float]:
+    """A log step's scalars: loss, learning rate and throughput over the window since the last log step."""
+    loss = float(out["loss"])  # waits for the step: the timing window is honest
+    elapsed = time.perf_counter() - window_start
+    if not np.isfinite(loss) and not state.nonfinite:  # the guard flags the loss: cannot happen
+        raise FloatingPointError(f"loss became {loss} at step {state.step} but the step was not skipped")
+    return {
+        "loss": loss,
+        "learning_rate": current_lr(exp.optimizer),
+        "examples_per_sec": window_steps * exp.cfg.data.batch_size / elapsed,
+        "tokens_per_sec": float(tf.add_n(window_tokens)) / elapsed,
+        "step_time_ms": 1000.0 * elapsed / window_steps,
+        **exp.engine.logs(out, strategy.num_replicas),
+    }
 
 
 def _restore(exp: Experiment, strategy: Strategy) -> int:

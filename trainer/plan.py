@@ -45,7 +45,7 @@ def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bo
     splits = load_splits(cfg.data, cfg.task)
     import tensorflow as tf
 
-    from trainer.strategy import split_cpu_for_stages
+    from trainer.strategy.pipeline.devices import split_cpu_for_stages
 
     pipe = cfg.distribution.pipeline
     if pipe is not None and pipe.devices is None:
@@ -83,7 +83,7 @@ def _print_pipeline(cfg: ExperimentConfig, layout: Layout, splits, gpus_here: in
     from trainer.data.tokenizer import Vocabulary
     from trainer.experiment import configure_runtime
     from trainer.models import build_model
-    from trainer.strategy import pipeline_setup as ps
+    from trainer.strategy.pipeline import devices as pd, profile, setup
 
     pipe = cfg.distribution.pipeline
     configure_runtime(cfg)
@@ -94,23 +94,23 @@ def _print_pipeline(cfg: ExperimentConfig, layout: Layout, splits, gpus_here: in
         return build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len, summary_len=cfg.data.summary_len,
                            num_classes=splits.labels.num_classes if splits.labels else 2)
 
-    devices = ps.stage_devices(pipe, 0)
+    devices = pd.stage_devices(pipe, 0)
     example = {k: tf.constant(v[:layout.micro_batch_size]) for k, v in arrays.items()}
-    memory = ps.device_memory_bytes(pipe, devices)
+    memory = pd.device_memory_bytes(pipe, devices)
     names = cfg.model.level_names()
     if dry_run:
-        costs = ps.profile_levels(new_model(), example, cfg.task, devices[0], repeats=pipe.profile_steps)
-        print(ps.describe_costs(costs))
+        costs = profile.profile_levels(new_model(), example, cfg.task, devices[0], repeats=pipe.profile_steps)
+        print(profile.describe_costs(costs))
     else:
-        costs = ps.static_costs(new_model(), example)  # parameters and activation estimates, no timing
+        costs = profile.static_costs(new_model(), example)  # parameters and activation estimates, no timing
     if pipe.partition == "auto" and not dry_run:
         print("partition: auto - chosen from measured level times at the start of training "
               "(--dry-run measures them now); shown: the split balancing parameters")
-        partition = ps.balanced_by_params(costs, pipe.stages)
+        partition = profile.balanced_by_params(costs, pipe.stages)
     else:
-        partition = ps.choose_partition(cfg, names, costs if dry_run else None, memory)
+        partition = setup.choose_partition(cfg, names, costs if dry_run else None, memory)
     labels = [device_label(pipe, s, 0, gpus_here) for s in range(pipe.stages)]
-    print(format_report(ps.make_report(cfg, names, partition, labels, layout.data_parallel, costs, memory,
+    print(format_report(setup.make_report(cfg, names, partition, labels, layout.data_parallel, costs, memory,
                                        timed=dry_run)))
     if dry_run:
         _dry_run_step(cfg, new_model, partition, devices, arrays, layout.per_replica_batch)

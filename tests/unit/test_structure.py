@@ -101,3 +101,14 @@ def test_no_task_or_model_kind_name_is_compared_outside_the_registry():
             if any(isinstance(s, ast.Constant) and s.value in names for s in sides):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders, "compare through the task object instead:\n" + "\n".join(offenders)
+
+
+def test_no_function_in_trainer_or_launch_is_longer_than_a_screen():
+    long = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)

@@ -41,24 +41,13 @@ def make_strategy(cfg: ExperimentConfig) -> "Strategy":
             f"add --set distribution.backend=horovod"
         )
     if dist.pipeline is not None and dist.pipeline.devices is None:
+        from trainer.strategy.pipeline.devices import split_cpu_for_stages
+
         split_cpu_for_stages(dist.pipeline.stages)  # before any backend starts TensorFlow's runtime
     module, _, name = BACKENDS[dist.backend].partition(":")
     strategy: "Strategy" = getattr(importlib.import_module(module), name).create(cfg)
     replica_layout(cfg, strategy.num_replicas)  # the batch must split over the replicas the backend formed
     return strategy
-
-
-def split_cpu_for_stages(stages: int) -> None:
-    """Without GPUs, pipeline stages run on logical CPU devices, which must exist before the runtime starts."""
-    import tensorflow as tf
-
-    if not tf.config.list_physical_devices("GPU"):
-        from trainer.strategy.tf_distribute import use_logical_cpus
-
-        use_logical_cpus(stages)
-        # Stages overlap only if the executor has a thread for each stage that can run at once.
-        if tf.config.threading.get_inter_op_parallelism_threads() == 0:
-            tf.config.threading.set_inter_op_parallelism_threads(max(2 * stages, 4))
 
 
 def replica_layout(cfg: ExperimentConfig, replicas: int, *, training: bool = True) -> Layout:
@@ -70,4 +59,4 @@ def replica_layout(cfg: ExperimentConfig, replicas: int, *, training: bool = Tru
         raise ConfigError(str(err)) from None
 
 
-__all__ = ["BACKENDS", "launched_world_size", "make_strategy", "replica_layout", "split_cpu_for_stages"]
+__all__ = ["BACKENDS", "launched_world_size", "make_strategy", "replica_layout"]

@@ -2,7 +2,7 @@
 
 Without a pipeline, the model is built inside the strategy's scope (tf.distribute mirrors its variables
 onto the replicas) and an `AccumulatingEngine` computes its gradients. With one, each stage's levels are
-built on that stage's device (trainer/strategy/pipeline_setup.py) and a `PipelineEngine` runs the
+built on that stage's device (trainer/strategy/pipeline/setup.py) and a `PipelineEngine` runs the
 micro-batches through them; every backend that allows a pipeline (single, horovod, multi_worker) has a
 scope that leaves variables where they are created. Either way the optimizer is built in the same scope,
 and the training step only ever sees `engine.gradients(batch)`.
@@ -37,7 +37,7 @@ def build_replica(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, new
     engine: GradientEngine | None = None
     with strategy.scope():
         if layout.pipelined:
-            from trainer.strategy.pipeline_setup import build_pipeline
+            from trainer.strategy.pipeline.setup import build_pipeline  # TensorFlow-heavy: only when used
 
             model, engine = build_pipeline(cfg, layout, strategy, new_model, train_arrays)
         else:
