@@ -30,7 +30,7 @@ from trainer.hooks import Hook  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.data.splits import encode_splits, load_splits, training_texts  # noqa: E402
 from trainer.data.tokenizer import Vocabulary  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from trainer.tasks import build_model  # noqa: E402
 from trainer.strategy.single import SingleDevice  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -66,8 +66,7 @@ def child(spec: dict) -> dict:
     tf.config.threading.set_intra_op_parallelism_threads(spec.get("intra", 1))
     tf.config.threading.set_inter_op_parallelism_threads(1 if len(cores) == 1 else 4)
     from trainer.config import TransformerModel
-    from trainer.models import build_model
-    from trainer.tasks import SUMMARIZATION
+    from trainer.tasks import SUMMARIZATION, build_model
     from trainer.strategy.pipeline import PipelineEngine
     from trainer.strategy.pipeline.profile import profile_levels
     from trainer.parallel.partition import balanced_partition

@@ -131,7 +131,7 @@ def _slurm(args: argparse.Namespace) -> int:
 
 def _elastic_spec(args: argparse.Namespace):
     """The elastic part of `strata launch`, or None; UsageError for elastic options without --elastic."""
-    from launch.elastic import ElasticSpec
+    from launch.elastic_checks import ElasticSpec
 
     given = [flag for flag, value in (("--min-np", args.min_np), ("--max-np", args.max_np),
                                       ("--host-discovery-script", args.host_discovery_script)) if value is not None]

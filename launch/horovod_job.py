@@ -252,7 +252,7 @@ class _Relay:
 
     def line(self, rank: int | None, line: str) -> None:
         stop = self.stop
-        stop.seen = stop.seen or stopping.parse_stop_line(line)
+        stop.seen = stop.seen or contract.parse_stop_line(line)
         if rank is not None:
             sys.stdout.write(rank_prefix(rank) + line)
             sys.stdout.flush()

@@ -20,7 +20,7 @@ from pathlib import Path
 from launch import contract
 from launch.env import child_environ, free_ports, rank_env, tf_config
 from launch.errors import LaunchError
-from launch.elastic import ElasticSpec, all_local, check_sizes, discover_hosts
+from launch.elastic_checks import ElasticSpec, all_local, check_sizes, discover_hosts
 from launch.horovod import horovodrun_argv, horovodrun_elastic_argv
 from launch.horovod_job import run_horovodrun
 from launch.hosts import Host, assign_ranks, is_local, parse_hostfile, parse_hosts
@@ -42,7 +42,7 @@ class LaunchSpec:
     resolved: dict  # the worker's validated config
     layout: dict  # its parallel layout over -np replicas (trainer/parallel/layout.py `Layout.to_json`)
     stop_after: int | None = None  # train this many more steps, then checkpoint and stop
-    elastic: ElasticSpec | None = None  # workers may leave and join (Horovod elastic, launch/elastic.py)
+    elastic: ElasticSpec | None = None  # workers may leave and join (Horovod elastic, launch/elastic_checks.py)
 
     def worker_command(self) -> list[str]:
         return contract.train_command(sys.executable, self.config, self.overrides, backend=self.backend,

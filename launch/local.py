@@ -355,7 +355,7 @@ class _Watched:
 
     def write(self, text: str) -> int:
         if self.stop is None:
-            self.stop = stopping.parse_stop_line(text)
+            self.stop = contract.parse_stop_line(text)
         return self.out.write(text)
 
     def flush(self) -> None:

@@ -16,7 +16,6 @@ import signal
 from pathlib import Path
 
 from launch import contract
-from launch.contract import STOPPED_EXIT_CODES, parse_stop_line  # noqa: F401  (what the launchers use)
 
 DEFAULT_GRACE_S = 60.0  # --grace: reach the next step, save a checkpoint, exit
 FAILURE_GRACE_S = 5.0  # ranks of a failed or hung job cannot checkpoint (a peer is missing): no use waiting

@@ -163,5 +163,6 @@ def supervision_env(heartbeat_dir: Path | None, environ=os.environ) -> dict[str,
     # STRATA_SUPERVISED: the launcher says what a forwarded Ctrl-C / SIGTERM does, so the ranks need not.
     env = {contract.ENV_PREEMPTION: environ.get(contract.ENV_PREEMPTION, "1"), contract.ENV_SUPERVISED: "1"}
     if heartbeat_dir is not None:
-        env.update({contract.ENV_HEARTBEAT_DIR: str(heartbeat_dir), contract.ENV_WATCHDOG: contract.WATCHDOG_IN_LAUNCHER})
+        env[contract.ENV_HEARTBEAT_DIR] = str(heartbeat_dir)
+        env[contract.ENV_WATCHDOG] = contract.WATCHDOG_IN_LAUNCHER
     return env

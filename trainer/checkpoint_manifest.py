@@ -26,7 +26,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.contract import CHECKPOINT_PREFIX as PREFIX, MANIFEST_SUFFIX, manifest_step  # launch/stopping.py reads them too
+# Names launch/stopping.py reads too, so they live in the launcher-to-worker contract.
+from launch.contract import CHECKPOINT_PREFIX as PREFIX, MANIFEST_SUFFIX, manifest_step
 INDEX_FILE = "checkpoint"  # TensorFlow's CheckpointState file naming the latest checkpoint
 FORMAT = 1
 _NAME = re.compile(rf"^{PREFIX}-(\d+)$")

@@ -192,11 +192,11 @@ def _before_tensorflow(cfg) -> bool:
     # From now on Ctrl-C, SIGTERM and SIGUSR1 stop the run at a checkpointed step.
     preemption.install(multi_process=multi_process, rank=rank,
                        checkpoints=cfg.resolved_run_dir() / resume.CHECKPOINT_DIR)
-    plan = resume.check_run_dir(cfg)
+    decision = resume.check_run_dir(cfg)
     if rank == 0:
-        for note in plan.notes:
+        for note in decision.notes:
             print(note, flush=True)
-    return plan.nothing_to_do
+    return decision.nothing_to_do
 
 
 def _train(cfg, *, stop_after: int | None) -> int:
@@ -224,7 +224,7 @@ def _train(cfg, *, stop_after: int | None) -> int:
         _print_data_facts(cfg, splits)
     exp = prepare(cfg, strategy, training=True, splits=splits)
     if getattr(strategy, "elastic", False):  # started by `strata launch --elastic` (HOROVOD_ELASTIC=1)
-        from trainer.elastic import train_elastic
+        from trainer.elastic_loop import train_elastic
 
         state = train_elastic(exp, strategy, stop_after=stop_after)
     else:

@@ -207,7 +207,7 @@ class TrainConfig(_Strict):
     # the run with one line naming the step and the variable (trainer/nonfinite.py).
     max_bad_steps: PositiveInt = 10
     # Elastic Horovod (`strata launch --elastic`): commit the training state to host memory every this many
-    # steps; a lost worker costs the survivors at most this many steps, redone (trainer/elastic.py).
+    # steps; a lost worker costs the survivors at most this many steps, redone (trainer/elastic_loop.py).
     elastic_commit_every: PositiveInt = 10
     early_stopping: EarlyStopping | None = None
     # Hang watchdog (trainer/heartbeat.py): a rank that stays in one phase longer than this is hung and the

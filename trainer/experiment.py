@@ -22,14 +22,14 @@ from trainer.config import ExperimentConfig
 from trainer.data.splits import BINARY, LabelSet, Splits, encode_splits, load_splits, training_texts
 from trainer.data.tokenizer import Vocabulary
 from trainer.errors import ConfigError, StorageError
-from trainer.models import LevelModel, build_model
+from trainer.models import LevelModel
 from trainer.parallel.layout import Layout
 from trainer.resume import check_frozen
 from trainer.strategy import replica_layout
 from trainer.strategy.base import Strategy
 from trainer.strategy.engine import GradientEngine
 from trainer.strategy.replica import build_replica
-from trainer.tasks import Task
+from trainer.tasks import Task, build_model
 
 VOCAB_FILE = "vocab.json"
 LABELS_FILE = "labels.json"  # a labelled task's number of classes and their names (absent in older runs: binary)

@@ -82,7 +82,7 @@ def _print_pipeline(cfg: ExperimentConfig, layout: Layout, splits, gpus_here: in
     from trainer.data.splits import encode_splits, training_texts
     from trainer.data.tokenizer import Vocabulary
     from trainer.experiment import configure_runtime
-    from trainer.models import build_model
+    from trainer.tasks import build_model
     from trainer.strategy.pipeline import devices as pd, profile, setup
 
     pipe = cfg.distribution.pipeline

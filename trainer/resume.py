@@ -97,7 +97,7 @@ def depends_on_steps(optimizer: dict, step: int) -> bool:
 
 # ------------------------------------------------------------------------------------- decisions
 @dataclass(frozen=True)
-class ResumePlan:
+class StartDecision:
     """What a start does: `nothing_to_do` (the run is already at train.steps), and lines to print first."""
 
     nothing_to_do: bool
@@ -131,18 +131,18 @@ def _first_difference(a, b, path: str) -> str:
     return f"{path}: {a!r} -> {b!r}"
 
 
-def plan_resume(saved: dict, new: dict, step: int | None, run_dir: Path) -> ResumePlan:
+def decide_start(saved: dict, new: dict, step: int | None, run_dir: Path) -> StartDecision:
     """Decide a start on `run_dir` (pure): `saved` and `new` are resolved configs as dicts, `step` the newest
     committed checkpoint (None: none yet). Raises ConfigError when the start must not happen."""
     check_frozen(saved, new, run_dir)
     total = new["train"]["steps"]
     if step is None or step == 0:
-        return ResumePlan(False)
+        return StartDecision(False)
     if step >= total:
-        return ResumePlan(True, (f"strata: already at step {step}, train.steps is {total}: nothing to do",))
+        return StartDecision(True, (f"strata: already at step {step}, train.steps is {total}: nothing to do",))
     old_total = saved.get("train", {}).get("steps", total)
     if old_total == total:
-        return ResumePlan(False)
+        return StartDecision(False)
     opt, old_opt = new["optimizer"], saved.get("optimizer", new["optimizer"])
     before, after = lr_at(step, old_opt, old_total), lr_at(step, opt, total)
     change = f"train.steps changed from {old_total} to {total}"
@@ -151,7 +151,7 @@ def plan_resume(saved: dict, new: dict, step: int | None, run_dir: Path) -> Resu
                f"the {opt['schedule']} decay has not begun (step {step} is inside the {opt['warmup_steps']} "
                f"warm-up steps) and now runs to step {total}")
         was = f" (it was {before:.3g} under the saved config)" if not math.isclose(before, after) else ""
-        return ResumePlan(False, (f"strata: {change}: applied; {why}; the rate at step {step} is {after:.3g}{was}",))
+        return StartDecision(False, (f"strata: {change}: applied; {why}; the rate at step {step} is {after:.3g}{was}",))
     raise ConfigError(
         f"{run_dir}: {change}, but the {opt['schedule']} learning-rate schedule depends on it: resuming at "
         f"step {step} would move the rate from {before:.3g} to {after:.3g} "
@@ -160,12 +160,12 @@ def plan_resume(saved: dict, new: dict, step: int | None, run_dir: Path) -> Resu
         f"--set optimizer.lr=RATE, or start a new run with --set run_dir=<new dir>")
 
 
-def check_run_dir(cfg) -> ResumePlan:
-    """`plan_resume` for `cfg` and the files of its run directory (a fresh directory: nothing to check)."""
+def check_run_dir(cfg) -> StartDecision:
+    """`decide_start` for `cfg` and the files of its run directory (a fresh directory: nothing to check)."""
     run_dir = cfg.resolved_run_dir()
     saved_file = run_dir / CONFIG_FILE
     if not saved_file.is_file():
-        return ResumePlan(False)
+        return StartDecision(False)
     try:
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
@@ -175,7 +175,7 @@ def check_run_dir(cfg) -> ResumePlan:
         raise ConfigError(f"{saved_file}: not a Strata config; restore it, or start a new run with "
                           "--set run_dir=<new dir>")
     latest = latest_checkpoint(run_dir / CHECKPOINT_DIR)
-    return plan_resume(saved, cfg.model_dump(mode="json"), latest[0] if latest else None, run_dir)
+    return decide_start(saved, cfg.model_dump(mode="json"), latest[0] if latest else None, run_dir)
 
 
 def env_rank(environ=os.environ) -> int:

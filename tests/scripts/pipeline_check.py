@@ -40,7 +40,8 @@ tf.config.threading.set_inter_op_parallelism_threads(4)
 
 from trainer.tasks import SUMMARIZATION  # noqa: E402
 from trainer.config import SummarizerModel, TransformerModel  # noqa: E402
-from trainer.models import BOS_ID, EOS_ID, PAD_ID, Level, LevelModel, build_model  # noqa: E402
+from trainer.models import BOS_ID, EOS_ID, PAD_ID, Level, LevelModel  # noqa: E402
+from trainer.tasks import build_model  # noqa: E402
 from trainer.strategy.pipeline import PipelineEngine, split_micro_batches  # noqa: E402
 from trainer.parallel.partition import balanced_partition  # noqa: E402
 

@@ -16,12 +16,12 @@ from trainer.models import (
     PAD_ID,
     Level,
     LevelModel,
-    build_model,
     greedy_decode,
     greedy_decoder,
     mask_after_eos,
 )
 from trainer.models.summarizer import encoder_mask
+from trainer.tasks import build_model
 
 VOCAB, MAX_LEN, SUMMARY_LEN, BATCH = 40, 8, 5, 3
 CONFIGS = {

@@ -3,6 +3,7 @@ that fit a screen. Pure AST reads of trainer/ and launch/: no TensorFlow, millis
 from __future__ import annotations
 
 import ast
+import functools
 import signal
 from pathlib import Path
 
@@ -16,6 +17,11 @@ MAX_FUNCTION_LINES = 60
 
 def _modules() -> list[Path]:
     return sorted(p for package in PACKAGES for p in (REPO / package).rglob("*.py"))
+
+
+@functools.lru_cache(maxsize=None)
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text())
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -46,7 +52,7 @@ def test_nothing_redefines_the_launcher_to_worker_contract():
     for path in _modules():
         if path == CONTRACT:
             continue
-        tree = ast.parse(path.read_text())
+        tree = _tree(path)
         skip = _docstrings(tree)
         for node in ast.walk(tree):
             if isinstance(node, (ast.List, ast.Tuple)):
@@ -64,13 +70,13 @@ def test_nothing_redefines_the_launcher_to_worker_contract():
 
 
 def test_trainer_and_launcher_agree_on_exit_codes_and_the_stop_line():
-    from launch import slurm, stopping
+    from launch import slurm
     from trainer import heartbeat, preemption
 
     assert slurm.PREEMPTED_EXIT_CODE == preemption.STOP_EXIT_CODES[signal.SIGTERM] == 75
-    assert heartbeat.WATCHDOG_EXIT_CODE == 124 and stopping.STOPPED_EXIT_CODES == (75, 130)
+    assert heartbeat.WATCHDOG_EXIT_CODE == 124 and contract.STOPPED_EXIT_CODES == (75, 130)
     for signum in contract.STOP_SIGNALS:
-        step, label = stopping.parse_stop_line(f"[rank 0] {preemption.stop_line(7, signum)}\n")
+        step, label = contract.parse_stop_line(f"[rank 0] {preemption.stop_line(7, signum)}\n")
         assert step == 7 and contract.stop_exit_code(label) == preemption.STOP_EXIT_CODES[signum]
 
 
@@ -93,7 +99,7 @@ def test_no_task_or_model_kind_name_is_compared_outside_the_registry():
     for path in _modules():
         if "tasks" in path.relative_to(REPO).parts:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_tree(path)):
             if not isinstance(node, ast.Compare):
                 continue
             sides = [node.left, *node.comparators]
@@ -106,9 +112,51 @@ def test_no_task_or_model_kind_name_is_compared_outside_the_registry():
 def test_no_function_in_trainer_or_launch_is_longer_than_a_screen():
     long = []
     for path in _modules():
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_tree(path)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module an `import` in `path` names (at any depth, TYPE_CHECKING blocks excluded), with the
+    packages above it, whose __init__ the import runs too."""
+    tree = _tree(path)
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)}
+
+
+def test_no_import_cycles_between_modules():
+    """Lazy imports inside functions count too: a cycle hidden in a function is still two modules that
+    cannot be understood (or replaced) one without the other."""
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in _modules()}
+    graph = {}
+    for name, path in modules.items():
+        above = {name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)}
+        graph[name] = {m for m in _imports(path) if m in modules and m != name and m not in above}
+    # Modules that reach each other: everything reachable from a module that also reaches it back.
+    reach = {name: _reachable(graph, name) for name in graph}
+    cycles = sorted({" <-> ".join(sorted({name} | {m for m in reach[name] if name in reach[m]}))
+                     for name in graph if name in reach[name]})
+    assert not cycles, "import cycles (modules that import each other):\n" + "\n".join(cycles)
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), list(graph[start])
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo += graph[node]
+    return seen

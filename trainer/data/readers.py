@@ -30,14 +30,6 @@ def _error(message: str) -> DataError:
     return DataError(" ".join(message.splitlines()))
 
 
-def _task(task: str | Task) -> Task:
-    """The task object of `task`, given as itself or by name; its `record_keys` are the keys (JSONL) or
-    header columns (CSV, TSV) an example needs, in the order shown in messages."""
-    from trainer.tasks import resolve  # here: the task modules import this package
-
-    return resolve(task)
-
-
 def _read_text(path: str) -> str:
     """The file's text; missing, directory, non-UTF-8 (with its line) and empty files are errors."""
     p = Path(path)
@@ -156,8 +148,9 @@ def _read_delimited(path: str, text: str, task: Task, delimiter: str) -> list[di
     return examples
 
 
-def read_examples(path: str, fmt: Format, task: str | Task) -> list[dict]:
-    """Examples from a user's file, with the task's `record_keys`.
+def read_examples(path: str, fmt: Format, task: Task) -> list[dict]:
+    """Examples from a user's file, with the task's `record_keys` (the keys, in JSONL, or header columns, in
+    CSV/TSV, an example needs, in the order shown in messages).
 
     classification: `{"text": str, "label": int | str}`; summarization: `{"document": str, "summary": str}`.
     JSONL has one object per line; CSV/TSV have a header row naming those columns (extras are ignored).
@@ -166,7 +159,6 @@ def read_examples(path: str, fmt: Format, task: str | Task) -> list[dict]:
     """
     if fmt not in ("jsonl", "csv", "tsv"):
         raise ValueError(f"unknown format {fmt!r}")
-    task = _task(task)
     text = _read_text(path)
     if fmt == "jsonl":
         examples = _read_jsonl(path, text, task)

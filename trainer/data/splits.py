@@ -81,13 +81,6 @@ def derive_seed(seed: int, split: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _task(task: str | Task) -> Task:
-    """The task object of `task`, given as itself or by name (trainer/tasks/)."""
-    from trainer.tasks import resolve  # here: the task modules import this package
-
-    return resolve(task)
-
-
 def carve(examples: list[dict], fraction: float, seed: int = CARVE_SEED, *, source: str = "train") -> tuple[list[dict], list[dict]]:
     """Split `examples` into (train, val) deterministically: a seeded shuffle, val = ceil(fraction * n)."""
     n = len(examples)
@@ -104,7 +97,7 @@ def carve(examples: list[dict], fraction: float, seed: int = CARVE_SEED, *, sour
     return train, val
 
 
-def load_splits(data_cfg: DataConfig, task: str | Task) -> Splits:
+def load_splits(data_cfg: DataConfig, task: Task) -> Splits:
     """Examples of the train, validation and test splits of `data_cfg.source`.
 
     * builtin: generated from `data_cfg.builtin`, each split with its own seed derived from
@@ -116,7 +109,6 @@ def load_splits(data_cfg: DataConfig, task: str | Task) -> Splits:
 
     A labelled task's labels are checked across the files and turned into class ids (`label_set`).
     """
-    task = _task(task)
     source = data_cfg.source
     if source == "builtin":
         return _builtin_splits(data_cfg, task)
@@ -230,19 +222,19 @@ def check_split(data_cfg: DataConfig, split: str, run_dir: str) -> None:
             f"in {run_dir}/config.yaml")
 
 
-def training_texts(splits: Splits, task: str | Task) -> list[str]:
+def training_texts(splits: Splits, task: Task) -> list[str]:
     """Texts the vocabulary is built from: the train split only (the task says which fields)."""
-    return _task(task).training_texts(splits.train)
+    return task.training_texts(splits.train)
 
 
-def encode_examples(examples: list[dict], vocab: Vocabulary, data_cfg: DataConfig, task: str | Task,
+def encode_examples(examples: list[dict], vocab: Vocabulary, data_cfg: DataConfig, task: Task,
                     num_classes: int = 2) -> dict[str, np.ndarray]:
     """Arrays of one split (see `encode_splits`)."""
-    return _task(task).encode(examples, vocab, data_cfg, num_classes)
+    return task.encode(examples, vocab, data_cfg, num_classes)
 
 
 def encode_splits(splits: Splits, vocab: Vocabulary, data_cfg: DataConfig,
-                  task: str | Task) -> dict[str, dict[str, np.ndarray]]:
+                  task: Task) -> dict[str, dict[str, np.ndarray]]:
     """`{"train"|"val"|"test": arrays}` (no "test" when the run has no test split); each task's `encode`
     says which arrays, e.g. classification `tokens` and `label`, summarization `document`, `summary_in`
     and `summary_out`."""

@@ -21,8 +21,6 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from trainer.tasks import TASKS
-
 Carry = dict[str, tf.Tensor]
 
 # Special token ids shared with the tokenizer.
@@ -89,7 +87,7 @@ class LevelModel(keras.Model):
 
     Attributes:
         levels: the levels, in order.
-        task: the name of the task it learns (trainer/tasks/ TASKS).
+        task: the name of the task it learns (a `Task.name` of trainer/tasks/).
         input_specs: `{name: tf.TensorSpec}` of the model inputs (batch dimension None).
     """
 
@@ -102,8 +100,6 @@ class LevelModel(keras.Model):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
         names = [lvl.name for lvl in levels]
         if not names:
             raise ValueError("a LevelModel needs at least one level")

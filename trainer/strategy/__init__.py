@@ -21,13 +21,14 @@ def launched_world_size() -> int:
     return env_int(os.environ, LAUNCHER_SIZE_VARS, 1)
 
 
-# distribution.backend -> the backend's class ("module:Class", imported when chosen); `Class.create(cfg)`
-# builds it, picking its own variant (elastic Horovod, multi_worker with pipeline stages).
+# distribution.backend -> "module:function" building it from the config (imported when chosen). A backend
+# with variants is built by the module of its variant, which picks: elastic Horovod (when horovodrun is
+# elastic), multi_worker with its variables on pipeline stages (when the config has a pipeline).
 BACKENDS = {
-    "single": "trainer.strategy.single:SingleDevice",
-    "mirrored": "trainer.strategy.tf_distribute:Mirrored",
-    "multi_worker": "trainer.strategy.tf_distribute:MultiWorker",
-    "horovod": "trainer.strategy.horovod:Horovod",
+    "single": "trainer.strategy.single:single_device",
+    "mirrored": "trainer.strategy.tf_distribute:mirrored",
+    "multi_worker": "trainer.strategy.multi_worker_pipeline:multi_worker",
+    "horovod": "trainer.strategy.horovod_elastic:horovod",
 }
 
 
@@ -45,7 +46,7 @@ def make_strategy(cfg: ExperimentConfig) -> "Strategy":
 
         split_cpu_for_stages(dist.pipeline.stages)  # before any backend starts TensorFlow's runtime
     module, _, name = BACKENDS[dist.backend].partition(":")
-    strategy: "Strategy" = getattr(importlib.import_module(module), name).create(cfg)
+    strategy: "Strategy" = getattr(importlib.import_module(module), name)(cfg)
     replica_layout(cfg, strategy.num_replicas)  # the batch must split over the replicas the backend formed
     return strategy
 

@@ -33,11 +33,6 @@ class Strategy(abc.ABC):
 
     name: str = "base"
 
-    @classmethod
-    def create(cls, cfg: Any) -> "Strategy":
-        """The backend for an experiment config (make_strategy calls this on the class `BACKENDS` names)."""
-        return cls()
-
     @property
     def num_replicas(self) -> int:
         """Replicas training in sync, over all processes."""
@@ -101,9 +96,6 @@ class Strategy(abc.ABC):
 
     def broadcast_initial_state(self, variables: list) -> None:
         """Make every process start from the chief's variables (after restore or init)."""
-
-    def barrier(self) -> None:
-        """Wait for every process."""
 
     def describe(self) -> str:
         return f"{self.name}: {self.num_replicas} replica(s), rank {self.rank} of {self.world_size}"

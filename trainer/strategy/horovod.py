@@ -41,15 +41,6 @@ def horovod_env(dist: DistributionConfig) -> dict[str, str]:
 class Horovod(Strategy):
     name = "horovod"
 
-    @classmethod
-    def create(cls, cfg: Any) -> "Horovod":
-        """Under `horovodrun --min-np/--max-np` (HOROVOD_ELASTIC=1) the elastic variant: workers come and go."""
-        if os.environ.get("HOROVOD_ELASTIC") == "1":
-            from trainer.strategy.horovod_elastic import ElasticHorovod
-
-            return ElasticHorovod(cfg.distribution)
-        return cls(cfg.distribution)
-
     def __init__(self, dist: DistributionConfig):
         for key, value in horovod_env(dist).items():
             os.environ.setdefault(key, value)
@@ -106,6 +97,3 @@ class Horovod(Strategy):
     def broadcast_initial_state(self, variables: list) -> None:
         # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable.
         self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
-
-    def barrier(self) -> None:
-        self.hvd.allreduce(tf.constant(0.0), name="barrier")

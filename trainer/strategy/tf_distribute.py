@@ -98,10 +98,6 @@ class Mirrored(_TFDistribute):
 
     name = "mirrored"
 
-    @classmethod
-    def create(cls, cfg: Any) -> "Mirrored":
-        return cls(cfg.distribution.devices)
-
     def __init__(self, devices: int | None):
         names = local_devices(devices)
         self.local_replicas = len(names)
@@ -110,21 +106,15 @@ class Mirrored(_TFDistribute):
         self.strategy = tf.distribute.MirroredStrategy(names, cross_device_ops=cross)
 
 
+def mirrored(cfg: Any) -> Mirrored:
+    """distribution.backend mirrored (trainer/strategy/__init__.py BACKENDS)."""
+    return Mirrored(cfg.distribution.devices)
+
+
 class MultiWorker(_TFDistribute):
     """One process per worker, cluster described by TF_CONFIG (set by `strata launch` or SLURM)."""
 
     name = "multi_worker"
-
-    @classmethod
-    def create(cls, cfg: Any) -> "MultiWorker":
-        """With pipeline stages, the variant whose variables stay on their stages (multi_worker_pipeline.py)."""
-        from trainer.errors import ConfigError
-        from trainer.strategy.multi_worker_pipeline import MultiWorkerPipeline
-
-        try:
-            return MultiWorkerPipeline() if cfg.distribution.pipeline is not None else cls()
-        except ValueError as err:  # no TF_CONFIG
-            raise ConfigError(str(err)) from None
 
     def __init__(self):
         spec = json.loads(os.environ.get(ENV_TF_CONFIG, "{}"))
@@ -154,6 +144,3 @@ class MultiWorker(_TFDistribute):
         per_replica = self.strategy.run(lambda: local / self.local_replicas)
         total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
         return dict(zip(keys, total.tolist()))
-
-    def barrier(self) -> None:
-        self.all_reduce_sum({"barrier": 0.0})

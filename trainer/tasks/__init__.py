@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from trainer.tasks.base import Task
 from trainer.tasks.classification import ClassificationTask
@@ -49,6 +49,16 @@ def task_for(kind: str) -> Task:
     return workload(kind).task
 
 
+def build_model(cfg_model: Any, *, vocab_size: int, max_len: int, summary_len: int, num_classes: int = 2):
+    """The (unbuilt) `LevelModel` for a `cfg.model` section: its kind's builder, given the sizes its task says
+    it takes. Variables are created under the global Keras dtype policy at the first call: set mixed
+    precision before calling this, and build it inside the distribution scope. `num_classes` (labelled
+    tasks only) comes from the training labels (trainer/data/splits.py `LabelSet`)."""
+    work = workload(cfg_model.kind)  # ValueError naming the known kinds
+    dims = work.task.model_dims(max_len=max_len, summary_len=summary_len, num_classes=num_classes)
+    return work.build_fn()(cfg_model, vocab_size=vocab_size, **dims)
+
+
 def resolve(task: str | Task) -> Task:
     """A task given as itself or by name (`"classification"`); ValueError for an unknown name."""
     if isinstance(task, Task):
@@ -58,5 +68,5 @@ def resolve(task: str | Task) -> Task:
     return TASKS[task]
 
 
-__all__ = ["CLASSIFICATION", "SUMMARIZATION", "TASKS", "WORKLOADS", "Task", "Workload", "resolve", "task_for",
-           "workload"]
+__all__ = ["CLASSIFICATION", "SUMMARIZATION", "TASKS", "WORKLOADS", "Task", "Workload", "build_model", "resolve",
+           "task_for", "workload"]

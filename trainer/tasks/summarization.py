@@ -142,7 +142,3 @@ def rouge(references: list[str], predictions: list[str]) -> dict[str, float]:
     n = max(len(references), 1)
     return {k: v / n for k, v in totals.items()}
 
-
-def lead_baseline(documents: list[str], summary_words: int) -> list[str]:
-    """The classic 'lead' baseline: the document's first words, as many as a summary has."""
-    return [" ".join(d.split()[:summary_words]) for d in documents]
