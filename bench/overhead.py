@@ -25,12 +25,12 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
-from trainer.experiment import configure_runtime, model_inputs, prepare  # noqa: E402
+from trainer.experiment import configure_runtime, prepare  # noqa: E402
 from trainer.hooks import Hook  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.data.splits import encode_splits, load_splits, training_texts  # noqa: E402
 from trainer.data.tokenizer import Vocabulary  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from trainer.tasks import build_model  # noqa: E402
 from trainer.strategy.single import SingleDevice  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -99,7 +99,7 @@ def keras_throughput(config: str, steps: int, warmup: int) -> tuple[float, float
     vocab = Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
     arrays = encode_splits(splits, vocab, cfg.data, cfg.task)["train"]
     model = build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len, summary_len=cfg.data.summary_len)
-    if cfg.task == "classification":
+    if cfg.task.labelled:  # the classifier
         inputs = keras.Input((cfg.data.max_len,), dtype="int32", name="tokens")
         outputs = model({"tokens": inputs})["logit"]
         x, y = {"tokens": arrays["tokens"]}, arrays["label"]
@@ -109,7 +109,7 @@ def keras_throughput(config: str, steps: int, warmup: int) -> tuple[float, float
         summ = keras.Input((cfg.data.summary_len,), dtype="int32", name="summary_in")
         inputs = {"document": doc, "summary_in": summ}
         outputs = model(inputs)["logits"]
-        x, y = model_inputs(cfg.task, arrays), arrays["summary_out"]
+        x, y = cfg.task.model_inputs(arrays), arrays["summary_out"]
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)
     fit_model = keras.Model(inputs, outputs)
     fit_model.compile(optimizer=keras.optimizers.Adam(cfg.optimizer.lr, global_clipnorm=cfg.optimizer.clip_norm),

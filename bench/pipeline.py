@@ -65,12 +65,11 @@ def child(spec: dict) -> dict:
 
     tf.config.threading.set_intra_op_parallelism_threads(spec.get("intra", 1))
     tf.config.threading.set_inter_op_parallelism_threads(1 if len(cores) == 1 else 4)
-    from trainer import task as task_lib
     from trainer.config import TransformerModel
-    from trainer.models import build_model
+    from trainer.tasks import SUMMARIZATION, build_model
     from trainer.strategy.pipeline import PipelineEngine
-    from trainer.strategy.pipeline_setup import profile_levels
-    from trainer.strategy.pipeline_plan import balanced_partition
+    from trainer.strategy.pipeline.profile import profile_levels
+    from trainer.parallel.partition import balanced_partition
 
     rng = np.random.default_rng(0)
     batch_size = spec["batch"]
@@ -95,7 +94,7 @@ def child(spec: dict) -> dict:
         def step(b):
             with tf.GradientTape() as tape:
                 o = model({"document": b["document"], "summary_in": b["summary_in"]}, training=True)
-                loss = tf.reduce_sum(task_lib.per_example_loss("summarization", b, o)) / batch_size
+                loss = tf.reduce_sum(SUMMARIZATION.per_example_loss(b, o)) / batch_size
             grads = tape.gradient(loss, model.trainable_variables)
             opt.apply_gradients(zip(grads, model.trainable_variables))
             return loss, tf.constant(1.0), tf.constant(1.0)

@@ -11,10 +11,9 @@ import os
 import sys
 
 from launch import doctor, launcher, tensorboard
+from launch.contract import USAGE_EXIT_CODE, train_command, trainer_command
 from launch.errors import LaunchError
 from launch.stopping import DEFAULT_GRACE_S, FAILURE_GRACE_S
-
-TRAINER = [sys.executable, "-m", "trainer"]
 
 
 class UsageError(Exception):
@@ -132,7 +131,7 @@ def _slurm(args: argparse.Namespace) -> int:
 
 def _elastic_spec(args: argparse.Namespace):
     """The elastic part of `strata launch`, or None; UsageError for elastic options without --elastic."""
-    from launch.elastic import ElasticSpec
+    from launch.elastic_checks import ElasticSpec
 
     given = [flag for flag, value in (("--min-np", args.min_np), ("--max-np", args.max_np),
                                       ("--host-discovery-script", args.host_discovery_script)) if value is not None]
@@ -150,26 +149,21 @@ def _elastic_spec(args: argparse.Namespace):
 
 def trainer_argv(args: argparse.Namespace) -> list[str]:
     """The `python -m trainer` command line for a single-process command (pure)."""
+    python = sys.executable
     if args.command == "train":
-        argv = [*TRAINER, "train", args.config]
-        for item in args.overrides:
-            argv += ["--set", item]
-        if args.stop_after is not None:
-            argv += ["--stop-after", str(args.stop_after)]
-        return argv
+        return train_command(python, args.config, args.overrides, stop_after=args.stop_after)
     if args.command == "evaluate":
-        return [*TRAINER, "evaluate", args.run_dir, "--split", args.split]
+        return trainer_command(python, "evaluate", args.run_dir, "--split", args.split)
     if args.command in ("classify", "summarize"):
-        return [*TRAINER, args.command, args.run_dir, "--", *args.texts]
+        return trainer_command(python, args.command, args.run_dir, "--", *args.texts)
     if args.command == "plan":
-        argv = [*TRAINER, "plan", args.config, "--ranks", ",".join(args.placement)]
-        for item in args.overrides:
-            argv += ["--set", item]
+        argv = trainer_command(python, "plan", args.config, "--ranks", ",".join(args.placement),
+                               overrides=args.overrides)
         return argv + (["--dry-run"] if args.dry_run else [])
     if args.command == "export":
-        return [*TRAINER, "export", args.run_dir] + (["--out", args.out] if args.out else [])
+        return trainer_command(python, "export", args.run_dir, *(["--out", args.out] if args.out else []))
     if args.command == "data":
-        return [*TRAINER, "data", *args.data_args]
+        return trainer_command(python, "data", *args.data_args)
     raise ValueError(args.command)
 
 
@@ -181,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tensorboard":
             return tensorboard.serve(args.run_dir, host=args.host, port=args.port)
         if args.command == "launch":
-            launch_plan = launcher.plan(np=args.np, hosts_spec=args.hosts, hostfile=args.hostfile,
-                                        backend=args.backend, mpi=args.mpi, config=args.config,
-                                        overrides=args.overrides, stop_after=args.stop_after,
-                                        elastic=_elastic_spec(args))
-            return launcher.run(launch_plan, grace_seconds=args.grace)
+            spec = launcher.check_launch(np=args.np, hosts_spec=args.hosts, hostfile=args.hostfile,
+                                         backend=args.backend, mpi=args.mpi, config=args.config,
+                                         overrides=args.overrides, stop_after=args.stop_after,
+                                         elastic=_elastic_spec(args))
+            return launcher.run(spec, grace_seconds=args.grace)
         if args.command == "slurm":
             return _slurm(args)
         if args.command == "plan":
@@ -193,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         command = trainer_argv(args)
     except (UsageError, LaunchError) as err:
         print(f"strata: error: {err}", file=sys.stderr)
-        return 2
+        return USAGE_EXIT_CODE
     sys.stdout.flush()
     os.execv(command[0], command)  # replaces this process: no shell, arguments passed as a list
     return 0  # not reached

@@ -8,21 +8,10 @@ import json
 import socket
 from collections.abc import Mapping
 
+from launch import contract
+from launch.contract import MANAGED_KEYS
 from launch.errors import LaunchError
 from launch.hosts import RankPlacement
-
-# Variables the launcher owns. `child_environ` drops inherited copies first: a stale TF_CONFIG left in the
-# user's shell would otherwise make a Horovod or single-worker run try to join a cluster that is not there.
-MANAGED_KEYS = ("STRATA_RANK", "STRATA_WORLD_SIZE", "STRATA_LOCAL_RANK", "STRATA_LOCAL_SIZE", "STRATA_BACKEND",
-                "TF_CONFIG", "STRATA_OUTPUT_PREFIX")
-# A worker prefixes each of its own lines with this (trainer/output.py) where no Strata launcher reads its
-# output (SLURM); under `strata launch` the launcher does, with the same rank_prefix().
-OUTPUT_PREFIX_KEY = "STRATA_OUTPUT_PREFIX"
-
-
-def rank_prefix(rank: int) -> str:
-    """What every line a rank prints starts with, under every launcher: `[rank 3] `."""
-    return f"[rank {rank}] "
 
 
 def tf_config(worker_addresses: list[str], index: int) -> str:
@@ -76,14 +65,14 @@ def rank_env(placement: RankPlacement, *, world_size: int, backend: str, tf_conf
     if backend != "multi_worker" and tf_config_json is not None:
         raise LaunchError(f"TF_CONFIG is only for the multi_worker backend, not {backend!r}")
     env = {
-        "STRATA_RANK": str(placement.rank),
-        "STRATA_WORLD_SIZE": str(world_size),
-        "STRATA_LOCAL_RANK": str(placement.local_rank),
-        "STRATA_LOCAL_SIZE": str(placement.local_size),
-        "STRATA_BACKEND": backend,
+        contract.ENV_RANK: str(placement.rank),
+        contract.ENV_WORLD_SIZE: str(world_size),
+        contract.ENV_LOCAL_RANK: str(placement.local_rank),
+        contract.ENV_LOCAL_SIZE: str(placement.local_size),
+        contract.ENV_BACKEND: backend,
     }
     if tf_config_json is not None:
-        env["TF_CONFIG"] = tf_config_json
+        env[contract.ENV_TF_CONFIG] = tf_config_json
     if visible_gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = _gpus_for(placement, visible_gpus)
     return env

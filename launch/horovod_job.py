@@ -19,13 +19,13 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from launch import stopping, tf_noise
-from launch.env import rank_prefix
-from launch.stopping import FAILURE_GRACE_S, STOPPED_EXIT_CODES
-from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
+from launch import contract, stopping, tf_noise
+from launch.contract import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODES, WATCHDOG_EXIT_CODE, rank_prefix
+from launch.stopping import FAILURE_GRACE_S
+from launch.watchdog import Watchdog, read_beats
 
 _FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
 # A rank's output as horovodrun relays it: `[R]<stdout>:` (Gloo, whole lines) or, from mpirun's
@@ -168,7 +168,7 @@ class _Stop:
         if self.why is None and self.seen is not None:
             step, by = self.seen
             _say(stopping.stopped(step, by))
-            return stopping.exit_code_for(signal.SIGINT if by == "Ctrl-C" else signal.SIGTERM)
+            return contract.stop_exit_code(by)
         if not self.signals:
             return None  # the chief never confirmed a save: report like any other failure
         if self.why is None and self.proc.returncode == 0:
@@ -176,7 +176,7 @@ class _Stop:
             return 0
         _say(stopping.lost(self.why or f"received {signal.Signals(self.signals[0]).name}: stopped the job",
                            stopping.committed_step(run_dir)))
-        return 130 if signal.SIGINT in self.signals else 128 + self.signals[0]
+        return INTERRUPTED_EXIT_CODE if signal.SIGINT in self.signals else 128 + self.signals[0]
 
 
 def _say(line: str) -> None:
@@ -188,15 +188,42 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
     """Run `argv` (a horovodrun command), copy its output, and return the job's exit code."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
-    failures: list[tuple[int, int, float]] = []
     stop = _Stop(proc, grace_seconds)
-    kill_after = min(grace_seconds, FAILURE_GRACE_S)  # a hung job's ranks cannot checkpoint
+    relay = _Relay(stop)
+    watchdog = None
+    if heartbeat_dir is not None:
+        abort = _hung_job_aborter(stop, heartbeat_dir, kill_after=min(grace_seconds, FAILURE_GRACE_S))
+        watchdog = Watchdog(heartbeat_dir, world_size=len(hosts), hosts=hosts, startup_s=startup_s,
+                            on_hang=abort, finished=lambda: {r for r, _, _ in relay.failures}).start()
+    previous = {s: signal.signal(s, stop.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert proc.stdout is not None
+        for rank, line in rank_lines(proc.stdout):
+            relay.line(rank, line)
+        code = relay.finish(proc)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if stop.timer:
+            stop.timer.cancel()
+        if watchdog:
+            watchdog.close()
+    if watchdog and watchdog.fired.is_set():
+        print("strata: hung job stopped", file=sys.stderr, flush=True)
+        return WATCHDOG_EXIT_CODE
+    stopped = stop.report(run_dir)
+    if stopped is not None:
+        return stopped
+    return _job_exit(code, relay.failures, hosts=hosts, heartbeat_dir=heartbeat_dir)
 
-    def abort_hung_job() -> None:
-        """SIGTERM to the ranks on this machine (their pids are in the heartbeats) and to horovodrun, SIGKILL
-        after a few seconds: a rank stuck in a collective treats SIGTERM as a stop request it cannot act on,
-        and horovodrun's own stop would wait 5 s more. horovodrun then sees its ranks gone and exits."""
-        beats = read_beats(heartbeat_dir) if heartbeat_dir else {}
+
+def _hung_job_aborter(stop: _Stop, heartbeat_dir: Path, *, kill_after: float) -> Callable[[], None]:
+    """What the watchdog does to a hung job: SIGTERM to the ranks on this machine (their pids are in the
+    heartbeats) and to horovodrun, SIGKILL `kill_after` seconds later: a rank stuck in a collective treats
+    SIGTERM as a stop request it cannot act on (a hung job's ranks cannot checkpoint), and horovodrun's own
+    stop would wait 5 s more. horovodrun then sees its ranks gone and exits."""
+    def abort() -> None:
+        beats = read_beats(heartbeat_dir)
         local = [b["pid"] for b in beats.values() if b.get("host") == socket.gethostname()]
 
         def send(sig: int) -> None:
@@ -208,60 +235,61 @@ def run_horovodrun(argv: list[str], env: dict[str, str], *, hosts: list[str], he
         timer.daemon = True
         timer.start()
 
-    watchdog = None
-    if heartbeat_dir is not None:
-        watchdog = Watchdog(heartbeat_dir, world_size=len(hosts), hosts=hosts, startup_s=startup_s,
-                            on_hang=abort_hung_job, finished=lambda: {r for r, _, _ in failures}).start()
-    previous = {s: signal.signal(s, stop.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        assert proc.stdout is not None
-        held: list[str] | None = None  # horovodrun's own final traceback after a failure: our summary replaces it
-        launcher_lines: deque[str] = deque(maxlen=200)  # horovodrun's and mpirun's own lines (not a rank's)
-        mpi_abort_seen: float | None = None
-        noise = None if tf_noise.shown() else tf_noise.NoiseLines()  # horovodrun imports TensorFlow itself
-        for rank, line in rank_lines(proc.stdout):
-            stop.seen = stop.seen or stopping.parse_stop_line(line)
-            if rank is not None:
-                sys.stdout.write(rank_prefix(rank) + line)
-                sys.stdout.flush()
-                continue
-            if noise and noise.drop(line):
-                continue
-            failures += [(int(r), int(c), time.monotonic()) for r, c in _FAILED_PROCESS.findall(line)]
-            if (stop.seen or stop.why) and line.startswith(_AFTER_A_STOP):
-                continue  # horovodrun calls the ranks' stop exits failures; the summary below says what they are
-            launcher_lines.append(line)
-            if mpi_abort_seen is None and line.startswith(_MPI_ABORTING):
-                mpi_abort_seen = time.monotonic()
-            if (failures or stop.signals) and line.startswith("Traceback (most recent call last):"):
-                if held:  # an earlier traceback (e.g. the elastic driver's): only the last one is horovodrun's
-                    sys.stdout.write("".join(held))
-                held = []
-            if held is not None:
-                held.append(line)
-                continue
-            sys.stdout.write(line)
+    return abort
+
+
+class _Relay:
+    """Copies horovodrun's output line by line: each rank's lines with its prefix, the launcher's own lines
+    without TensorFlow's noise, and notes what they say about failures and stops."""
+
+    def __init__(self, stop: _Stop) -> None:
+        self.stop = stop
+        self.failures: list[tuple[int, int, float]] = []  # (rank, status, time seen), as horovodrun reports them
+        self.held: list[str] | None = None  # horovodrun's own final traceback after a failure: our summary replaces it
+        self.launcher_lines: deque[str] = deque(maxlen=200)  # horovodrun's and mpirun's own lines (not a rank's)
+        self.mpi_abort_seen: float | None = None
+        self.noise = None if tf_noise.shown() else tf_noise.NoiseLines()  # horovodrun imports TensorFlow itself
+
+    def line(self, rank: int | None, line: str) -> None:
+        stop = self.stop
+        stop.seen = stop.seen or contract.parse_stop_line(line)
+        if rank is not None:
+            sys.stdout.write(rank_prefix(rank) + line)
             sys.stdout.flush()
-        if held and not any(_HOROVOD_FAILED in h for h in held):
-            sys.stdout.write("".join(held))
+            return
+        if self.noise and self.noise.drop(line):
+            return
+        self.failures += [(int(r), int(c), time.monotonic()) for r, c in _FAILED_PROCESS.findall(line)]
+        if (stop.seen or stop.why) and line.startswith(_AFTER_A_STOP):
+            return  # horovodrun calls the ranks' stop exits failures; the summary says what they are
+        self.launcher_lines.append(line)
+        if self.mpi_abort_seen is None and line.startswith(_MPI_ABORTING):
+            self.mpi_abort_seen = time.monotonic()
+        if (self.failures or stop.signals) and line.startswith("Traceback (most recent call last):"):
+            if self.held:  # an earlier traceback (e.g. the elastic driver's): only the last one is horovodrun's
+                sys.stdout.write("".join(self.held))
+            self.held = []
+        if self.held is not None:
+            self.held.append(line)
+            return
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+    def finish(self, proc: subprocess.Popen) -> int:
+        """After the last line: horovodrun's exit code; under --mpi, mpirun's report names the failed rank."""
+        if self.held and not any(_HOROVOD_FAILED in h for h in self.held):
+            sys.stdout.write("".join(self.held))
         code = proc.wait()
-        mpi_failed = None if failures else mpirun_failure("".join(launcher_lines))
+        mpi_failed = None if self.failures else mpirun_failure("".join(self.launcher_lines))
         if mpi_failed:
-            failures = [(*mpi_failed, mpi_abort_seen or time.monotonic())]
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if stop.timer:
-            stop.timer.cancel()
-        if watchdog:
-            watchdog.close()
+            self.failures = [(*mpi_failed, self.mpi_abort_seen or time.monotonic())]
+        return code
+
+
+def _job_exit(code: int, failures: list[tuple[int, int, float]], *, hosts: list[str],
+              heartbeat_dir: Path | None) -> int:
+    """The job's exit code once it ended without a stop of the launcher's, with its one line."""
     ended = time.monotonic()
-    if watchdog and watchdog.fired.is_set():
-        print("strata: hung job stopped", file=sys.stderr, flush=True)
-        return WATCHDOG_EXIT_CODE
-    stopped = stop.report(run_dir)
-    if stopped is not None:
-        return stopped
     if code == 0:
         return 0
     if failures and all(c in STOPPED_EXIT_CODES for _, c, _ in failures):

@@ -1,9 +1,9 @@
 """`strata launch`: check everything, then start N data-parallel workers under Horovod or MultiWorker.
 
-Checks happen before any worker starts (a bad plan costs seconds, not an allocation): host list and slot
-count, the config (validated by the worker's own schema in a child `python -m trainer validate`), that the
-global batch divides over the ranks, that Horovod was built with the requested controller, and that
-remote hosts answer over ssh.
+Checks happen before any worker starts (a bad request costs seconds, not an allocation): host list and slot
+count, the config and its parallel layout over the ranks (the worker's own checks, in a child
+`python -m trainer validate --replicas N`: the global batch divides over them, ...), that Horovod was built
+with the requested controller, and that remote hosts answer over ssh.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch import contract
 from launch.env import child_environ, free_ports, rank_env, tf_config
 from launch.errors import LaunchError
-from launch.elastic import ElasticSpec, all_local, check_sizes, discover_hosts
+from launch.elastic_checks import ElasticSpec, all_local, check_sizes, discover_hosts
 from launch.horovod import horovodrun_argv, horovodrun_elastic_argv
 from launch.horovod_job import run_horovodrun
 from launch.hosts import Host, assign_ranks, is_local, parse_hostfile, parse_hosts
@@ -29,7 +30,7 @@ from launch.watchdog import heartbeat_dir_for, heartbeat_settings, remove_heartb
 
 
 @dataclass(frozen=True)
-class LaunchPlan:
+class LaunchSpec:
     """Everything `strata launch` decided, before it starts anything."""
 
     np: int
@@ -39,43 +40,26 @@ class LaunchPlan:
     config: str
     overrides: list[str]
     resolved: dict  # the worker's validated config
+    layout: dict  # its parallel layout over -np replicas (trainer/parallel/layout.py `Layout.to_json`)
     stop_after: int | None = None  # train this many more steps, then checkpoint and stop
-    elastic: ElasticSpec | None = None  # workers may leave and join (Horovod elastic, launch/elastic.py)
+    elastic: ElasticSpec | None = None  # workers may leave and join (Horovod elastic, launch/elastic_checks.py)
 
     def worker_command(self) -> list[str]:
-        argv = [sys.executable, "-m", "trainer", "train", self.config]
-        for item in [*self.overrides, f"distribution.backend={self.backend}"]:
-            argv += ["--set", item]
-        if self.stop_after is not None:
-            argv += ["--stop-after", str(self.stop_after)]
-        return argv
+        return contract.train_command(sys.executable, self.config, self.overrides, backend=self.backend,
+                                      stop_after=self.stop_after)
 
 
-def validate_config(config: str, overrides: list[str]) -> dict:
-    """The worker's resolved config, or LaunchError with the worker's one-line message."""
-    argv = [sys.executable, "-m", "trainer", "validate", config]
-    for item in overrides:
-        argv += ["--set", item]
+def validate_config(config: str, overrides: list[str], *, replicas: list[int] | None = None,
+                    replicas_as: str | None = None) -> tuple[dict, list[dict]]:
+    """The worker's resolved config and its layout for each count in `replicas` (the worker's own checks, in
+    a child process: this package never imports the trainer), or LaunchError with the worker's one line."""
+    argv = contract.validate_command(sys.executable, config, overrides, replicas=replicas or [],
+                                     replicas_as=replicas_as)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         raise LaunchError((lines[-1] if lines else "config validation failed").removeprefix("strata: error: "))
-    return json.loads(done.stdout)
-
-
-def check_batch_divides(resolved: dict, np: int) -> None:
-    b, accum = resolved["data"]["batch_size"], resolved["train"]["grad_accum"]
-    pipe = resolved["distribution"].get("pipeline")
-    if pipe and b % (np * pipe["micro_batches"]):
-        m = pipe["micro_batches"]
-        raise LaunchError(f"data.batch_size ({b}) must be divisible by -np ({np}) x distribution.pipeline."
-                          f"micro_batches ({m}): each replica splits its {b / np:g} examples into {m} micro-batches; "
-                          f"try -np {next(n for n in range(np, 0, -1) if b % (n * m) == 0)} "
-                          f"or data.batch_size={np * m * max(1, b // (np * m))}")
-    if b % (np * accum):
-        raise LaunchError(f"data.batch_size ({b}) must be divisible by -np ({np}) x train.grad_accum ({accum}); "
-                          f"try -np {next(n for n in range(np, 0, -1) if b % (n * accum) == 0)} "
-                          f"or data.batch_size={np * accum * max(1, b // (np * accum))}")
+    return contract.validated(done.stdout)
 
 
 def built_controllers(check_build_output: str) -> set[str]:
@@ -152,9 +136,9 @@ def rank_hosts(*, np: int, hosts_spec: str | None, hostfile: str | None) -> list
     return [f"{r.host}:{r.local_rank}" for r in assign_ranks(hosts, np)]
 
 
-def plan(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str | None, mpi: bool,
-         config: str, overrides: list[str], stop_after: int | None = None,
-         elastic: ElasticSpec | None = None) -> LaunchPlan:
+def check_launch(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str | None, mpi: bool,
+                 config: str, overrides: list[str], stop_after: int | None = None,
+                 elastic: ElasticSpec | None = None) -> LaunchSpec:
     """Check the whole launch; raise LaunchError (one line) on the first problem."""
     if hosts_spec and hostfile:
         raise LaunchError("give either -H or --hostfile, not both")
@@ -167,14 +151,16 @@ def plan(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str 
     else:
         hosts = parse_hosts(hosts_spec) if hosts_spec else parse_hostfile(hostfile) if hostfile else [Host("localhost", max(np, 1))]
         assign_ranks(hosts, np)  # -np >= 1 and within the slots
-    resolved = validate_config(config, overrides)
+    resolved, _ = validate_config(config, overrides)
     chosen = backend or (resolved["distribution"]["backend"] if resolved["distribution"]["backend"] in
                          ("horovod", "multi_worker") else "horovod")
     if mpi and chosen != "horovod":
         raise LaunchError("--mpi selects Horovod's MPI controller; it needs --backend horovod")
-    resolved = validate_config(config, [*overrides, f"distribution.backend={chosen}"])
-    for size in range(elastic.min_np, elastic.max_np + 1) if elastic else [np]:
-        check_batch_divides(resolved, size)  # elastic: the global batch is kept at every size
+    # Elastic: the global batch stays data.batch_size at every size, so it must split over each of them.
+    sizes = list(range(elastic.min_np, elastic.max_np + 1)) if elastic else [np]
+    resolved, layouts = validate_config(config, [*overrides, f"distribution.backend={chosen}"],
+                                        replicas=sizes, replicas_as="-np ({n})")
+    layout = layouts[sizes.index(np)]
     if chosen == "multi_worker" and not all(is_local(h) for h in hosts):
         raise LaunchError("--backend multi_worker starts workers on this machine only; across nodes use "
                           "`strata slurm submit` or --backend horovod")
@@ -184,15 +170,15 @@ def plan(*, np: int, hosts_spec: str | None, hostfile: str | None, backend: str 
     check_reachable(hosts)
     if stop_after is not None and stop_after < 1:
         raise LaunchError(f"--stop-after {stop_after}: must be a positive number of steps")
-    return LaunchPlan(np, hosts, chosen, controller, config, list(overrides), resolved, stop_after, elastic)
+    return LaunchSpec(np, hosts, chosen, controller, config, list(overrides), resolved, layout, stop_after, elastic)
 
 
-def run(p: LaunchPlan, *, grace_seconds: float = DEFAULT_GRACE_S) -> int:
+def run(p: LaunchSpec, *, grace_seconds: float = DEFAULT_GRACE_S) -> int:
     """Start the workers and supervise them; the exit code is the job's. `grace_seconds`: after Ctrl-C or
     SIGTERM, how long the ranks may take to stop at an agreed step and checkpoint it (launch/stopping.py)."""
-    batch = p.resolved["data"]["batch_size"]
     print(f"strata: launching {p.np} {p.backend} worker(s) on {','.join(f'{h.name}:{h.slots}' for h in p.hosts)}"
-          f" | global batch {batch} = {p.np} x {batch // p.np} per replica", flush=True)
+          f" | global batch {p.layout['global_batch']} = {p.np} x {p.layout['per_replica_batch']} per replica",
+          flush=True)
     # Hang watchdog over the ranks' heartbeats (train.watchdog_timeout_s; 0 turns it off).
     timeout_s, startup_s = heartbeat_settings(p.resolved)
     timeout_s = 0 if p.elastic else timeout_s  # the watchdog knows a fixed set of ranks; elastic ranks change
@@ -206,7 +192,7 @@ def run(p: LaunchPlan, *, grace_seconds: float = DEFAULT_GRACE_S) -> int:
             remove_heartbeat_dir(beats)
 
 
-def _run_multi_worker(p: LaunchPlan, grace_seconds: float, beats: Path | None, startup_s: float) -> int:
+def _run_multi_worker(p: LaunchSpec, grace_seconds: float, beats: Path | None, startup_s: float) -> int:
     placements = assign_ranks(p.hosts, p.np)
     workers = [f"127.0.0.1:{port}" for port in free_ports(p.np)]
     envs = [child_environ(os.environ, {**rank_env(pl, world_size=p.np, backend="multi_worker",
@@ -216,7 +202,7 @@ def _run_multi_worker(p: LaunchPlan, grace_seconds: float, beats: Path | None, s
                      startup_s=startup_s, run_dir=_run_dir(p))
 
 
-def _run_horovodrun(p: LaunchPlan, grace_seconds: float, beats: Path | None, startup_s: float) -> int:
+def _run_horovodrun(p: LaunchSpec, grace_seconds: float, beats: Path | None, startup_s: float) -> int:
     program = shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun")
     if p.elastic:
         e = p.elastic
@@ -226,7 +212,7 @@ def _run_horovodrun(p: LaunchPlan, grace_seconds: float, beats: Path | None, sta
     else:
         argv = horovodrun_argv(np=p.np, hosts=p.hosts, controller=p.controller, command=p.worker_command(),
                                as_root=os.geteuid() == 0, program=program)
-    env = child_environ(os.environ, {"STRATA_BACKEND": "horovod", **supervision_env(beats)})
+    env = child_environ(os.environ, {contract.ENV_BACKEND: "horovod", **supervision_env(beats)})
     # Horovod options from the config (distribution.horovod) are applied by each rank before hvd.init().
     # Elastic: Horovod's driver assigns ranks to hosts (and re-assigns them at every reset), so no fixed map.
     hosts = [] if p.elastic else [pl.host for pl in assign_ranks(p.hosts, p.np)]
@@ -234,6 +220,6 @@ def _run_horovodrun(p: LaunchPlan, grace_seconds: float, beats: Path | None, sta
                           startup_s=startup_s, grace_seconds=grace_seconds, run_dir=_run_dir(p))
 
 
-def _run_dir(p: LaunchPlan) -> Path:
+def _run_dir(p: LaunchSpec) -> Path:
     """The job's run directory (the config's run_dir, else runs/<name>), as the ranks resolve it."""
-    return Path(p.resolved["run_dir"] or Path("runs") / p.resolved["name"])
+    return contract.run_dir_of(p.resolved["name"], p.resolved["run_dir"])

@@ -3,7 +3,7 @@
 Each rank runs in its own session (its own process group), so signalling the group reaches everything the
 rank started (data loaders, shell wrappers), and a Ctrl-C in the terminal reaches only the launcher, which
 then decides how to stop the ranks. Output of every rank is merged (stdout+stderr) and printed line by line
-as `[rank R] ...` (env.rank_prefix, the same under every launcher).
+as `[rank R] ...` (contract.rank_prefix, the same under every launcher).
 
 The job fails fast: as soon as one rank exits non-zero or dies from a signal, the others are told to stop
 (SIGTERM to their groups, SIGKILL after a grace period), because a collective job with a missing member
@@ -27,13 +27,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from launch import stopping
-from launch.env import rank_prefix
+from launch import contract, stopping
+from launch.contract import INTERRUPTED_EXIT_CODE, STOPPED_EXIT_CODES, WATCHDOG_EXIT_CODE, rank_prefix
 from launch.errors import LaunchError
-from launch.stopping import DEFAULT_GRACE_S, FAILURE_GRACE_S, STOPPED_EXIT_CODES
-from launch.watchdog import WATCHDOG_EXIT_CODE, Watchdog, read_beats
-
-PREEMPTED_EXIT_CODE = 75  # trainer/preemption.py: stopped at the step all ranks agreed on, checkpoint saved
+from launch.stopping import DEFAULT_GRACE_S, FAILURE_GRACE_S
+from launch.watchdog import Watchdog, read_beats
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _STEP = 0.02  # seconds between checks while stopping ranks (normal exits are reported instantly by waiter threads)
@@ -321,14 +319,14 @@ def _stop_on_signal(job: _Job, running: set[int], say: Callable[[str], None], *,
     if why is None and job.out.stop is not None:  # the chief saved the agreed step and said so
         step, by = job.out.stop
         say(stopping.stopped(step, by).removeprefix("strata: "))
-        return stopping.exit_code_for(signal.SIGINT if by == "Ctrl-C" else signal.SIGTERM)
+        return contract.stop_exit_code(by)
     if why is None and all(p.returncode == 0 for p in job.procs):
         say("every rank finished before the stop took effect")
         return 0
     gone = why or f"received {signal.Signals(signum).name}; stopped {len(ranks)} running rank(s)"
     say((stopping.lost(gone, stopping.committed_step(run_dir)) if run_dir is not None else gone)
         .removeprefix("strata: "))
-    return 130 if why and why.startswith(("second Ctrl-C", "Ctrl-C")) else 128 + signum
+    return INTERRUPTED_EXIT_CODE if why and why.startswith(("second Ctrl-C", "Ctrl-C")) else 128 + signum
 
 
 def _report_stopped(job: _Job, late: list[int], stopped_ranks: list[int], say: Callable[[str], None],
@@ -342,7 +340,7 @@ def _report_stopped(job: _Job, late: list[int], stopped_ranks: list[int], say: C
     if job.out.stop is not None:
         step, by = job.out.stop
         say(stopping.stopped(step, by).removeprefix("strata: "))
-        return stopping.exit_code_for(signal.SIGINT if by == "Ctrl-C" else signal.SIGTERM)
+        return contract.stop_exit_code(by)
     code = job.procs[stopped_ranks[0]].returncode
     say(f"preempted: every rank stopped at the step they agreed on and it was checkpointed (first to exit: "
         f"rank {stopped_ranks[0]}); run the same command again to resume (exit {code})")
@@ -357,7 +355,7 @@ class _Watched:
 
     def write(self, text: str) -> int:
         if self.stop is None:
-            self.stop = stopping.parse_stop_line(text)
+            self.stop = contract.parse_stop_line(text)
         return self.out.write(text)
 
     def flush(self) -> None:

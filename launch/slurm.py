@@ -21,15 +21,14 @@ from pathlib import Path
 
 import jinja2
 
-from launch.env import OUTPUT_PREFIX_KEY, rank_env, rank_prefix, tf_config
+from launch import contract
+from launch.contract import PREEMPTED_EXIT_CODE, rank_prefix
+from launch.env import rank_env, tf_config
 from launch.errors import LaunchError
 from launch.hostlist import expand_counts
 from launch.hosts import Host, RankPlacement, assign_ranks
 
 BACKENDS = ("horovod", "multi_worker")
-# Exit code of a rank that stopped for a preemption signal after its step was checkpointed on all ranks
-# (trainer/preemption.py; the launcher cannot import the trainer, a unit test checks they agree).
-PREEMPTED_EXIT_CODE = 75
 DEFAULT_WARNING_SECONDS = 90
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 TEMPLATE = "strata.sbatch.j2"
@@ -37,10 +36,6 @@ TEMPLATE = "strata.sbatch.j2"
 # multi_worker ports: one block of PORT_BLOCK ports per (job, start), below Linux's ephemeral range
 # (32768+), so a requeued job (same id, next restart count) never waits for its old ports to be released.
 PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20000, 64, 190
-
-# Variables with which MPI/PMI launchers announce "you are one of N ranks". A multi_worker rank must not
-# carry them (the trainer would take them for an MPI launch and refuse a non-Horovod backend).
-_LAUNCHER_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
 _TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 
@@ -82,15 +77,29 @@ class Resources:
     gpus_per_node: int
     time_seconds: int | None
     warning_seconds: int
+    local_replicas: int = 1  # replicas per task: a multi_worker task's GPUs; one otherwise
 
     @property
     def tasks(self) -> int:
         return self.nodes * self.tasks_per_node
 
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas of the job (what the global batch is split over)."""
+        return self.tasks * self.local_replicas
+
+    @property
+    def replicas_as(self) -> str:
+        """How the request makes its replicas, for the layout check's messages (`{n}`: their number)."""
+        per_worker = f" x {self.local_replicas} GPUs per worker" if self.local_replicas > 1 else ""
+        return f"the job's {{n}} replicas (--nodes {self.nodes} x --ntasks-per-node {self.tasks_per_node}{per_worker})"
+
 
 def check_resources(resolved: dict, *, backend: str, nodes: int, ntasks_per_node: int | None,
                     gpus_per_node: int, time: str | None, warning_seconds: int = DEFAULT_WARNING_SECONDS) -> Resources:
-    """Refuse requests that cannot work, with the numbers and a fix in the one-line message."""
+    """Refuse requests that cannot work, with the numbers and a fix in the one-line message. Whether the
+    config's batch splits over the job's replicas is the worker's check (`python -m trainer validate
+    --replicas`, see slurm_jobs.submit), like everything else about the parallel layout."""
     if backend not in BACKENDS:
         raise LaunchError(f"--backend {backend!r}: SLURM jobs run one task per rank; use horovod or multi_worker")
     if nodes < 1:
@@ -113,30 +122,14 @@ def check_resources(resolved: dict, *, backend: str, nodes: int, ntasks_per_node
         if gpus_per_node % ntasks_per_node:
             raise LaunchError(f"--gpus-per-node {gpus_per_node} does not split evenly over --ntasks-per-node "
                               f"{ntasks_per_node}; make it a multiple")
-    tasks = nodes * ntasks_per_node
     local_replicas = gpus_per_node // ntasks_per_node if (gpus_per_node and backend == "multi_worker") else 1
-    _check_batch(resolved, replicas=tasks * local_replicas,
-                 shape=f"--nodes {nodes} x --ntasks-per-node {ntasks_per_node}"
-                       + (f" x {local_replicas} GPUs per worker" if local_replicas > 1 else ""))
     seconds = parse_time(time) if time else None
     if warning_seconds < 0 or warning_seconds > 65535:
         raise LaunchError(f"--warning {warning_seconds}: seconds before the time limit, 0..65535")
     if seconds is not None and seconds <= warning_seconds:
         raise LaunchError(f"--time {time} ({seconds} s) leaves no time before the preemption warning "
                           f"({warning_seconds} s before the end); ask for more time or lower --warning")
-    return Resources(nodes, ntasks_per_node, gpus_per_node, seconds, warning_seconds)
-
-
-def _check_batch(resolved: dict, *, replicas: int, shape: str) -> None:
-    b, accum = resolved["data"]["batch_size"], resolved["train"]["grad_accum"]
-    pipe = resolved["distribution"].get("pipeline")
-    split, what = (pipe["micro_batches"], "distribution.pipeline.micro_batches") if pipe else (accum, "train.grad_accum")
-    if b % (replicas * split):
-        fits = [n for n in range(replicas, 0, -1) if b % (n * split) == 0]
-        raise LaunchError(
-            f"data.batch_size ({b}) must be divisible by the job's {replicas} replicas ({shape}) x {what} ({split}): "
-            f"this config allows at most {max(fits)} replica(s) of that shape; ask for fewer tasks or set "
-            f"data.batch_size={replicas * split * max(1, b // (replicas * split))}")
+    return Resources(nodes, ntasks_per_node, gpus_per_node, seconds, warning_seconds, local_replicas)
 
 
 # ------------------------------------------------------------------------------------------ quoting
@@ -325,15 +318,17 @@ def rank_environment(environ: Mapping[str, str], rank: SlurmRank, *, backend: st
     config_json = None
     drop: tuple[str, ...] = ()
     # No Strata launcher reads a SLURM rank's output: the rank prefixes its own lines (trainer/output.py).
-    extra: dict[str, str] = {"STRATA_PREEMPTION": "1", OUTPUT_PREFIX_KEY: rank_prefix(me.rank)}
+    extra: dict[str, str] = {contract.ENV_PREEMPTION: "1", contract.ENV_OUTPUT_PREFIX: rank_prefix(me.rank)}
     if backend == "multi_worker":
         addresses = []
         for p in rank.placements:
             addresses.append(f"{p.host}:{worker_ports(rank.job_id, rank.restart, p.local_size)[p.local_rank]}")
         config_json = tf_config(addresses, me.rank)
-        drop = _LAUNCHER_SIZE_VARS
+        # MPI/PMI "you are one of N ranks" variables would make the trainer take this for an MPI launch and
+        # refuse a non-Horovod backend.
+        drop = contract.LAUNCHER_SIZE_VARS
     else:
-        if not (environ.get("PMIX_RANK") or environ.get("PMI_RANK")):
+        if not any(environ.get(key) for key in contract.PMI_RANK_VARS):
             raise LaunchError("the horovod backend under SLURM needs `srun --mpi=pmix` (Horovod's MPI controller "
                               "over SLURM's PMIx); add it to the srun line (see slurm/example.sbatch)")
         extra.update(HOROVOD_CONTROLLER="mpi", HOROVOD_CPU_OPERATIONS="mpi")
@@ -347,23 +342,17 @@ def rank_environment(environ: Mapping[str, str], rank: SlurmRank, *, backend: st
     overrides.update(extra)
     if gpus is not None:
         overrides["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    env = {k: v for k, v in environ.items() if k not in drop and k != "TF_CONFIG"}
+    env = {k: v for k, v in environ.items() if k not in drop and k != contract.ENV_TF_CONFIG}
     env.update(overrides)
     return env
-
-
-def trainer_command(python: str, config: str, overrides: list[str], *, backend: str) -> list[str]:
-    argv = [python, "-m", "trainer", "train", config]
-    for item in [*overrides, f"distribution.backend={backend}"]:
-        argv += ["--set", item]
-    return argv
 
 
 def describe_rank(rank: SlurmRank, env: Mapping[str, str]) -> str:
     """One line a rank prints before it starts training (in the job's log)."""
     me = rank.placement
-    wiring = json.loads(env["TF_CONFIG"])["cluster"]["worker"][me.rank] if "TF_CONFIG" in env else "MPI over PMIx"
+    config = env.get(contract.ENV_TF_CONFIG)
+    wiring = json.loads(config)["cluster"]["worker"][me.rank] if config else "MPI over PMIx"
     gpus = env.get("CUDA_VISIBLE_DEVICES")
     return (f"strata: slurm rank {me.rank}/{rank.world_size} on {me.host} (local {me.local_rank}/{me.local_size}), "
-            f"job {rank.job_id} start {rank.restart + 1}, {env['STRATA_BACKEND']} {wiring}"
+            f"job {rank.job_id} start {rank.restart + 1}, {env[contract.ENV_BACKEND]} {wiring}"
             + (f", GPUs {gpus}" if gpus is not None else ""))

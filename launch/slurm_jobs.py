@@ -1,11 +1,12 @@
 """SLURM jobs, the part that talks to SLURM: `strata slurm submit` and `strata slurm run-rank`.
 
-submit: validate the config (the trainer's own schema, in a child process), check the resources against
-it and against SLURM (`sinfo` for the partition, `sbatch --test-only` for the rest), then write the config
-snapshot and the batch script into RUN_DIR/slurm/ and `sbatch` it. Bad input stops before anything is
-written or submitted. --dry-run runs the same checks, names those it could not run (no SLURM here,
-controller down) and prints the script instead of writing it. The snapshot is what every start of the job trains, so editing the YAML while the
-job waits or after a requeue cannot change a run halfway.
+submit: validate the config and its parallel layout over the job's replicas (the trainer's own checks, in a
+child process), check the resources against it and against SLURM (`sinfo` for the partition,
+`sbatch --test-only` for the rest), then write the config snapshot and the batch script into RUN_DIR/slurm/
+and `sbatch` it. Bad input stops before anything is written or submitted. --dry-run runs the same checks,
+names those it could not run (no SLURM here, controller down) and prints the script instead of writing it.
+The snapshot is what every start of the job trains, so editing the YAML while the job waits or after a
+requeue cannot change a run halfway.
 
 run-rank: executed by srun once per rank; reads SLURM's variables, builds the rank's environment
 (launch/slurm.py) and execs `python -m trainer train` with it. No Strata launcher reads a SLURM job's
@@ -24,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from launch import slurm
-from launch.env import OUTPUT_PREFIX_KEY
+from launch import contract
 from launch.errors import LaunchError
 from launch.hostlist import expand_hostlist
 from launch.launcher import validate_config
@@ -129,18 +130,19 @@ def submit(*, config: str, overrides: list[str], backend: str | None, nodes: int
            gpus_per_node: int, time: str | None, partition: str | None, account: str | None,
            job_name: str | None, warning: int, template: str | None, dry_run: bool) -> int:
     """Check the job like SLURM would (a dry run too), then write RUN/slurm/ and sbatch it."""
-    first = validate_config(config, overrides)
+    first, _ = validate_config(config, overrides)
     chosen = backend or (first["distribution"]["backend"] if first["distribution"]["backend"] in slurm.BACKENDS
                          else "horovod")
-    resolved = validate_config(config, [*overrides, f"distribution.backend={chosen}"])
-    resources = slurm.check_resources(resolved, backend=chosen, nodes=nodes, ntasks_per_node=ntasks_per_node,
+    resources = slurm.check_resources(first, backend=chosen, nodes=nodes, ntasks_per_node=ntasks_per_node,
                                       gpus_per_node=gpus_per_node, time=time, warning_seconds=warning)
-    run_dir = Path(resolved["run_dir"] or Path("runs") / resolved["name"]).absolute()
+    resolved, _ = validate_config(config, [*overrides, f"distribution.backend={chosen}"],
+                                  replicas=[resources.replicas], replicas_as=resources.replicas_as)
+    run_dir = contract.run_dir_of(resolved["name"], resolved["run_dir"]).absolute()
     resolved["run_dir"] = str(run_dir)
     job_dir = run_dir / "slurm"
     job = slurm.JobScript(
         job_name=job_name or f"strata-{resolved['name']}", resources=resources, backend=chosen,
-        python=sys.executable, config=str(job_dir / "config.yaml"), workdir=str(Path.cwd()),
+        python=sys.executable, config=str(job_dir / contract.RUN_CONFIG_FILE), workdir=str(Path.cwd()),
         log_dir=str(job_dir), partition=partition, account=account)
     script = slurm.render_script(job, template=Path(template) if template else None)
     skipped = {"partition": check_partition(partition), "test-only": test_only(script, dry_run=dry_run)}
@@ -187,8 +189,8 @@ def run_rank(*, config: str, overrides: list[str], backend: str, gpus_per_node: 
     environ = dict(os.environ)
     rank = slurm.read_rank(environ, node_list(environ))
     env = slurm.rank_environment(environ, rank, backend=backend, gpus_per_node=gpus_per_node)
-    print(env[OUTPUT_PREFIX_KEY] + slurm.describe_rank(rank, env), flush=True)
-    argv = slurm.trainer_command(sys.executable, config, overrides, backend=backend)
+    print(env[contract.ENV_OUTPUT_PREFIX] + slurm.describe_rank(rank, env), flush=True)
+    argv = contract.train_command(sys.executable, config, overrides, backend=backend)
     # Until the trainer installs its handler (after Python starts), an early preemption warning is ignored
     # rather than fatal (SIGUSR1's default action kills); SIGTERM keeps its default. Ignored survives exec.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

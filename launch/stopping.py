@@ -1,9 +1,9 @@
 """Stopping a launched job on Ctrl-C or SIGTERM without losing work, and saying what happened.
 
 The ranks do the stopping (trainer/preemption.py, which this package must not import): a signal to any
-one of them makes every rank stop after the same step, the chief saves that step and prints
-`strata: stopped at step N by ... (checkpoint saved)` before the ranks' last all-reduce, and the ranks exit
-130 (Ctrl-C) or 75 (SIGTERM, SIGUSR1). So on a signal the launcher only passes it on to the ranks on this
+one of them makes every rank stop after the same step, the chief saves that step and prints the stop line
+(launch/contract.py `stop_line`) before the ranks' last all-reduce, and the ranks exit 130 (Ctrl-C) or 75
+(SIGTERM, SIGUSR1). So on a signal the launcher only passes it on to the ranks on this
 machine and waits: up to --grace seconds, which must cover reaching the next step and writing a checkpoint.
 It does not signal horovodrun, which would SIGKILL its ranks 5 s later (GRACEFUL_TERMINATION_TIME_S, fixed
 in Horovod). A second Ctrl-C kills the ranks at once; so does the end of the grace period. Either way the
@@ -12,41 +12,26 @@ launcher says which steps will be redone, from the run directory's committed che
 from __future__ import annotations
 
 import os
-import re
 import signal
 from pathlib import Path
 
-STOPPED_EXIT_CODES = (75, 130)  # a rank that stopped at the agreed, checkpointed step (not a failure)
+from launch import contract
+
 DEFAULT_GRACE_S = 60.0  # --grace: reach the next step, save a checkpoint, exit
 FAILURE_GRACE_S = 5.0  # ranks of a failed or hung job cannot checkpoint (a peer is missing): no use waiting
-# The chief's line once the stop step is saved (trainer.preemption.stop_line); the contract between the two.
-_STOP_LINE = re.compile(r"strata: stopped at step (\d+) by (.+?) \(checkpoint saved\)")
-_MANIFEST = re.compile(r"^ckpt-(\d+)\.manifest\.json$")  # trainer/checkpoint_manifest.py: a committed save
-_TRAINER_ARGV = ["-m", "trainer", "train"]
-
-
-def exit_code_for(signum: int) -> int:
-    """The job's exit code after a stop for `signum`: 130 for Ctrl-C, 75 (checkpoint saved, run again) else."""
-    return 130 if signum == signal.SIGINT else 75
 
 
 def signal_label(signum: int) -> str:
     return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
-def parse_stop_line(line: str) -> tuple[int, str] | None:
-    """(step, what stopped it) from the chief's stop line anywhere in `line` (any rank prefix), else None."""
-    match = _STOP_LINE.search(line)
-    return (int(match.group(1)), match.group(2)) if match else None
-
-
 def committed_step(run_dir: Path | None) -> int | None:
     """The newest committed checkpoint's step in RUN_DIR/checkpoints, or None (none, or no run directory)."""
     try:
-        names = os.listdir(Path(run_dir) / "checkpoints") if run_dir is not None else []
+        names = os.listdir(Path(run_dir) / contract.CHECKPOINT_DIR) if run_dir is not None else []
     except OSError:
         names = []
-    steps = [int(m.group(1)) for m in map(_MANIFEST.match, names) if m]
+    steps = [step for step in map(contract.manifest_step, names) if step is not None]
     return max(steps) if steps else None
 
 
@@ -76,8 +61,7 @@ def trainer_descendants(table: dict[int, tuple[int, list[str]]], root: int) -> l
     found, todo = [], list(children.get(root, []))
     while todo:
         pid = todo.pop()
-        argv = table[pid][1]
-        if any(argv[i:i + 3] == _TRAINER_ARGV for i in range(len(argv))):
+        if contract.is_train_command(table[pid][1]):
             found.append(pid)
         todo += children.get(pid, [])
     return sorted(found)

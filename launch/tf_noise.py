@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 
+from launch.contract import ENV_TF_LOGS
+
 _ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 _ABSL_LINE = re.compile(r"([IWEF])\d{4} \d+:\d+:\d+(?:\.\d+)?\s+\d+\s+[^\s\]]+:\d+\] ?(.*)", re.DOTALL)
 BENIGN_ERRORS = (
@@ -24,7 +26,7 @@ _CONTINUATIONS = ("To enable the following instructions:",)  # the second line o
 
 def shown(environ=os.environ) -> bool:
     """Whether the user asked to see TensorFlow's log lines (STRATA_TF_LOGS=1)."""
-    return environ.get("STRATA_TF_LOGS", "") not in ("", "0")
+    return environ.get(ENV_TF_LOGS, "") not in ("", "0")
 
 
 def is_tf_noise(line: str) -> bool:

@@ -1,14 +1,13 @@
 """The launcher's hang watchdog: reads every rank's heartbeat and stops the job when one stops progressing.
 
-Ranks write `DIR/rank-N.json` (atomically replaced; the format is documented in trainer/heartbeat.py, which
-this package must not import): rank, host, pid, step, phase, since (wall time the phase began), written,
-allowed_s (how long the phase may last; 0 = unlimited). A rank is hung when it has been in one phase longer
+Ranks write `DIR/rank-N.json` (atomically replaced; the format is launch/contract.py's HEARTBEAT_FIELDS):
+rank, host, pid, step, phase, since (wall time the phase began), written, allowed_s (how long the phase may
+last; 0 = unlimited). A rank is hung when it has been in one phase longer
 than its allowed_s, or when it started more than `startup_s` ago and has written no heartbeat at all.
 When that happens the watchdog prints every rank's last phase side by side and calls `on_hang` once.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -19,11 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-WATCHDOG_EXIT_CODE = 124  # as timeout(1); also trainer.heartbeat.WATCHDOG_EXIT_CODE
+from launch import contract
+from launch.contract import WATCHDOG_EXIT_CODE
+
 CHECK_EVERY_S = 1.0
-# The order a rank passes through the phases after completing step s; with the step, it tells which rank is
-# furthest behind when all of them have stopped (the one the others wait for in a collective).
-_CYCLE = ("startup", "between steps", "checkpoint", "preemption agreement", "eval", "step", "finishing", "exited")
+_CYCLE = list(contract.PHASES)  # the order a rank passes through its phases after each step
 
 
 def _progress(beat: dict) -> tuple[int, int]:
@@ -33,14 +32,8 @@ def _progress(beat: dict) -> tuple[int, int]:
 
 def read_beats(directory: Path) -> dict[int, dict]:
     """rank -> its latest heartbeat; unreadable or foreign files are skipped (a beat is replaced atomically)."""
-    beats: dict[int, dict] = {}
-    for path in Path(directory).glob("rank-*.json"):
-        try:
-            beat = json.loads(path.read_text())
-            beats[int(beat["rank"])] = beat
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return beats
+    beats = (contract.read_heartbeat(path) for path in Path(directory).glob(contract.HEARTBEAT_GLOB))
+    return {int(beat["rank"]): beat for beat in beats if beat is not None}
 
 
 def hung_ranks(beats: dict[int, dict], *, world_size: int, now: float, started: float, startup_s: float,
@@ -150,8 +143,8 @@ def heartbeat_dir_for(run_dir: Path, *, all_local: bool) -> Path:
     share with the launcher as they share checkpoints; stale beats of an earlier launch are removed."""
     if all_local:
         return Path(tempfile.mkdtemp(prefix="strata-heartbeat-"))
-    directory = Path(run_dir).absolute() / "heartbeat"
-    for stale in directory.glob("rank-*.json"):
+    directory = Path(run_dir).absolute() / contract.HEARTBEAT_DIR
+    for stale in directory.glob(contract.HEARTBEAT_GLOB):
         stale.unlink(missing_ok=True)
     return directory
 
@@ -168,7 +161,8 @@ def supervision_env(heartbeat_dir: Path | None, environ=os.environ) -> dict[str,
     environment turns it off): a SIGTERM to any one rank then stops all of them at the same, checkpointed
     step instead of killing one and leaving the rest in a collective (pure)."""
     # STRATA_SUPERVISED: the launcher says what a forwarded Ctrl-C / SIGTERM does, so the ranks need not.
-    env = {"STRATA_PREEMPTION": environ.get("STRATA_PREEMPTION", "1"), "STRATA_SUPERVISED": "1"}
+    env = {contract.ENV_PREEMPTION: environ.get(contract.ENV_PREEMPTION, "1"), contract.ENV_SUPERVISED: "1"}
     if heartbeat_dir is not None:
-        env.update(STRATA_HEARTBEAT_DIR=str(heartbeat_dir), STRATA_WATCHDOG="launcher")
+        env[contract.ENV_HEARTBEAT_DIR] = str(heartbeat_dir)
+        env[contract.ENV_WATCHDOG] = contract.WATCHDOG_IN_LAUNCHER
     return env

@@ -26,12 +26,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-PREFIX = "ckpt"
-MANIFEST_SUFFIX = ".manifest.json"
+# Names launch/stopping.py reads too, so they live in the launcher-to-worker contract.
+from launch.contract import CHECKPOINT_PREFIX as PREFIX, MANIFEST_SUFFIX, manifest_step
 INDEX_FILE = "checkpoint"  # TensorFlow's CheckpointState file naming the latest checkpoint
 FORMAT = 1
 _NAME = re.compile(rf"^{PREFIX}-(\d+)$")
-_MANIFEST = re.compile(rf"^{PREFIX}-(\d+){re.escape(MANIFEST_SUFFIX)}$")
 _TEMP_MARKERS = (".tempstate", ".tmp")  # TensorFlow's and ours: files of a save that never finished
 _CHUNK = 1 << 20
 
@@ -121,8 +120,8 @@ def committed_steps(directory: Path) -> list[int]:
     """Steps that have a manifest file, newest first (whether the files still verify is `verify`'s job)."""
     if not directory.is_dir():
         return []
-    steps = (_MANIFEST.match(p.name) for p in directory.iterdir())
-    return sorted((int(m.group(1)) for m in steps if m), reverse=True)
+    steps = (manifest_step(p.name) for p in directory.iterdir())
+    return sorted((step for step in steps if step is not None), reverse=True)
 
 
 def indexed_steps(directory: Path) -> list[int]:

@@ -13,7 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.errors import UserError
+from launch.contract import INTERRUPTED_EXIT_CODE
+from trainer.errors import ConfigError, UserError
+from trainer.tasks import TASKS
+
+INFERENCE_COMMANDS = {task.command: task.command_help for task in TASKS.values()}  # classify, summarize
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a config (and that its run directory can resume with it); "
                                         "print it resolved, as JSON")
     with_overrides(v)
+    v.add_argument("--replicas", default=None, metavar="N[,N...]",
+                   help="also check the parallel layout for each number of data-parallel replicas; print "
+                        '{"config": ..., "layouts": [...]}')
+    v.add_argument("--replicas-as", default=None, metavar="TEXT",
+                   help="how the user asked for the replicas, for the messages; {n} is the count (e.g. '-np ({n})')")
     pl = sub.add_parser("plan", help="print ranks, devices, stages, levels, memory and schedule")
     with_overrides(pl)
     pl.add_argument("--ranks", default="localhost:0", help="host:local_rank of every rank, comma-separated")
@@ -45,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics of a trained run on a split")
     e.add_argument("run_dir")
     e.add_argument("--split", choices=["val", "test"], default="test")
-    for name, what in (("classify", "texts to classify"), ("summarize", "documents to summarize")):
+    for name, what in INFERENCE_COMMANDS.items():
         c = sub.add_parser(name, help=f"run a trained model on {what}")
         c.add_argument("run_dir")
         c.add_argument("texts", nargs="+")
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(stop.message, file=sys.stderr)
             return stop.exit_code
         print("strata: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -84,12 +93,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     if args.command == "validate":
-        from trainer.resume import check_run_dir
-
-        cfg = load_config(args.config, args.overrides)
-        check_run_dir(cfg)  # and against its run directory: `strata launch` refuses a bad resume before any rank
-        print(json.dumps(cfg.model_dump(mode="json")))
-        return 0
+        return _validate(args)
     if args.command == "plan":
         from trainer.plan import parse_ranks, run_plan
 
@@ -107,36 +111,49 @@ def _dispatch(args: argparse.Namespace) -> int:
         from trainer.data.splits import check_split
 
         check_split(cfg.data, args.split, args.run_dir)  # before TensorFlow: never score val as "test"
-    if args.command in ("classify", "summarize"):
-        wanted = "classification" if args.command == "classify" else "summarization"
-        if cfg.task != wanted:
-            other = "summarize" if args.command == "classify" else "classify"
-            raise UserError(f"{args.run_dir} holds a {cfg.task} model; use `strata {other}`")
+    if args.command in INFERENCE_COMMANDS and args.command != cfg.task.command:
+        raise UserError(f"{args.run_dir} holds a {cfg.task} model; use `strata {cfg.task.command}`")
     exp, _ = _restore(cfg)
     if args.command == "evaluate":
         from trainer.loop import evaluate
         from trainer.strategy.single import SingleDevice
 
         metrics = evaluate(exp, SingleDevice(), split=args.split)
-        names = {"classes": list(exp.labels.names)} if cfg.task == "classification" and exp.labels.names else {}
+        names = {"classes": list(exp.labels.names)} if exp.labels.names else {}
         print(json.dumps({"split": args.split, "step": exp.checkpointer.latest_step, **names, **metrics}))
-    elif args.command == "classify":
-        _classify(exp, args.texts)
-    elif args.command == "summarize":  # JSON lines like classify: one per input, with the input
-        from trainer.loop import decode_summaries
-
-        for text, summary in zip(args.texts, decode_summaries(exp, exp.vocab.encode_batch(args.texts, cfg.data.max_len))):
-            print(json.dumps({"summary": summary, "text": text}))
+    elif args.command in INFERENCE_COMMANDS:  # JSON lines: one per input, with the input
+        for answer in exp.task.answer(exp, args.texts):
+            print(json.dumps(answer))
     elif args.command == "export":
         from trainer.export import export_saved_model
 
         out = export_saved_model(exp, Path(args.out) if args.out else exp.run_dir / "export")
-        if cfg.task == "classification":
-            outputs = "label, probability" if exp.labels.num_classes == 2 else "label, probabilities"
-            outputs += ", label_name" if exp.labels.names else ""
-        else:
-            outputs = "summary"
+        outputs = exp.task.serving_outputs(exp.labels)
         print(f"exported SavedModel to {out} (signature serving_default: text -> {outputs})")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """The config, checked against its run directory (`strata launch` refuses a bad resume before any rank
+    starts) and, with --replicas, laid out for each replica count; printed as JSON (launch/contract.py)."""
+    from trainer.config import load_config
+    from trainer.parallel.layout import LayoutError, layout_for
+    from trainer.resume import check_run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    check_run_dir(cfg)
+    resolved = cfg.model_dump(mode="json")
+    if args.replicas is None:
+        print(json.dumps(resolved))
+        return 0
+    counts = args.replicas.split(",")
+    if not all(c.isdigit() and int(c) > 0 for c in counts):
+        raise UserError(f"--replicas {args.replicas!r}: expected positive whole numbers, e.g. --replicas 1,2")
+    try:
+        layouts = [layout_for(cfg, int(n), args.replicas_as).to_json() for n in counts]
+    except LayoutError as err:
+        raise ConfigError(str(err)) from None
+    print(json.dumps({"config": resolved, "layouts": layouts}))
     return 0
 
 
@@ -151,27 +168,6 @@ def _restore(cfg):
     if step == 0:
         raise UserError(f"{exp.run_dir}: no checkpoint yet; train first with `strata train`")
     return exp, step
-
-
-def _classify(exp, texts: list[str]) -> None:
-    """One JSON line per text: the label (a class id), its name if the data named classes, the
-    probability of class 1 (two classes) or of every class (K > 2), and the text."""
-    import tensorflow as tf
-
-    tokens = tf.constant(exp.vocab.encode_batch(texts, exp.cfg.data.max_len))
-    outputs = exp.model({"tokens": tokens}, training=False)
-    for i, text in enumerate(texts):
-        if "probabilities" in outputs:
-            probabilities = outputs["probabilities"][i].numpy()
-            label = int(probabilities.argmax())
-            answer = {"label": label, "probabilities": [round(float(p), 4) for p in probabilities]}
-        else:
-            p = float(outputs["probability"][i])
-            label = int(p >= 0.5)
-            answer = {"label": label, "probability": round(p, 4)}
-        if exp.labels.names:
-            answer = {"label": label, "label_name": exp.labels.name(label), **answer}
-        print(json.dumps({**answer, "text": text}))
 
 
 def _print_data_facts(cfg, splits) -> None:
@@ -196,11 +192,11 @@ def _before_tensorflow(cfg) -> bool:
     # From now on Ctrl-C, SIGTERM and SIGUSR1 stop the run at a checkpointed step.
     preemption.install(multi_process=multi_process, rank=rank,
                        checkpoints=cfg.resolved_run_dir() / resume.CHECKPOINT_DIR)
-    plan = resume.check_run_dir(cfg)
+    decision = resume.check_run_dir(cfg)
     if rank == 0:
-        for note in plan.notes:
+        for note in decision.notes:
             print(note, flush=True)
-    return plan.nothing_to_do
+    return decision.nothing_to_do
 
 
 def _train(cfg, *, stop_after: int | None) -> int:
@@ -228,7 +224,7 @@ def _train(cfg, *, stop_after: int | None) -> int:
         _print_data_facts(cfg, splits)
     exp = prepare(cfg, strategy, training=True, splits=splits)
     if getattr(strategy, "elastic", False):  # started by `strata launch --elastic` (HOROVOD_ELASTIC=1)
-        from trainer.elastic import train_elastic
+        from trainer.elastic_loop import train_elastic
 
         state = train_elastic(exp, strategy, stop_after=stop_after)
     else:

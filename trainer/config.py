@@ -17,7 +17,10 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from launch.contract import RUN_CONFIG_FILE, run_dir_of
+from trainer import tasks
 from trainer.errors import ConfigError
+from trainer.parallel.layout import config_layout
 
 
 class SafeYaml12Loader(yaml.SafeLoader):
@@ -107,9 +110,9 @@ class TransformerModel(_Strict):
         return self
 
 
-ModelConfig = Annotated[
-    Union[ClassifierModel, SummarizerModel, TransformerModel], Field(discriminator="kind")
-]
+# One section per model kind (trainer/tasks/ WORKLOADS registers what each learns and builds).
+MODEL_SECTIONS = (ClassifierModel, SummarizerModel, TransformerModel)
+ModelConfig = Annotated[Union[MODEL_SECTIONS], Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -204,7 +207,7 @@ class TrainConfig(_Strict):
     # the run with one line naming the step and the variable (trainer/nonfinite.py).
     max_bad_steps: PositiveInt = 10
     # Elastic Horovod (`strata launch --elastic`): commit the training state to host memory every this many
-    # steps; a lost worker costs the survivors at most this many steps, redone (trainer/elastic.py).
+    # steps; a lost worker costs the survivors at most this many steps, redone (trainer/elastic_loop.py).
     elastic_commit_every: PositiveInt = 10
     early_stopping: EarlyStopping | None = None
     # Hang watchdog (trainer/heartbeat.py): a rank that stays in one phase longer than this is hung and the
@@ -291,13 +294,6 @@ class DistributionConfig(_Strict):
     pipeline: PipelineConfig | None = None  # absent: no pipeline (one stage, the whole model per replica)
 
 
-# Validation metrics each task reports (early stopping may watch any of them).
-METRICS = {
-    "classification": ("loss", "accuracy", "precision", "recall", "f1"),
-    "summarization": ("loss", "token_accuracy", "rouge1", "rouge2", "rougeL"),
-}
-
-
 def effective_warmup(warmup_steps: int, total_steps: int) -> tuple[int, str | None]:
     """Warm-up steps to use, and a note when `warmup_steps` had to be capped.
 
@@ -328,95 +324,28 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "ExperimentConfig":
-        b, accum = self.data.batch_size, self.train.grad_accum
-        if b % accum:
-            raise ValueError(
-                f"train.grad_accum ({accum}) must divide data.batch_size ({b}); try grad_accum "
-                f"{max(d for d in range(1, accum + 1) if b % d == 0)}"
-            )
-        devices = self.distribution.devices
-        if devices and self.distribution.backend == "mirrored" and b % (devices * accum):
-            raise ValueError(
-                f"data.batch_size ({b}) must be divisible by distribution.devices ({devices}) x "
-                f"train.grad_accum ({accum}) so every replica gets whole micro-batches"
-            )
-        if self.distribution.pipeline is not None:
-            self._check_pipeline()
-        if self.model.kind == "classifier" and self.data.source == "tfds":
+        config_layout(self)  # how the batch and the model split (trainer/parallel/layout.py: every rule there)
+        if self.data.source == "tfds" and not self.task.reads_tfds:
             raise ValueError("data.source tfds is supported for the summarizers only")
         es = self.train.early_stopping
         if es:
-            known = METRICS[self.task]
+            known = self.task.metrics
             if es.metric.removeprefix("val_") not in known:
                 raise ValueError(f"train.early_stopping.metric {es.metric!r} is not computed for {self.task}; "
                                  f"choose one of {', '.join('val_' + m for m in known)}")
         return self
-
-    def _check_pipeline(self) -> None:
-        """What can be checked without knowing the number of replicas (the launcher checks the rest)."""
-        pipe, dist = self.distribution.pipeline, self.distribution
-        assert pipe is not None
-        levels = self.model.level_names()
-        if pipe.stages > len(levels):
-            raise ValueError(
-                f"distribution.pipeline.stages ({pipe.stages}) exceeds the {len(levels)} levels of the "
-                f"{self.model.kind} ({', '.join(levels)}); use at most {len(levels)} stages"
-            )
-        if pipe.partition != "auto":
-            if len(pipe.partition) != pipe.stages:
-                raise ValueError(
-                    f"distribution.pipeline.partition lists {len(pipe.partition)} stages but stages is "
-                    f"{pipe.stages}; give one level list per stage"
-                )
-            from trainer.strategy.pipeline_plan import explicit_partition  # pure, no TensorFlow
-
-            try:
-                explicit_partition(levels, pipe.partition)
-            except ValueError as err:
-                raise ValueError(f"distribution.pipeline.partition: {err}") from None
-        if pipe.devices is not None and len(pipe.devices) != pipe.stages:
-            raise ValueError(
-                f"distribution.pipeline.devices lists {len(pipe.devices)} devices for {pipe.stages} stages; "
-                "give one device per stage"
-            )
-        if self.data.batch_size % pipe.micro_batches:
-            raise ValueError(
-                f"distribution.pipeline.micro_batches ({pipe.micro_batches}) must divide data.batch_size "
-                f"({self.data.batch_size}); try micro_batches="
-                f"{max(d for d in range(1, pipe.micro_batches + 1) if self.data.batch_size % d == 0)}"
-            )
-        if dist.backend == "mirrored":
-            raise ValueError(
-                "distribution.pipeline does not combine with backend mirrored (both want this process's devices); "
-                "use backend single, horovod or multi_worker"
-            )
-        if self.train.grad_accum > 1:
-            raise ValueError(
-                "train.grad_accum must be 1 with distribution.pipeline: micro-batches already accumulate "
-                "gradients; raise distribution.pipeline.micro_batches instead"
-            )
-        if pipe.recompute and getattr(self.model, "dropout", 0.0) > 0:
-            raise ValueError(
-                f"distribution.pipeline.recompute needs a deterministic forward but model.dropout is "
-                f"{self.model.dropout}; set model.dropout=0.0 or recompute=false"
-            )
-        if self.train.mixed_precision == "float16":
-            raise ValueError(
-                "train.mixed_precision float16 (loss scaling) is not supported with distribution.pipeline; "
-                "use bfloat16"
-            )
 
     def warmup(self) -> tuple[int, str | None]:
         """(warm-up steps the schedule uses, a note to print when that differs from optimizer.warmup_steps)."""
         return effective_warmup(self.optimizer.warmup_steps, self.train.steps)
 
     @property
-    def task(self) -> str:
-        """'classification' or 'summarization'."""
-        return "classification" if self.model.kind == "classifier" else "summarization"
+    def task(self) -> tasks.Task:
+        """What the model kind learns (trainer/tasks/): its data fields, loss, metrics, inference, export."""
+        return tasks.task_for(self.model.kind)
 
     def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+        return run_dir_of(self.name, self.run_dir)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -477,7 +406,7 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-_MODEL_KINDS = {"classifier": ClassifierModel, "summarizer": SummarizerModel, "transformer": TransformerModel}
+_MODEL_KINDS = {section.model_fields["kind"].default: section for section in MODEL_SECTIONS}
 
 
 def _section_fields(loc: tuple) -> list[str]:
@@ -517,7 +446,7 @@ def _format_error(source: str, err: ValidationError) -> str:
     """One line: the first problem, its dotted path, what was given and the fix."""
     e = err.errors()[0]
     # Drop the discriminator tag pydantic inserts into union paths (model.classifier.x -> model.x).
-    loc = [str(p) for p in e["loc"] if p not in ("classifier", "summarizer", "transformer")]
+    loc = [str(p) for p in e["loc"] if p not in _MODEL_KINDS]
     path = ".".join(loc) or "(top level)"
     msg = e["msg"].removeprefix("Value error, ")
     kind = e["type"]
@@ -528,15 +457,12 @@ def _format_error(source: str, err: ValidationError) -> str:
     elif kind == "missing":
         msg = "required but missing"
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
-        path, msg = f"{path}.kind", "must be one of: classifier, summarizer, transformer"
+        path, msg = f"{path}.kind", f"must be one of: {', '.join(_MODEL_KINDS)}"
     given = e.get("input")
     shown = "" if kind in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
     if (not loc and kind not in ("missing",)) or msg.startswith(f"{path}."):  # the message names its own field
         return f"{source}: {msg}"
     return f"{source}: {path}: {msg}{shown}"
-
-
-RUN_CONFIG_FILE = "config.yaml"  # the resolved config `strata train` saves in every run directory
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import os
 
-_LOCAL_RANK_VARS = ("STRATA_LOCAL_RANK", "HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")
+from launch.contract import ENV_PIN_CPU, LAUNCHER_LOCAL_RANK_VARS, env_int
 
 
 def pin_from_env() -> int | None:
     """Pin to one core if STRATA_PIN_CPU=1; return that core, or None when pinning is off."""
-    if os.environ.get("STRATA_PIN_CPU") != "1":
+    if os.environ.get(ENV_PIN_CPU) != "1":
         return None
-    local_rank = next((int(os.environ[k]) for k in _LOCAL_RANK_VARS if os.environ.get(k, "").isdigit()), 0)
+    local_rank = env_int(os.environ, LAUNCHER_LOCAL_RANK_VARS, 0)
     allowed = sorted(os.sched_getaffinity(0))
     core = allowed[local_rank % len(allowed)]
     os.sched_setaffinity(0, {core})

@@ -5,31 +5,34 @@ an incompatible existing run directory) happens before the run directory is crea
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 import yaml
 
+from launch.contract import CHECKPOINT_DIR, RUN_CONFIG_FILE
 from trainer.checkpoint import Checkpointer, random_state
-from trainer.config import ExperimentConfig, load_run_config  # noqa: F401  (re-exported)
+from trainer.config import ExperimentConfig
 from trainer.data.splits import BINARY, LabelSet, Splits, encode_splits, load_splits, training_texts
 from trainer.data.tokenizer import Vocabulary
 from trainer.errors import ConfigError, StorageError
-from trainer.models import LevelModel, build_model
-from trainer.optim import build_optimizer
-from trainer.resume import CONFIG_FILE, FROZEN_ON_RESUME, check_frozen  # noqa: F401  (re-exported)
+from trainer.models import LevelModel
+from trainer.parallel.layout import Layout
+from trainer.resume import check_frozen
+from trainer.strategy import replica_layout
 from trainer.strategy.base import Strategy
+from trainer.strategy.engine import GradientEngine
+from trainer.strategy.replica import build_replica
+from trainer.tasks import Task, build_model
 
 VOCAB_FILE = "vocab.json"
-LABELS_FILE = "labels.json"  # classification: number of classes and their names (absent in older runs: binary)
+LABELS_FILE = "labels.json"  # a labelled task's number of classes and their names (absent in older runs: binary)
 
 
 @dataclass
@@ -42,9 +45,13 @@ class Experiment:
     model: LevelModel
     optimizer: keras.optimizers.Optimizer
     checkpointer: Checkpointer
-    # Training with distribution.pipeline: runs each replica's forward/backward over the stages.
-    pipeline: Any = None  # trainer.strategy.pipeline.PipelineEngine (imported only when used)
-    labels: LabelSet = BINARY  # classification: the classes the model was built for
+    layout: Layout  # how the batch and the model split over replicas, stages and micro-steps
+    engine: GradientEngine  # one replica's loss and gradients (accumulating, or pipelined over stages)
+    labels: LabelSet = BINARY  # a labelled task's classes, which the model was built for
+
+    @property
+    def task(self) -> Task:
+        return self.cfg.task
 
 
 def configure_runtime(cfg: ExperimentConfig) -> None:
@@ -59,7 +66,7 @@ def configure_runtime(cfg: ExperimentConfig) -> None:
 def check_resume_compatible(cfg: ExperimentConfig, run_dir: Path) -> None:
     """Refuse to resume a run directory that was trained with a different model, data or seed (also checked
     before TensorFlow loads, by trainer/resume.py; kept here for callers of `prepare` that skip that)."""
-    saved_file = run_dir / CONFIG_FILE
+    saved_file = run_dir / RUN_CONFIG_FILE
     if saved_file.is_file():
         check_frozen(yaml.safe_load(saved_file.read_text(encoding="utf-8")), cfg.model_dump(mode="json"), run_dir)
 
@@ -96,7 +103,7 @@ def check_free_space(run_dir: Path, *, per_checkpoint: int, keep: int) -> None:
     A save writes the new checkpoint before deleting the oldest, so keep + 1 must fit; space the run's
     existing checkpoints already take is counted as available (resuming replaces them).
     """
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run_dir / CHECKPOINT_DIR
     used = sum(f.stat().st_size for f in checkpoints.iterdir() if f.is_file()) if checkpoints.is_dir() else 0
     needed = (keep + 1) * (per_checkpoint + per_checkpoint // 20 + (64 << 10)) - used  # 5% + 64 KiB margin
     existing = _nearest_existing(run_dir)
@@ -116,7 +123,7 @@ def run_labels(cfg: ExperimentConfig, run_dir: Path, splits: Splits) -> LabelSet
     since its outputs would be read against the wrong classes."""
     derived = splits.labels or BINARY
     path = run_dir / LABELS_FILE
-    if cfg.task != "classification" or not path.is_file():
+    if not cfg.task.labelled or not path.is_file():
         return derived
     try:
         saved = LabelSet.from_json(json.loads(path.read_text(encoding="utf-8")))
@@ -135,7 +142,7 @@ def write_run_files(cfg: ExperimentConfig, run_dir: Path, vocab: Vocabulary, lab
     disk is a one-line error."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        (run_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
         if not (run_dir / VOCAB_FILE).is_file():
             vocab.save(run_dir / VOCAB_FILE)
         if labels is not None and not (run_dir / LABELS_FILE).is_file():
@@ -146,62 +153,46 @@ def write_run_files(cfg: ExperimentConfig, run_dir: Path, vocab: Vocabulary, lab
 
 
 def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits: Splits | None = None) -> Experiment:
-    """Build everything a run needs; create the run directory only once every input check passed."""
+    """Build everything a run needs; create the run directory only once every input check passed.
+
+    Training lays the model out over the strategy's replicas as the config says (a pipeline included);
+    evaluation and serving (`training=False`) run the whole model on one device."""
     run_dir = cfg.resolved_run_dir()
+    layout = replica_layout(cfg, strategy.num_replicas, training=training)
     if training:
         check_resume_compatible(cfg, run_dir)
         ensure_writable(run_dir)
     splits = splits or load_splits(cfg.data, cfg.task)
-    vocab_path = run_dir / VOCAB_FILE
-    if vocab_path.is_file():
-        vocab = Vocabulary.load(vocab_path)
-    elif training:
-        vocab = Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
-    else:
-        raise ConfigError(f"{run_dir}: no {VOCAB_FILE}; was this run trained to completion of its first step?")
+    vocab = _vocabulary(cfg, run_dir, splits, training=training)
     arrays = encode_splits(splits, vocab, cfg.data, cfg.task)
     if training and len(arrays["train"][next(iter(arrays["train"]))]) < cfg.data.batch_size:
         n = len(splits.train)
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) exceeds the {n} training examples; lower it")
-
     labels = run_labels(cfg, run_dir, splits)
 
     def new_model() -> LevelModel:
         return build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len,
                            summary_len=cfg.data.summary_len, num_classes=labels.num_classes)
 
-    pipeline = None
-    pipelined = training and cfg.distribution.pipeline is not None
-    # A pipelined model's variables must stay on their stages' devices, so they are created outside
-    # the distribution strategy's scope (which would mirror them onto its own device); under multi_worker the
-    # gradients are then summed by strategy/multi_worker_pipeline.py.
-    with contextlib.nullcontext() if pipelined else strategy.scope():
-        if pipelined:
-            from trainer.strategy.pipeline_setup import build_pipeline
-
-            model, pipeline = build_pipeline(cfg, strategy, new_model, arrays["train"])
-        else:
-            model = new_model()
-            model(example_inputs(arrays["train"], cfg.task))  # create the variables
-        optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.train.steps,
-                                    num_replicas=strategy.num_replicas, mixed_precision=cfg.train.mixed_precision)
-        optimizer.build(model.trainable_variables)
+    replica = build_replica(cfg, layout, strategy, new_model, arrays["train"])
+    model, optimizer = replica.model, replica.optimizer
     rng = random_state(model)
     if training and strategy.is_chief:  # the run directory appears only now that every check has passed
         if cfg.checkpoint.check_free_space:
             per_checkpoint = checkpoint_bytes([*model.variables, *optimizer.variables, *rng.states])
             check_free_space(run_dir, per_checkpoint=per_checkpoint, keep=cfg.checkpoint.keep)
-        write_run_files(cfg, run_dir, vocab, labels if cfg.task == "classification" else None)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+        write_run_files(cfg, run_dir, vocab, labels if cfg.task.labelled else None)
+    checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
                                 write=training and strategy.is_chief, model=model, optimizer=optimizer, rng=rng)
-    return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer, pipeline, labels)
+    return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer, layout, replica.engine,
+                      labels)
 
 
-def model_inputs(task: str, batch: dict) -> dict:
-    """The features the model reads (labels and targets stay out)."""
-    keys = ("tokens",) if task == "classification" else ("document", "summary_in")
-    return {k: batch[k] for k in keys}
-
-
-def example_inputs(arrays: dict[str, np.ndarray], task: str) -> dict:
-    return {k: tf.constant(v[:2]) for k, v in model_inputs(task, arrays).items()}
+def _vocabulary(cfg: ExperimentConfig, run_dir: Path, splits: Splits, *, training: bool) -> Vocabulary:
+    """The run's saved vocabulary, else (training) one built from the training texts."""
+    vocab_path = run_dir / VOCAB_FILE
+    if vocab_path.is_file():
+        return Vocabulary.load(vocab_path)
+    if training:
+        return Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
+    raise ConfigError(f"{run_dir}: no {VOCAB_FILE}; was this run trained to completion of its first step?")

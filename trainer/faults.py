@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 
+from launch.contract import ENV_FAULT
 from trainer.hooks import Hook, LoopState
 
 IN_STEP = ("inf", "nan_loss")  # act inside the compiled step (StepFault)
@@ -116,7 +117,7 @@ _step_fault: dict[int, StepFault] = {}
 
 def step_fault(rank: int) -> StepFault | None:
     """The process's in-step fault (one object, shared by the compiled step and the hooks), or None."""
-    faults = parse_faults(os.environ.get("STRATA_FAULT", ""))
+    faults = parse_faults(os.environ.get(ENV_FAULT, ""))
     if not any(kind in IN_STEP for *_, kind in faults):
         return None
     if rank not in _step_fault:
@@ -125,7 +126,7 @@ def step_fault(rank: int) -> StepFault | None:
 
 
 def fault_hooks(rank: int) -> list[Hook]:
-    faults = parse_faults(os.environ.get("STRATA_FAULT", ""))
+    faults = parse_faults(os.environ.get(ENV_FAULT, ""))
     hooks: list[Hook] = [FaultInjection(f, rank) for f in faults if f[3] not in IN_STEP]
     in_step = step_fault(rank)
     return hooks + ([in_step] if in_step is not None else [])

@@ -4,16 +4,10 @@ The loop (and a few hooks) only set the current phase in memory, which costs an 
 thread writes it to disk once a second, so a 3 ms step pays nothing for it. A watchdog compares how long a
 rank has been in its current phase with the time that phase is allowed; past it, the job is hung.
 
-File format (the contract with launch/watchdog.py, which must not import this module):
-`DIR/rank-N.json`, replaced atomically (write a temporary file, then os.replace), one JSON object:
-    rank, host, pid       who writes it
-    step                  optimizer steps completed when the phase began (the phase may be working on step+1)
-    phase                 startup | step | between steps | checkpoint | eval | preemption agreement | finishing
-                          | exited (see PHASES)
-    since                 wall-clock time (time.time()) the phase began
-    written               wall-clock time of this write (a frozen process stops updating it)
-    allowed_s             how long this phase may last before the rank counts as hung (0: never)
-DIR is $STRATA_HEARTBEAT_DIR (set by `strata launch`), else RUN_DIR/heartbeat.
+File format: `DIR/rank-N.json`, replaced atomically (write a temporary file, then os.replace), one JSON
+object with launch/contract.py's HEARTBEAT_FIELDS (rank, host, pid, step, phase, since, written, allowed_s;
+phases: contract.PHASES), which launch/watchdog.py reads. DIR is $STRATA_HEARTBEAT_DIR (set by
+`strata launch`), else RUN_DIR/heartbeat.
 
 Who watches: under `strata launch` the launcher does (STRATA_WATCHDOG=launcher), because it sees every rank
 and can stop them all. Started any other way (horovodrun, mpirun, srun), each rank runs the watchdog in a
@@ -32,30 +26,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from launch import contract
+from launch.contract import WATCHDOG_EXIT_CODE
 from trainer.loop_state import Hook, LoopState
 
-WATCHDOG_EXIT_CODE = 124  # as timeout(1): the job ran out of time without finishing
 WRITE_EVERY_S = 1.0
-# What each phase covers. Inside one compiled step, data, forward, backward and all-reduce cannot be told
-# apart from Python, so "step" is all of them; a rank waiting for a stuck peer shows "step" or
-# "preemption agreement" (both sit in a collective) while the stuck one shows where it stopped.
-PHASES = {
-    "startup": "from the loop's start to its first step",
-    "step": "train step: data, forward, backward, all-reduce (one compiled function)",
-    "between steps": "host work after a step: logging, hooks",
-    "checkpoint": "saving a checkpoint",
-    "eval": "evaluation (ends with an all-reduce of the counts)",
-    "preemption agreement": "all-reduce of the stop flag",
-    "finishing": "final checkpoint and weight check (all-reduce)",
-    "exited": "process exited",
-}
 
 
 class Heartbeat:
     """The current (step, phase) of this rank, written to `directory` by a background thread."""
 
     def __init__(self, directory: Path, *, rank: int, timeout_s: float, startup_s: float, watch: bool):
-        self.path = Path(directory) / f"rank-{rank}.json"
+        self.path = Path(directory) / contract.heartbeat_file(rank)
         self.rank, self.timeout_s, self.startup_s, self.watch = rank, timeout_s, startup_s, watch
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.step, self.phase, self.since = 0, "startup", time.time()
@@ -115,11 +97,8 @@ class Heartbeat:
 def table(directory: Path) -> str:
     """The rank | host | step | phase | seconds-in-phase table of every heartbeat file in `directory`."""
     now, rows = time.time(), []
-    for path in sorted(Path(directory).glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1])):
-        try:
-            b = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+    beats = (contract.read_heartbeat(path) for path in Path(directory).glob(contract.HEARTBEAT_GLOB))
+    for b in sorted((b for b in beats if b is not None), key=lambda b: int(b["rank"])):
         rows.append(f"  {b['rank']:>4}  {b['host']:<20} {b['step']:>8}  {b['phase']:<22} {now - b['since']:>8.1f}")
     return "\n".join(["  rank  host                     step  phase                  seconds", *rows])
 
@@ -168,9 +147,9 @@ def heartbeat_hooks(run_dir: Path, *, rank: int, timeout_s: float, startup_s: fl
     """The heartbeat hook (none when train.watchdog_timeout_s is 0). The process's exit writes "exited"."""
     if timeout_s <= 0:
         return []
-    directory = Path(os.environ.get("STRATA_HEARTBEAT_DIR") or Path(run_dir) / "heartbeat")
+    directory = Path(os.environ.get(contract.ENV_HEARTBEAT_DIR) or Path(run_dir) / contract.HEARTBEAT_DIR)
     beat = Heartbeat(directory, rank=rank, timeout_s=timeout_s, startup_s=startup_s,
-                     watch=os.environ.get("STRATA_WATCHDOG") != "launcher")
+                     watch=os.environ.get(contract.ENV_WATCHDOG) != contract.WATCHDOG_IN_LAUNCHER)
     import atexit
 
     atexit.register(beat.close)

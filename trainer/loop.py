@@ -7,67 +7,40 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from trainer import task as task_lib
 from trainer.data.batches import eval_dataset, train_dataset
-from trainer.experiment import Experiment, model_inputs
+from trainer.experiment import Experiment
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
 from trainer.faults import fault_hooks, step_fault
 from trainer.heartbeat import heartbeat_hooks, phase
 from trainer.preemption import VOTES, preemption_hooks, votes_variable
-from trainer.models.decoding import greedy_decoder
-from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags, poison
-from trainer.optim import current_lr, merge_duplicate_rows
+from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags
+from trainer.optim import current_lr, uses_loss_scaling
 from trainer.resume import start_message
 from trainer.strategy.base import Strategy
 from trainer.summaries import TensorBoard, flatten
 
 
 def make_train_step(exp: Experiment, strategy: Strategy):
-    """A compiled step: next batch -> forward/backward on every replica -> one optimizer update."""
-    cfg, model, optimizer = exp.cfg, exp.model, exp.optimizer
-    task = cfg.task
-    global_batch = cfg.data.batch_size
-    accum = cfg.train.grad_accum
-    loss_scaling = hasattr(optimizer, "scale_loss") and cfg.train.mixed_precision == "float16"
+    """A compiled step: next batch -> one replica's gradients on every replica -> NaN/Inf and stop flags
+    agreed over replicas -> the gradients summed over replicas and applied (or skipped by all)."""
+    cfg, engine, task = exp.cfg, exp.engine, exp.task
+    update = strategy.make_update(exp.optimizer, exp.model.trainable_variables, clip_norm=cfg.optimizer.clip_norm,
+                                  loss_scaling=uses_loss_scaling(exp.optimizer, cfg.train.mixed_precision))
     inject = step_fault(strategy.rank)  # STRATA_FAULT=RANK:STEP:inf|nan_loss only; None (no op) otherwise
     stop_votes = votes_variable()  # this process's stop requests (trainer/preemption.py)
 
     def replica_step(batch: dict) -> dict:
-        variables = model.trainable_variables
-        extras = {}
-        if exp.pipeline is not None:  # stages on their devices, micro-batches flowing through them
-            loss, grads, timing = exp.pipeline.gradients(batch)
-            extras = {"stage_busy_s": timing["stage_busy_s"], "step_span_s": timing["step_span_s"]}
-        else:
-            local_batch = tf.shape(next(iter(batch.values())))[0]
-            micro = local_batch // accum
-            grads, loss = None, tf.constant(0.0)
-            for i in range(accum):  # gradient accumulation: `accum` micro-slices of this replica's batch
-                part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
-                with tf.GradientTape() as tape:
-                    outputs = model(model_inputs(task, part), training=True)
-                    # Normalise by the GLOBAL batch; replicas' gradients are then summed (strategy/base.py).
-                    part_loss = tf.reduce_sum(task_lib.per_example_loss(task, part, outputs)) / global_batch
-                    scaled = optimizer.scale_loss(part_loss) if loss_scaling else part_loss
-                part_grads = tape.gradient(scaled, variables)
-                grads = part_grads if grads is None else [_add(g, d) for g, d in zip(grads, part_grads)]
-                loss += part_loss
+        loss, grads, extras = engine.gradients(batch)  # accumulated micro-steps, or a pipeline's micro-batches
         if inject is not None:
             grads, loss = inject(grads), inject.loss(loss)
         # NaN/Inf guard (trainer/nonfinite.py): a non-finite loss or gradient on any replica -> all skip.
         # The stop votes ride in the same all-reduce: every rank learns of a signal in the same step, for free.
         flags = strategy.replica_sum(tf.concat([local_flags(loss, grads), tf.identity(stop_votes)], 0))
         bad, stop = flags[:-VOTES], flags[-VOTES:]
-        ok = tf.equal(tf.reduce_sum(bad), 0.0)
-        grads = strategy.reduce_gradients(grads)
-        if cfg.optimizer.clip_norm is not None:  # the global norm of a sparse gradient counts a row once
-            grads = merge_duplicate_rows(grads)
-        if loss_scaling:  # it skips a non-finite update itself (and lowers its scale): make it see ours
-            optimizer.apply_gradients(zip(poison(grads, ok), variables))
-        else:
-            strategy.apply_if(ok, lambda g: optimizer.apply_gradients(zip(g, variables)), grads)
-        return {"loss": loss, "tokens": tf.cast(task_lib.tokens_in(task, batch), tf.float32),
-                "nonfinite": tf.cast(first_bad(bad), tf.float32), "stop": stop, **extras}
+        update(grads, ok=tf.equal(tf.reduce_sum(bad), 0.0))  # summed over replicas and applied, or skipped
+        return {"loss": loss, "tokens": tf.cast(task.tokens_in(batch), tf.float32),
+                "nonfinite": tf.cast(first_bad(bad), tf.float32), "stop": stop,
+                **{key: extras[key] for key in engine.reported}}
 
     @tf.function
     def train_step(iterator) -> dict:
@@ -76,45 +49,18 @@ def make_train_step(exp: Experiment, strategy: Strategy):
     return train_step
 
 
-def pipeline_logs(out: dict, replicas: int) -> dict[str, float]:
-    """Per-stage compute time and idle (bubble) fraction of the latest step, averaged over replicas
-    (the step's outputs are summed over replicas); empty without a pipeline."""
-    if "stage_busy_s" not in out:
-        return {}
-    busy = np.asarray(out["stage_busy_s"], dtype=np.float64) / replicas
-    span = max(float(out["step_span_s"]) / replicas, 1e-12)
-    logs = {}
-    for s, seconds in enumerate(busy):
-        logs[f"pipeline/stage_{s}_compute_ms"] = 1000.0 * seconds
-        logs[f"pipeline/stage_{s}_idle_fraction"] = max(0.0, 1.0 - seconds / span)
-    logs["pipeline/bubble_fraction"] = float(np.mean([logs[f"pipeline/stage_{s}_idle_fraction"]
-                                                      for s in range(len(busy))]))
-    logs["pipeline/step_span_ms"] = 1000.0 * span
-    # Stage-seconds of compute per second of step: 1.0 = the stages ran one after another, K = all at once;
-    # compute time excludes waits for a core (see pipeline.py `_compute_seconds`), so at most K*M/(M+K-1).
-    logs["pipeline/overlap"] = float(np.sum(busy)) / span
-    return logs
-
-
-def _add(a, b):
-    """Sum two gradients; embedding gradients are IndexedSlices, whose sum is their concatenation."""
-    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
-        return tf.IndexedSlices(tf.concat([a.values, b.values], 0), tf.concat([a.indices, b.indices], 0), a.dense_shape)
-    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
-
-
 def make_eval_step(exp: Experiment):
     """A compiled forward pass returning additive counts. Evaluation runs per process on its own shard
     (no collective inside), and the counts are summed over processes afterwards."""
-    model, task = exp.model, exp.cfg.task
+    model, task = exp.model, exp.task
     # One trace for every batch size: a split's last batch is smaller, and each new shape would trace the
     # step again (TensorFlow warns about it when a process evaluates several runs, as bench/overhead.py does).
     spec = eval_dataset(exp.arrays["val"], batch_size=1).element_spec
 
     @tf.function(input_signature=[spec])
     def eval_step(batch: dict) -> dict:
-        outputs = model(model_inputs(task, batch), training=False)
-        return task_lib.eval_counts(task, batch, outputs)
+        outputs = model(task.model_inputs(batch), training=False)
+        return task.eval_counts(batch, outputs)
 
     return eval_step
 
@@ -124,32 +70,17 @@ def evaluate(exp: Experiment, strategy: Strategy, *, split: str = "val", eval_st
     cfg = exp.cfg
     eval_step = eval_step or make_eval_step(exp)
     batch_size = max(cfg.data.batch_size // strategy.world_size, 1)
-    dataset = eval_dataset(exp.arrays[split], batch_size=batch_size, shard_index=strategy.rank,
-                           num_shards=strategy.world_size)
+    shard, shards = exp.layout.data_shard(strategy.rank, strategy.world_size)
+    dataset = eval_dataset(exp.arrays[split], batch_size=batch_size, shard_index=shard, num_shards=shards)
     if cfg.eval.max_batches:
         dataset = dataset.take(cfg.eval.max_batches)
-    totals = {key: 0.0 for key in task_lib.count_keys(cfg.task, exp.labels.num_classes)}
+    totals = {key: 0.0 for key in exp.task.count_keys(exp.labels.num_classes)}
     for batch in dataset:
         for key, value in eval_step(batch).items():
             totals[key] += float(value)
-    metrics = task_lib.metrics_from_counts(cfg.task, strategy.all_reduce_sum(totals))
-    if cfg.task == "summarization":
-        metrics.update(summary_scores(exp, split=split))
+    metrics = exp.task.metrics_from_counts(strategy.all_reduce_sum(totals))
+    metrics.update(exp.task.extra_metrics(exp, split))  # e.g. ROUGE of decoded summaries
     return metrics
-
-
-def decode_summaries(exp: Experiment, documents: np.ndarray) -> list[str]:
-    """Greedy summaries for token-id documents."""
-    ids = greedy_decoder(exp.model, exp.cfg.data.summary_len)(tf.constant(documents)).numpy()
-    return [exp.vocab.decode(row) for row in ids]
-
-
-def summary_scores(exp: Experiment, *, split: str) -> dict[str, float]:
-    """ROUGE of greedy summaries on the first `eval.rouge_examples` examples of a split."""
-    n = exp.cfg.eval.rouge_examples
-    references = [ex["summary"] for ex in getattr(exp.splits, split)[:n]]
-    predictions = decode_summaries(exp, exp.arrays[split]["document"][:n])
-    return task_lib.rouge(references, predictions)
 
 
 def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[Hook]:
@@ -192,10 +123,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     if start == 0:
         tb.hparams(flatten(cfg.model_dump(mode="json")), ["val/loss"])
 
-    shard, shards = strategy.input_shard()
-    dataset = train_dataset(exp.arrays["train"], global_batch=cfg.data.batch_size, seed=cfg.seed,
-                            start_step=start, shard_index=shard, num_shards=shards)
-    iterator = strategy.distribute_dataset(dataset)
+    iterator = _batches(exp, strategy, start)
     train_step, eval_step = make_train_step(exp, strategy), make_eval_step(exp)
 
     for hook in hooks:
@@ -215,18 +143,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
             float(out["loss"])
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
         if logging_now:
-            loss = float(out["loss"])  # waits for the step: the timing window is honest
-            elapsed = time.perf_counter() - window_start
-            state.train_logs = {
-                "loss": loss,
-                "learning_rate": current_lr(exp.optimizer),
-                "examples_per_sec": window_steps * cfg.data.batch_size / elapsed,
-                "tokens_per_sec": float(tf.add_n(window_tokens)) / elapsed,
-                "step_time_ms": 1000.0 * elapsed / window_steps,
-                **pipeline_logs(out, strategy.num_replicas),
-            }
-            if not np.isfinite(loss) and not state.nonfinite:  # the guard flags the loss: cannot happen
-                raise FloatingPointError(f"loss became {loss} at step {state.step} but the step was not skipped")
+            state.train_logs = _train_logs(exp, strategy, state, out, window_start, window_steps, window_tokens)
             for hook in hooks:
                 hook.on_log(state)
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
@@ -244,6 +161,32 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     if strategy.world_size > 1:
         check_replicas_in_sync(exp, strategy)
     return state
+
+
+def _batches(exp: Experiment, strategy: Strategy, start: int):
+    """This process's share of every global batch from step `start` on (its data-parallel shard), as the
+    strategy feeds its replicas."""
+    shard, shards = exp.layout.data_shard(strategy.rank, strategy.world_size)
+    dataset = train_dataset(exp.arrays["train"], global_batch=exp.cfg.data.batch_size, seed=exp.cfg.seed,
+                            start_step=start, shard_index=shard, num_shards=shards)
+    return strategy.distribute_dataset(dataset)
+
+
+def _train_logs(exp: Experiment, strategy: Strategy, state: LoopState, out: dict, window_start: float,
+                window_steps: int, window_tokens: list) -> dict[str, float]:
+    """A log step's scalars: loss, learning rate and throughput over the window since the last log step."""
+    loss = float(out["loss"])  # waits for the step: the timing window is honest
+    elapsed = time.perf_counter() - window_start
+    if not np.isfinite(loss) and not state.nonfinite:  # the guard flags the loss: cannot happen
+        raise FloatingPointError(f"loss became {loss} at step {state.step} but the step was not skipped")
+    return {
+        "loss": loss,
+        "learning_rate": current_lr(exp.optimizer),
+        "examples_per_sec": window_steps * exp.cfg.data.batch_size / elapsed,
+        "tokens_per_sec": float(tf.add_n(window_tokens)) / elapsed,
+        "step_time_ms": 1000.0 * elapsed / window_steps,
+        **exp.engine.logs(out, strategy.num_replicas),
+    }
 
 
 def _restore(exp: Experiment, strategy: Strategy) -> int:
@@ -280,25 +223,7 @@ def check_replicas_in_sync(exp: Experiment, strategy: Strategy) -> None:
 def run_eval(exp, strategy, state, hooks, tb, eval_step) -> None:
     with phase("eval"):
         state.eval_metrics = evaluate(exp, strategy, eval_step=eval_step)
-    if exp.cfg.task == "summarization" and strategy.is_chief:
-        attention = _attention_map(exp)
-        if attention is not None:
-            weights, summary_tokens, document_tokens = attention
-            tb.attention_image(state.step, weights, rows=summary_tokens, columns=document_tokens)
+    if strategy.is_chief:
+        exp.task.eval_summaries(exp, tb, state.step)  # e.g. the attention image
     for hook in hooks:
         hook.on_eval(state)
-
-
-def _attention_map(exp: Experiment) -> tuple[np.ndarray, list[str], list[str]] | None:
-    """Attention of the first validation example (summary tokens x document tokens) and those tokens (each
-    row is the summary token predicted at that position), if the model has attention."""
-    first = {k: tf.constant(v[:1]) for k, v in exp.arrays["val"].items()}
-    attention = exp.model(model_inputs("summarization", first)).get("attention")
-    if attention is None:
-        return None
-    doc_len = max(int(np.count_nonzero(first["document"][0])), 1)
-    sum_len = max(int(np.count_nonzero(first["summary_out"][0])), 1)
-    tokens = exp.vocab.tokens
-    words = lambda ids: [tokens[i] if 0 <= i < len(tokens) else "?" for i in ids.numpy().tolist()]  # noqa: E731
-    return (attention.numpy()[0, :sum_len, :doc_len], words(first["summary_out"][0, :sum_len]),
-            words(first["document"][0, :doc_len]))

@@ -57,6 +57,12 @@ def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int
     return opt
 
 
+def uses_loss_scaling(opt: keras.optimizers.Optimizer, mixed_precision: str) -> bool:
+    """Whether the step scales its loss (float16): the engine scales it, the update lets the optimizer
+    unscale the gradients and skip a non-finite step itself."""
+    return hasattr(opt, "scale_loss") and mixed_precision == "float16"
+
+
 def merge_duplicate_rows(grads: list) -> list:
     """`grads` with every IndexedSlices gradient (an embedding's) summed per row: one slice per row it touches.
 

@@ -30,8 +30,7 @@ import signal
 import sys
 import time
 
-TF_LOGS_ENV = "STRATA_TF_LOGS"  # 1: show every TensorFlow log line
-PREFIX_ENV = "STRATA_OUTPUT_PREFIX"  # put this in front of every line of stdout and stderr
+from launch.contract import ENV_OUTPUT_PREFIX, ENV_TF_LOGS
 
 _ABSL_PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 # `E0000 00:00:1796038999.654535    7292 util.cc:131] message` (the clock reads oddly before InitializeLog).
@@ -171,8 +170,8 @@ def install(environ=os.environ) -> bool:
 
     Call before TensorFlow is imported, while the process has a single thread (it forks). Returns whether
     the filter process was started (not when a stream is closed or the fork fails: output is then as is)."""
-    drop_noise = environ.get(TF_LOGS_ENV, "") in ("", "0")
-    prefix = environ.get(PREFIX_ENV, "").encode()
+    drop_noise = environ.get(ENV_TF_LOGS, "") in ("", "0")
+    prefix = environ.get(ENV_OUTPUT_PREFIX, "").encode()
     if drop_noise:
         environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what TensorFlow does honour: fewer lines to filter
         for name in ("tensorflow", "absl"):  # per-step warnings (a strategy run eagerly, retracing)

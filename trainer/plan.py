@@ -13,7 +13,8 @@ import numpy as np
 
 from trainer.config import ExperimentConfig
 from trainer.errors import ConfigError
-from trainer.strategy.pipeline_plan import format_plan, stage_device_names, validate_pipeline
+from trainer.parallel.layout import Layout, LayoutError, layout_for, stage_device_names
+from trainer.parallel.report import format_report
 
 
 def parse_ranks(text: str) -> list[tuple[str, int]]:
@@ -35,30 +36,35 @@ def device_label(pipe, stage: int, local_rank: int, gpus_here: int) -> str:
 
 def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bool) -> int:
     """Print the plan; with `dry_run`, measure and run one pipelined step. Raises ConfigError if it cannot run."""
-    replicas = len(ranks)
-    pipe = cfg.distribution.pipeline
-    b = cfg.data.batch_size
-    stages = pipe.stages if pipe else 1
-    micro_batches = pipe.micro_batches if pipe else cfg.train.grad_accum
     try:
-        per_replica, micro = validate_pipeline(b, replicas, micro_batches, stages, cfg.model.level_names(),
-                                               stages * replicas)
-    except ValueError as err:
+        layout = layout_for(cfg, len(ranks), "-np ({n})")
+    except LayoutError as err:
         raise ConfigError(f"{cfg.name}: {err}") from None
-
     from trainer.data.splits import load_splits
 
     splits = load_splits(cfg.data, cfg.task)
     import tensorflow as tf
 
-    from trainer.strategy import _split_cpu_for_stages
+    from trainer.strategy.pipeline.devices import split_cpu_for_stages
 
+    pipe = cfg.distribution.pipeline
     if pipe is not None and pipe.devices is None:
-        _split_cpu_for_stages(stages)
+        split_cpu_for_stages(pipe.stages)
     gpus_here = len(tf.config.list_physical_devices("GPU"))
+    _print_ranks(cfg, layout, ranks, gpus_here)
+    if pipe is None:
+        print("no pipeline (distribution.pipeline is not set): every replica holds the whole model")
+        return 0
+    _print_pipeline(cfg, layout, splits, gpus_here, dry_run=dry_run)
+    return 0
+
+
+def _print_ranks(cfg: ExperimentConfig, layout: Layout, ranks: list[tuple[str, int]], gpus_here: int) -> None:
+    """The header (replicas x stages, batch sizes) and one line per rank: host, local rank, device(s)."""
+    pipe, replicas, stages = cfg.distribution.pipeline, layout.data_parallel, layout.pipeline_stages
     print(f"strata plan: {cfg.name} ({cfg.model.kind}) | {replicas} replica(s) x {stages} stage(s) = "
-          f"{replicas * stages} device(s) | global batch {b} = {replicas} x {per_replica} per replica"
-          + (f", micro-batch {micro}" if pipe else ""))
+          f"{layout.devices} device(s) | global batch {layout.global_batch} = {replicas} x "
+          f"{layout.per_replica_batch} per replica" + (f", micro-batch {layout.micro_batch_size}" if pipe else ""))
     print("ranks:")
     for rank, (host, local) in enumerate(ranks):
         if pipe is None:
@@ -67,16 +73,19 @@ def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bo
         else:
             shown = ", ".join(f"stage {s} {device_label(pipe, s, local, gpus_here)}" for s in range(stages))
             print(f"  rank {rank}  host {host}  local rank {local}  {shown}")
-    if pipe is None:
-        print("no pipeline (distribution.pipeline is not set): every replica holds the whole model")
-        return 0
 
-    from trainer.experiment import configure_runtime, model_inputs
+
+def _print_pipeline(cfg: ExperimentConfig, layout: Layout, splits, gpus_here: int, *, dry_run: bool) -> None:
+    """Stages, levels, memory and schedule of the first replica; `dry_run`: measured, with one step run."""
+    import tensorflow as tf
+
     from trainer.data.splits import encode_splits, training_texts
     from trainer.data.tokenizer import Vocabulary
-    from trainer.models import build_model
-    from trainer.strategy import pipeline_setup as ps
+    from trainer.experiment import configure_runtime
+    from trainer.tasks import build_model
+    from trainer.strategy.pipeline import devices as pd, profile, setup
 
+    pipe = cfg.distribution.pipeline
     configure_runtime(cfg)
     vocab = Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
     arrays = encode_splits(splits, vocab, cfg.data, cfg.task)["train"]
@@ -85,30 +94,29 @@ def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bo
         return build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len, summary_len=cfg.data.summary_len,
                            num_classes=splits.labels.num_classes if splits.labels else 2)
 
-    devices = ps.stage_devices(pipe, 0)
-    example = {k: tf.constant(v[:micro]) for k, v in arrays.items()}
-    memory = ps.device_memory_bytes(pipe, devices)
+    devices = pd.stage_devices(pipe, 0)
+    example = {k: tf.constant(v[:layout.micro_batch_size]) for k, v in arrays.items()}
+    memory = pd.device_memory_bytes(pipe, devices)
     names = cfg.model.level_names()
     if dry_run:
-        costs = ps.profile_levels(new_model(), example, cfg.task, devices[0], repeats=pipe.profile_steps)
-        print(ps.describe_costs(costs))
+        costs = profile.profile_levels(new_model(), example, cfg.task, devices[0], repeats=pipe.profile_steps)
+        print(profile.describe_costs(costs))
     else:
-        costs = ps.static_costs(new_model(), example)  # parameters and activation estimates, no timing
+        costs = profile.static_costs(new_model(), example)  # parameters and activation estimates, no timing
     if pipe.partition == "auto" and not dry_run:
         print("partition: auto - chosen from measured level times at the start of training "
               "(--dry-run measures them now); shown: the split balancing parameters")
-        partition = ps.balanced_by_params(costs, stages)
+        partition = profile.balanced_by_params(costs, pipe.stages)
     else:
-        partition = ps.choose_partition(cfg, names, costs if dry_run else None, memory)
-    plan = ps.make_plan(cfg, names, partition, [device_label(pipe, s, 0, gpus_here) for s in range(stages)],
-                        replicas, costs, memory, timed=dry_run)
-    print(format_plan(plan))
+        partition = setup.choose_partition(cfg, names, costs if dry_run else None, memory)
+    labels = [device_label(pipe, s, 0, gpus_here) for s in range(pipe.stages)]
+    print(format_report(setup.make_report(cfg, names, partition, labels, layout.data_parallel, costs, memory,
+                                       timed=dry_run)))
     if dry_run:
-        _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica, model_inputs)
-    return 0
+        _dry_run_step(cfg, new_model, partition, devices, arrays, layout.per_replica_batch)
 
 
-def _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica, model_inputs) -> None:
+def _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica) -> None:
     """Build the pipelined model and time one forward/backward step (traced, then run twice)."""
     import keras
     import tensorflow as tf
@@ -120,7 +128,7 @@ def _dry_run_step(cfg, new_model, partition, devices, arrays, per_replica, model
     model = new_model()
     engine = PipelineEngine(model, cfg.task, partition, devices, micro_batches=pipe.micro_batches,
                             schedule=pipe.schedule, recompute=pipe.recompute, global_batch=cfg.data.batch_size)
-    engine.build(model_inputs(cfg.task, {k: v[:2] for k, v in arrays.items()}))
+    engine.build(cfg.task.model_inputs({k: v[:2] for k, v in arrays.items()}))
     batch = {k: tf.constant(v[:per_replica]) for k, v in arrays.items()}
     step = tf.function(engine.gradients)
     began = time.perf_counter()

@@ -37,16 +37,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launch import contract
+from launch.contract import INTERRUPTED_EXIT_CODE, STOP_EXIT_CODES, STOP_LABELS, STOP_SIGNALS, stop_line
 from trainer import checkpoint_manifest as files
 from trainer.loop_state import Hook, LoopState
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL in sysexits.h: a temporary failure, try again later
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # also the order of the votes, and their priority
-VOTES = len(SIGNALS)
-WHAT = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1 (preemption warning)"}
-EXIT_CODES = {signal.SIGINT: INTERRUPTED_EXIT_CODE, signal.SIGTERM: PREEMPTED_EXIT_CODE,
-              signal.SIGUSR1: PREEMPTED_EXIT_CODE}
+VOTES = len(STOP_SIGNALS)
 
 
 class StoppedDuringStartup(KeyboardInterrupt):
@@ -55,8 +51,8 @@ class StoppedDuringStartup(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
-        self.exit_code = EXIT_CODES[signum]
-        self.message = f"strata: stopped by {WHAT[signum]} during start-up, before any step: nothing is lost"
+        self.exit_code = STOP_EXIT_CODES[signum]
+        self.message = f"strata: stopped by {STOP_LABELS[signum]} during start-up, before any step: nothing is lost"
 
 
 @dataclass
@@ -80,7 +76,7 @@ _process = _Process()
 
 
 def enabled(environ=os.environ) -> bool:
-    return environ.get("STRATA_PREEMPTION", "1") != "0"
+    return environ.get(contract.ENV_PREEMPTION, "1") != "0"
 
 
 def install(*, multi_process: bool, rank: int = 0, checkpoints: Path | None = None, environ=os.environ) -> None:
@@ -92,11 +88,11 @@ def install(*, multi_process: bool, rank: int = 0, checkpoints: Path | None = No
         return
     _process.multi, _process.rank, _process.checkpoints = multi_process, rank, checkpoints
     _process.abortable = not multi_process
-    _process.quiet = environ.get("STRATA_SUPERVISED") == "1"
+    _process.quiet = environ.get(contract.ENV_SUPERVISED) == "1"
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)  # the C-level handler must never block
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    for sig in SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _handler)
     threading.Thread(target=_watch, args=(read_fd,), name="strata-signals", daemon=True).start()
     _process.installed = True
@@ -107,7 +103,7 @@ def reclaim_handlers() -> None:
     coordination service installs its own C-level SIGTERM handler (a preemption notifier that only sets a
     flag), after which Python, and so the watcher, would never see a SIGTERM."""
     if _process.installed and threading.current_thread() is threading.main_thread():
-        for sig in SIGNALS:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, _handler)
 
 
@@ -150,7 +146,7 @@ def on_signal(signum: int) -> None:
 
 def notice(signum: int, *, phase: str, multi: bool, rank: int) -> str:
     """What the first signal does, in one line (pure)."""
-    who = f"rank {rank} got {WHAT[signum]}" if multi else WHAT[signum]
+    who = f"rank {rank} got {STOP_LABELS[signum]}" if multi else STOP_LABELS[signum]
     again = "; Ctrl-C again to stop at once, without it" if signum == signal.SIGINT else ""
     if phase == "finishing":
         return f"strata: {who}: the run is already finishing" + ("; Ctrl-C again to stop at once" if again else "")
@@ -188,13 +184,13 @@ def _say(line: str) -> None:
 
 # ------------------------------------------------------------------------------------ the votes
 def local_votes() -> list[float]:
-    """This process's votes: 1.0 for each of SIGNALS it has received."""
-    return [1.0 if sig in _process.received or sig in _process.handled else 0.0 for sig in SIGNALS]
+    """This process's votes: 1.0 for each of STOP_SIGNALS it has received."""
+    return [1.0 if sig in _process.received or sig in _process.handled else 0.0 for sig in STOP_SIGNALS]
 
 
 def stop_signal(votes) -> int | None:
     """The signal a stop is for, from (summed) votes: Ctrl-C first, then SIGTERM, then SIGUSR1 (pure)."""
-    return next((sig for sig, vote in zip(SIGNALS, votes) if vote > 0), None)
+    return next((sig for sig, vote in zip(STOP_SIGNALS, votes) if vote > 0), None)
 
 
 def votes_variable():
@@ -204,12 +200,6 @@ def votes_variable():
 
         _process.votes_variable = tf.Variable(tf.zeros([VOTES]), trainable=False, name="strata_stop_votes")
     return _process.votes_variable
-
-
-def stop_line(step: int, signum: int) -> str:
-    """The chief's last word on a stop (launch/ parses it: keep `stopped at step N by ... (checkpoint saved)`)."""
-    then = "it resumes from there when restarted" if signum == signal.SIGUSR1 else "run the same command to resume"
-    return f"strata: stopped at step {step} by {WHAT[signum]} (checkpoint saved); {then}"
 
 
 class StopHook(Hook):
@@ -240,7 +230,7 @@ class StopHook(Hook):
         if signum is None or state.stop_requested or state.step >= state.total_steps:
             return  # no signal; another stop; or the run is complete anyway
         state.stop_requested, state.stop_signal = True, signum
-        state.stop_reason = f"stopped by {WHAT[signum]}"
+        state.stop_reason = f"stopped by {STOP_LABELS[signum]}"
 
     def on_train_end(self, state: LoopState) -> None:
         _process.phase = "finishing"
@@ -253,7 +243,7 @@ class StopHook(Hook):
                 self.checkpointer.save(state.step)
         if self.is_chief:  # before the ranks' last all-reduce: no rank can exit (and be reported) before this
             line = stop_line(state.step, state.stop_signal) if state.step > 0 else (
-                f"strata: stopped by {WHAT[state.stop_signal]} before the first step: nothing to save")
+                f"strata: stopped by {STOP_LABELS[state.stop_signal]} before the first step: nothing to save")
             print(line, flush=True)
 
 
@@ -273,4 +263,4 @@ def exit_code(state: LoopState) -> int:
         return 0
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    return EXIT_CODES[state.stop_signal]
+    return STOP_EXIT_CODES[state.stop_signal]

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import yaml
 
+from launch import contract
 from trainer import checkpoint_manifest as files
 from trainer.errors import ConfigError
 
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = contract.RUN_CONFIG_FILE
+CHECKPOINT_DIR = contract.CHECKPOINT_DIR
 # Sections that must not change when a run is resumed: they define what the checkpoint means.
 FROZEN_ON_RESUME = ("model", "data", "seed")
 
@@ -96,7 +97,7 @@ def depends_on_steps(optimizer: dict, step: int) -> bool:
 
 # ------------------------------------------------------------------------------------- decisions
 @dataclass(frozen=True)
-class ResumePlan:
+class StartDecision:
     """What a start does: `nothing_to_do` (the run is already at train.steps), and lines to print first."""
 
     nothing_to_do: bool
@@ -130,18 +131,18 @@ def _first_difference(a, b, path: str) -> str:
     return f"{path}: {a!r} -> {b!r}"
 
 
-def plan_resume(saved: dict, new: dict, step: int | None, run_dir: Path) -> ResumePlan:
+def decide_start(saved: dict, new: dict, step: int | None, run_dir: Path) -> StartDecision:
     """Decide a start on `run_dir` (pure): `saved` and `new` are resolved configs as dicts, `step` the newest
     committed checkpoint (None: none yet). Raises ConfigError when the start must not happen."""
     check_frozen(saved, new, run_dir)
     total = new["train"]["steps"]
     if step is None or step == 0:
-        return ResumePlan(False)
+        return StartDecision(False)
     if step >= total:
-        return ResumePlan(True, (f"strata: already at step {step}, train.steps is {total}: nothing to do",))
+        return StartDecision(True, (f"strata: already at step {step}, train.steps is {total}: nothing to do",))
     old_total = saved.get("train", {}).get("steps", total)
     if old_total == total:
-        return ResumePlan(False)
+        return StartDecision(False)
     opt, old_opt = new["optimizer"], saved.get("optimizer", new["optimizer"])
     before, after = lr_at(step, old_opt, old_total), lr_at(step, opt, total)
     change = f"train.steps changed from {old_total} to {total}"
@@ -150,7 +151,7 @@ def plan_resume(saved: dict, new: dict, step: int | None, run_dir: Path) -> Resu
                f"the {opt['schedule']} decay has not begun (step {step} is inside the {opt['warmup_steps']} "
                f"warm-up steps) and now runs to step {total}")
         was = f" (it was {before:.3g} under the saved config)" if not math.isclose(before, after) else ""
-        return ResumePlan(False, (f"strata: {change}: applied; {why}; the rate at step {step} is {after:.3g}{was}",))
+        return StartDecision(False, (f"strata: {change}: applied; {why}; the rate at step {step} is {after:.3g}{was}",))
     raise ConfigError(
         f"{run_dir}: {change}, but the {opt['schedule']} learning-rate schedule depends on it: resuming at "
         f"step {step} would move the rate from {before:.3g} to {after:.3g} "
@@ -159,12 +160,12 @@ def plan_resume(saved: dict, new: dict, step: int | None, run_dir: Path) -> Resu
         f"--set optimizer.lr=RATE, or start a new run with --set run_dir=<new dir>")
 
 
-def check_run_dir(cfg) -> ResumePlan:
-    """`plan_resume` for `cfg` and the files of its run directory (a fresh directory: nothing to check)."""
+def check_run_dir(cfg) -> StartDecision:
+    """`decide_start` for `cfg` and the files of its run directory (a fresh directory: nothing to check)."""
     run_dir = cfg.resolved_run_dir()
     saved_file = run_dir / CONFIG_FILE
     if not saved_file.is_file():
-        return ResumePlan(False)
+        return StartDecision(False)
     try:
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
@@ -177,7 +178,7 @@ def check_run_dir(cfg) -> ResumePlan:
     step = latest[0] if latest else None
     if step is not None and step >= cfg.train.steps:  # "nothing to do" only on a checkpoint that would load
         step = newest_intact_step(run_dir / CHECKPOINT_DIR)
-    return plan_resume(saved, cfg.model_dump(mode="json"), step, run_dir)
+    return decide_start(saved, cfg.model_dump(mode="json"), step, run_dir)
 
 
 def newest_intact_step(directory: Path) -> int | None:
@@ -194,7 +195,4 @@ def newest_intact_step(directory: Path) -> int | None:
 def env_rank(environ=os.environ) -> int:
     """This process's rank as its launcher set it (strata launch, horovodrun, mpirun, srun), 0 if none did:
     known before any backend starts, so that only rank 0 prints the start-up decisions."""
-    for key in ("STRATA_RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
-        if environ.get(key, "").isdigit():
-            return int(environ[key])
-    return 0
+    return contract.env_int(environ, contract.LAUNCHER_RANK_VARS, 0)

@@ -111,7 +111,8 @@ CASES = [
      "level 'encoder_1' is in no stage"),
     ("pipeline-per-replica", lambda d: ["launch", "-np", "2", SUMMARIZER, "--set",
                                         f"distribution.pipeline={{{PIPE}, micro_batches: 32}}"],
-     "divisible by -np (2) x distribution.pipeline.micro_batches (32)"),
+     "distribution.pipeline.micro_batches (32) must divide the per-replica batch (16) of data.batch_size 32 over "
+     "-np (2)"),
     ("pipeline-mirrored", lambda d: ["train", SUMMARIZER, "--set", "distribution.backend=mirrored", "--set",
                                      f"distribution.pipeline={{{PIPE}}}"], "does not combine with backend mirrored"),
     ("pipeline-device-name", lambda d: ["train", SUMMARIZER, "--set",
@@ -121,7 +122,7 @@ CASES = [
                                            f"distribution.pipeline={{{PIPE}, devices: [/gpu:0, /gpu:1]}}"],
      "/gpu:0 is not a device of this process"),
     ("plan-replicas", lambda d: ["plan", SUMMARIZER, "-np", "3", "--set", f"distribution.pipeline={{{PIPE}}}"],
-     "replicas (3) must divide the global batch (32)"),
+     "data.batch_size (32) must be divisible by -np (3)"),
     # --- data facts never hidden, splits never mislabelled, hints that name the fix (issue 15)
     ("builtin-ignores-val-path", lambda d: ["train", CLASSIFIER, "--set", f"data.val_path={d / 'v.jsonl'}"],
      "data.val_path is ignored with data.source builtin (the built-in corpus is used); set data.source=jsonl"),

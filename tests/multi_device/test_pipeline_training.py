@@ -120,7 +120,7 @@ def test_plan_shows_ranks_stages_memory_and_warnings():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-np", "3"], "replicas (3) must divide the global batch (32)"),
+    (["-np", "3"], "data.batch_size (32) must be divisible by -np (3)"),
     (["-np", "2", "--set", "distribution.pipeline={stages: 2, micro_batches: 32}"],
      "micro_batches (32) must divide the per-replica batch (16)"),
     (["--set", "distribution.pipeline={stages: 7}"], "stages (7) exceeds the 6 levels"),

@@ -32,7 +32,7 @@ import tensorflow as tf  # noqa: E402  (imported before forking: the expensive p
 
 from trainer.checkpoint import Checkpointer, random_state  # noqa: E402
 from trainer.config import ClassifierModel, OptimizerConfig  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from trainer.tasks import build_model  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 
 VOCAB, MAX_LEN = 8_000, 16  # ~0.5 M weights, ~6 MB a checkpoint with Adam's slots: saves take a while

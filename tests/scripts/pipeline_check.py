@@ -38,11 +38,12 @@ import tensorflow as tf  # noqa: E402
 # Stages only overlap when the executor has a thread per concurrently runnable stage.
 tf.config.threading.set_inter_op_parallelism_threads(4)
 
-from trainer import task as task_lib  # noqa: E402
+from trainer.tasks import SUMMARIZATION  # noqa: E402
 from trainer.config import SummarizerModel, TransformerModel  # noqa: E402
-from trainer.models import BOS_ID, EOS_ID, PAD_ID, Level, LevelModel, build_model  # noqa: E402
+from trainer.models import BOS_ID, EOS_ID, PAD_ID, Level, LevelModel  # noqa: E402
+from trainer.tasks import build_model  # noqa: E402
 from trainer.strategy.pipeline import PipelineEngine, split_micro_batches  # noqa: E402
-from trainer.strategy.pipeline_plan import balanced_partition  # noqa: E402
+from trainer.parallel.partition import balanced_partition  # noqa: E402
 
 TASK = "summarization"
 VOCAB, DOC_LEN, SUM_LEN, BATCH = 40, 12, 6, 8
@@ -89,7 +90,7 @@ def reference_loss_and_grads(model, batch: dict, global_batch: int):
     """The unpipelined reference: one tape over the whole model on the whole batch."""
     with tf.GradientTape() as tape:
         out = model(model_inputs(batch), training=True)
-        loss = tf.reduce_sum(task_lib.per_example_loss(TASK, batch, out)) / global_batch
+        loss = tf.reduce_sum(SUMMARIZATION.per_example_loss(batch, out)) / global_batch
     grads = tape.gradient(loss, model.trainable_variables)
     return loss, [None if g is None else tf.convert_to_tensor(g) for g in grads]
 

@@ -35,6 +35,7 @@ from trainer.data import (
 from trainer.data.corpora import best_accuracy, majority_sentiment
 from trainer.data.splits import LabelSet, check_split, describe_splits
 from trainer.errors import DataError
+from trainer.tasks import CLASSIFICATION, SUMMARIZATION, Task
 
 
 # -------------------------------------------------------------------------------------- corpora
@@ -122,7 +123,7 @@ def _write(tmp_path: Path, name: str, content: str | bytes) -> str:
     return str(p)
 
 
-def _data_error(path: str, fmt: str, task: str = "classification") -> str:
+def _data_error(path: str, fmt: str, task: Task = CLASSIFICATION) -> str:
     with pytest.raises(DataError) as info:
         read_examples(path, fmt, task)
     message = str(info.value)
@@ -135,44 +136,44 @@ def _data_error(path: str, fmt: str, task: str = "classification") -> str:
 def test_reads_jsonl_csv_tsv_with_label_spellings_and_blank_lines(tmp_path):
     jsonl = _write(tmp_path, "a.jsonl", '{"text": "good", "label": 1}\n\n  \n{"text": "bad", "label": "0"}\n'
                                         '{"text": "ok", "label": true}\n{"text": "meh", "label": "FALSE"}\n')
-    assert [e["label"] for e in read_examples(jsonl, "jsonl", "classification")] == [1, 0, 1, 0]
+    assert [e["label"] for e in read_examples(jsonl, "jsonl", CLASSIFICATION)] == [1, 0, 1, 0]
     csv_path = _write(tmp_path, "a.csv", 'id,text,label\n1,"hello, world",1\n\n2,bye,false\n')
-    assert read_examples(csv_path, "csv", "classification") == [
+    assert read_examples(csv_path, "csv", CLASSIFICATION) == [
         {"text": "hello, world", "label": 1}, {"text": "bye", "label": 0}]
     tsv = _write(tmp_path, "a.tsv", "document\tsummary\na long document\tshort\n")
-    assert read_examples(tsv, "tsv", "summarization") == [{"document": "a long document", "summary": "short"}]
+    assert read_examples(tsv, "tsv", SUMMARIZATION) == [{"document": "a long document", "summary": "short"}]
 
 
 @pytest.mark.parametrize(
     "name, content, fmt, task, expected",
     [
-        ("empty.jsonl", "", "jsonl", "classification", "empty"),
-        ("blank.jsonl", "\n  \n", "jsonl", "classification", "empty"),
+        ("empty.jsonl", "", "jsonl", CLASSIFICATION, "empty"),
+        ("blank.jsonl", "\n  \n", "jsonl", CLASSIFICATION, "empty"),
         ("latin.jsonl", b'{"text": "a", "label": 1}\n\n{"text": "caf\xe9", "label": 1}\n', "jsonl",
-         "classification", ":3: not valid UTF-8"),
-        ("bad.jsonl", '{"text": "a", "label": 1}\n{"text": "a", "label": 1\n', "jsonl", "classification",
+         CLASSIFICATION, ":3: not valid UTF-8"),
+        ("bad.jsonl", '{"text": "a", "label": 1}\n{"text": "a", "label": 1\n', "jsonl", CLASSIFICATION,
          ":2: malformed JSON"),
-        ("list.jsonl", '{"text": "a", "label": 1}\n["a", 1]\n', "jsonl", "classification", ":2: expected a JSON object"),
-        ("nokey.jsonl", '{"text": "a", "label": 1}\n{"txt": "a", "label": 1}\n', "jsonl", "classification",
+        ("list.jsonl", '{"text": "a", "label": 1}\n["a", 1]\n', "jsonl", CLASSIFICATION, ":2: expected a JSON object"),
+        ("nokey.jsonl", '{"text": "a", "label": 1}\n{"txt": "a", "label": 1}\n', "jsonl", CLASSIFICATION,
          ":2: missing key 'text'; each line needs keys text, label"),
-        ("nosum.jsonl", '{"document": "a b"}\n', "jsonl", "summarization", ":1: missing key 'summary'"),
-        ("emptytext.jsonl", '{"text": "  ", "label": 1}\n', "jsonl", "classification", ":1: 'text' is empty"),
-        ("label.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": -2}\n', "jsonl", "classification",
+        ("nosum.jsonl", '{"document": "a b"}\n', "jsonl", SUMMARIZATION, ":1: missing key 'summary'"),
+        ("emptytext.jsonl", '{"text": "  ", "label": 1}\n', "jsonl", CLASSIFICATION, ":1: 'text' is empty"),
+        ("label.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": -2}\n', "jsonl", CLASSIFICATION,
          ":2: label -2 is invalid; labels must be class ids 0, 1, 2, ..."),
-        ("labelfloat.jsonl", '{"text": "a", "label": 0.5}\n', "jsonl", "classification", ":1: label 0.5 is invalid"),
-        ("label.csv", "text,label\na,1\nb, \n", "csv", "classification", ":3: label ' ' is invalid"),
-        ("tabs.csv", "text\tlabel\na\t1\n", "csv", "classification",
+        ("labelfloat.jsonl", '{"text": "a", "label": 0.5}\n', "jsonl", CLASSIFICATION, ":1: label 0.5 is invalid"),
+        ("label.csv", "text,label\na,1\nb, \n", "csv", CLASSIFICATION, ":3: label ' ' is invalid"),
+        ("tabs.csv", "text\tlabel\na\t1\n", "csv", CLASSIFICATION,
          ":1: this file is tab-separated (its header splits on tabs into text, label) but data.source is csv; "
          "set data.source=tsv"),
-        ("commas.tsv", "document,summary\na,b\n", "tsv", "summarization",
+        ("commas.tsv", "document,summary\na,b\n", "tsv", SUMMARIZATION,
          "this file is comma-separated (its header splits on commas into document, summary) but data.source is "
          "tsv; set data.source=csv"),
-        ("header.csv", "sentence,label\na,1\n", "csv", "classification", ":1: header has columns [sentence, label] but "
+        ("header.csv", "sentence,label\na,1\n", "csv", CLASSIFICATION, ":1: header has columns [sentence, label] but "
          "needs text, label"),
-        ("header.tsv", "document\tabstract\na\tb\n", "tsv", "summarization", "needs document, summary"),
-        ("only_header.csv", "text,label\n", "csv", "classification", "no examples"),
-        ("fields.csv", "text,label\na,1\nb,1,extra\n", "csv", "classification", ":3: expected 2 fields"),
-        ("emptysum.tsv", "document\tsummary\nsome text\t \n", "tsv", "summarization", ":2: 'summary' is empty"),
+        ("header.tsv", "document\tabstract\na\tb\n", "tsv", SUMMARIZATION, "needs document, summary"),
+        ("only_header.csv", "text,label\n", "csv", CLASSIFICATION, "no examples"),
+        ("fields.csv", "text,label\na,1\nb,1,extra\n", "csv", CLASSIFICATION, ":3: expected 2 fields"),
+        ("emptysum.tsv", "document\tsummary\nsome text\t \n", "tsv", SUMMARIZATION, ":2: 'summary' is empty"),
     ],
 )
 def test_reader_errors_are_one_line_with_file_and_line(tmp_path, name, content, fmt, task, expected):
@@ -183,28 +184,28 @@ def test_reader_errors_are_one_line_with_file_and_line(tmp_path, name, content, 
 def test_labels_are_class_ids_or_names_checked_across_files(tmp_path):
     lines = [{"text": f"t{i}", "label": ["cat", "dog", "bird"][i % 3]} for i in range(30)]
     train = _write(tmp_path, "train.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
-    splits = load_splits(DataConfig(source="jsonl", train_path=train, val_fraction=0.2), "classification")
+    splits = load_splits(DataConfig(source="jsonl", train_path=train, val_fraction=0.2), CLASSIFICATION)
     assert splits.labels == LabelSet(3, ("bird", "cat", "dog"))  # names sorted: ids do not depend on file order
     assert {e["label"] for e in splits.train + splits.val} == {0, 1, 2}
     assert describe_splits(splits).endswith("3 classes: bird, cat, dog")
-    arrays = encode_splits(splits, Vocabulary.build(training_texts(splits, "classification"), 50),
-                           DataConfig(), "classification")
+    arrays = encode_splits(splits, Vocabulary.build(training_texts(splits, CLASSIFICATION), 50),
+                           DataConfig(), CLASSIFICATION)
     assert arrays["train"]["label"].dtype == np.int32  # K-way: class ids for the softmax cross-entropy
     ids = _write(tmp_path, "ids.jsonl", "".join(json.dumps({"text": f"t{i}", "label": str(i % 4)}) + "\n"
                                                for i in range(20)))
-    assert load_splits(DataConfig(source="jsonl", train_path=ids), "classification").labels == LabelSet(4)
+    assert load_splits(DataConfig(source="jsonl", train_path=ids), CLASSIFICATION).labels == LabelSet(4)
     zeros = _write(tmp_path, "zeros.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": false}\n')
-    assert load_splits(DataConfig(source="jsonl", train_path=zeros), "classification").labels == LabelSet(2)
+    assert load_splits(DataConfig(source="jsonl", train_path=zeros), CLASSIFICATION).labels == LabelSet(2)
     test = _write(tmp_path, "test.jsonl", '{"text": "a", "label": "dog"}\n{"text": "b", "label": "fish"}\n')
     with pytest.raises(DataError, match=r"test.jsonl: label 'fish' is not a class of the training file "
                                         r"\(classes: 'bird', 'cat', 'dog'\)"):
-        load_splits(DataConfig(source="jsonl", train_path=train, test_path=test), "classification")
+        load_splits(DataConfig(source="jsonl", train_path=train, test_path=test), CLASSIFICATION)
     mixed = _write(tmp_path, "mixed.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "cat"}\n')
     with pytest.raises(DataError, match="mix class ids"):
-        load_splits(DataConfig(source="jsonl", train_path=mixed), "classification")
+        load_splits(DataConfig(source="jsonl", train_path=mixed), CLASSIFICATION)
     one = _write(tmp_path, "one.jsonl", '{"text": "a", "label": "cat"}\n{"text": "b", "label": "cat"}\n')
     with pytest.raises(DataError, match="at least two classes"):
-        load_splits(DataConfig(source="jsonl", train_path=one), "classification")
+        load_splits(DataConfig(source="jsonl", train_path=one), CLASSIFICATION)
 
 
 def test_a_run_without_a_test_file_refuses_to_evaluate_test():
@@ -305,7 +306,8 @@ def _small_builtin(**kw) -> DataConfig:
     return DataConfig(builtin=BuiltinData(train_examples=200, val_examples=50, test_examples=50, seed=9), **kw)
 
 
-@pytest.mark.parametrize("task, key", [("classification", "text"), ("summarization", "document")])
+@pytest.mark.parametrize("task, key", [(CLASSIFICATION, "text"), (SUMMARIZATION, "document")],
+                         ids=["classification", "summarization"])
 def test_builtin_splits_use_distinct_streams(task, key):
     splits = load_splits(_small_builtin(), task)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (200, 50, 50)
@@ -319,7 +321,7 @@ def test_file_splits_carve_validation_deterministically(tmp_path):
     lines = [json.dumps({"text": f"example number {i}", "label": i % 2}) for i in range(40)]
     path = _write(tmp_path, "train.jsonl", "\n".join(lines) + "\n")
     cfg = DataConfig(source="jsonl", train_path=path, val_fraction=0.25)
-    splits = load_splits(cfg, "classification")
+    splits = load_splits(cfg, CLASSIFICATION)
     assert (len(splits.train), len(splits.val)) == (30, 10)
     assert splits.test is None  # no test file: no test split (evaluating "test" is refused, never val)
     assert splits.origin == {"train": "train.jsonl, 75% after carving val",
@@ -328,9 +330,9 @@ def test_file_splits_carve_validation_deterministically(tmp_path):
         "data: train 30 (train.jsonl, 75% after carving val), val 10 (carved 25% from train.jsonl, "
         "data.val_fraction), test none (no data.test_path")
     assert not {e["text"] for e in splits.train} & {e["text"] for e in splits.val}
-    assert load_splits(cfg, "classification") == splits
+    assert load_splits(cfg, CLASSIFICATION) == splits
     val = _write(tmp_path, "val.jsonl", lines[0] + "\n")
-    with_val = load_splits(DataConfig(source="jsonl", train_path=path, val_path=val, test_path=val), "classification")
+    with_val = load_splits(DataConfig(source="jsonl", train_path=path, val_path=val, test_path=val), CLASSIFICATION)
     assert len(with_val.train) == 40 and len(with_val.val) == 1 and len(with_val.test) == 1
     assert describe_splits(with_val) == "data: train 40 (train.jsonl), val 1 (val.jsonl), test 1 (val.jsonl), 2 classes"
 
@@ -338,20 +340,20 @@ def test_file_splits_carve_validation_deterministically(tmp_path):
 def test_one_example_cannot_be_carved(tmp_path):
     path = _write(tmp_path, "one.csv", "text,label\nhello,1\n")
     with pytest.raises(DataError, match="one.csv: only 1 example"):
-        load_splits(DataConfig(source="csv", train_path=path), "classification")
+        load_splits(DataConfig(source="csv", train_path=path), CLASSIFICATION)
 
 
 def test_training_texts_use_the_train_split_only():
     splits = Splits(train=[{"document": "d1", "summary": "s1"}], val=[{"document": "dv", "summary": "sv"}])
-    assert training_texts(splits, "summarization") == ["d1", "s1"]
-    assert training_texts(Splits(train=[{"text": "t", "label": 1}]), "classification") == ["t"]
+    assert training_texts(splits, SUMMARIZATION) == ["d1", "s1"]
+    assert training_texts(Splits(train=[{"text": "t", "label": 1}]), CLASSIFICATION) == ["t"]
 
 
 def test_encode_splits_shapes_and_teacher_forcing_shift():
     cfg = _small_builtin(max_len=48, summary_len=5)  # short summary_len: some summaries are truncated
-    splits = load_splits(cfg, "summarization")
-    vocab = Vocabulary.build(training_texts(splits, "summarization"), cfg.vocab_size)
-    arrays = encode_splits(splits, vocab, cfg, "summarization")
+    splits = load_splits(cfg, SUMMARIZATION)
+    vocab = Vocabulary.build(training_texts(splits, SUMMARIZATION), cfg.vocab_size)
+    arrays = encode_splits(splits, vocab, cfg, SUMMARIZATION)
     assert set(arrays) == {"train", "val", "test"}
     train = arrays["train"]
     assert train["document"].shape == (200, 48) and train["summary_in"].shape == (200, 5)
@@ -363,9 +365,9 @@ def test_encode_splits_shapes_and_teacher_forcing_shift():
     np.testing.assert_array_equal(s_in[:, 1:][shifted], s_out[:, :-1][shifted])
 
     cls_cfg = _small_builtin()
-    cls = load_splits(cls_cfg, "classification")
-    cls_arrays = encode_splits(cls, Vocabulary.build(training_texts(cls, "classification"), 500), cls_cfg,
-                               "classification")
+    cls = load_splits(cls_cfg, CLASSIFICATION)
+    cls_arrays = encode_splits(cls, Vocabulary.build(training_texts(cls, CLASSIFICATION), 500), cls_cfg,
+                               CLASSIFICATION)
     assert cls_arrays["val"]["tokens"].shape == (50, 64) and cls_arrays["val"]["tokens"].dtype == np.int32
     assert cls_arrays["val"]["label"].dtype == np.float32 and cls_arrays["val"]["label"].shape == (50,)
 
@@ -387,9 +389,9 @@ def test_bag_of_embeddings_learns_the_classification_corpus():
     keras.utils.set_random_seed(0)
     cfg = DataConfig(builtin=BuiltinData(train_examples=2000, val_examples=400, test_examples=1, seed=1,
                                          label_noise=0.0))  # clean labels: is it learnable at all
-    splits = load_splits(cfg, "classification")
-    vocab = Vocabulary.build(training_texts(splits, "classification"), cfg.vocab_size)
-    arrays = encode_splits(splits, vocab, cfg, "classification")
+    splits = load_splits(cfg, CLASSIFICATION)
+    vocab = Vocabulary.build(training_texts(splits, CLASSIFICATION), cfg.vocab_size)
+    arrays = encode_splits(splits, vocab, cfg, CLASSIFICATION)
     model = keras.Sequential([
         keras.Input((cfg.max_len,), dtype="int32"),
         keras.layers.Embedding(vocab.size, 16),  # no masking: padding must not stop it learning either

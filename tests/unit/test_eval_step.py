@@ -8,9 +8,8 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import CONFIGS
-from trainer import task as task_lib
 from trainer.config import load_config
-from trainer.experiment import model_inputs, prepare
+from trainer.experiment import prepare
 from trainer.loop import evaluate, make_eval_step
 from trainer.strategy.single import SingleDevice
 
@@ -26,8 +25,7 @@ def test_one_trace_for_a_split_with_a_short_last_batch(tmp_path: Path):
 
     @tf.function
     def per_shape(batch):  # the step as it was: one trace per batch shape
-        return task_lib.eval_counts("classification", batch,
-                                    exp.model(model_inputs("classification", batch), training=False))
+        return exp.task.eval_counts(batch, exp.model(exp.task.model_inputs(batch), training=False))
 
     assert evaluate(exp, SingleDevice(), eval_step=per_shape) == pytest.approx(metrics, rel=1e-6)
     assert per_shape.experimental_get_tracing_count() == 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.elastic import ElasticSpec, check_sizes, discover_hosts
+from launch.elastic_checks import ElasticSpec, check_sizes, discover_hosts
 from launch.errors import LaunchError
 from launch.horovod import horovodrun_elastic_argv
 from launch.hosts import Host

@@ -16,12 +16,12 @@ from trainer.models import (
     PAD_ID,
     Level,
     LevelModel,
-    build_model,
     greedy_decode,
     greedy_decoder,
     mask_after_eos,
 )
 from trainer.models.summarizer import encoder_mask
+from trainer.tasks import build_model
 
 VOCAB, MAX_LEN, SUMMARY_LEN, BATCH = 40, 8, 5, 3
 CONFIGS = {
@@ -302,18 +302,19 @@ def test_three_classes_get_a_softmax_head_and_two_keep_the_sigmoid_unit():
 
 
 def test_k_class_counts_sum_over_batches_into_macro_and_per_class_metrics():
-    from trainer import task
+    from trainer.tasks import CLASSIFICATION as task
+    from trainer.tasks.classification import BINARY_COUNTS
 
     # Two batches (as two ranks would count them); truth/prediction pairs over 3 classes.
     batches = [([0, 0, 1, 2], [0, 1, 1, 2]), ([2, 2, 1], [2, 0, 1])]
-    totals = {key: 0.0 for key in task.count_keys("classification", 3)}
+    totals = {key: 0.0 for key in task.count_keys(3)}
     for truth, predicted in batches:
         logits = tf.one_hot(predicted, 3) * 5.0
-        counts = task.eval_counts("classification", {"label": tf.constant(truth, tf.int32)},
+        counts = task.eval_counts({"label": tf.constant(truth, tf.int32)},
                                   {"class_logits": logits, "probabilities": tf.nn.softmax(logits)})
         for key, value in counts.items():
             totals[key] += float(value)
-    m = task.metrics_from_counts("classification", totals)
+    m = task.metrics_from_counts(totals)
     assert m["accuracy"] == pytest.approx(5 / 7)
     # class 0: tp 1, predicted 2, actual 2; class 1: tp 2, predicted 3, actual 2; class 2: tp 2, predicted 2, actual 3
     assert (m["precision_0"], m["recall_0"]) == (pytest.approx(0.5), pytest.approx(0.5))
@@ -322,4 +323,4 @@ def test_k_class_counts_sum_over_batches_into_macro_and_per_class_metrics():
     assert m["f1_1"] == pytest.approx(0.8)
     assert m["precision"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
     assert m["f1"] == pytest.approx((0.5 + 0.8 + 0.8) / 3)
-    assert task.count_keys("classification", 2) == task.CLASSIFICATION_COUNTS  # binary counts unchanged
+    assert task.count_keys(2) == BINARY_COUNTS  # binary counts unchanged

@@ -1,5 +1,5 @@
-"""Pipeline planning (pure): stage partitions, GPipe/1F1B schedules and their simulated bubble and memory,
-config checks and the `strata plan` text."""
+"""Parallel planning (pure): the layout's rules, stage partitions, GPipe/1F1B schedules and their simulated
+bubble and memory, and the `strata plan` text."""
 from __future__ import annotations
 
 import itertools
@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-MODULE = Path(__file__).resolve().parents[2] / "trainer" / "strategy" / "pipeline_plan.py"
-
-
-import trainer.strategy.pipeline_plan as pp  # noqa: E402  (pure: no TensorFlow import)
+from trainer.config import config_from_dict
+from trainer.errors import ConfigError
+from trainer.parallel import layout, partition, report, schedule as sched  # pure: no TensorFlow import
 
 LEVELS = ["embed", "encoder_1", "encoder_2", "decoder", "output"]
 
@@ -27,9 +26,9 @@ def _one_line_error(excinfo) -> str:
 # ============================================================================ explicit_partition
 def test_explicit_partition_returns_half_open_ranges():
     stages = [["embed", "encoder_1"], ["encoder_2", "decoder"], ["output"]]
-    assert pp.explicit_partition(LEVELS, stages) == [(0, 2), (2, 4), (4, 5)]
-    assert pp.explicit_partition(LEVELS, [LEVELS]) == [(0, 5)]
-    assert pp.stage_level_names(LEVELS, [(0, 2), (2, 4), (4, 5)]) == stages
+    assert partition.explicit_partition(LEVELS, stages) == [(0, 2), (2, 4), (4, 5)]
+    assert partition.explicit_partition(LEVELS, [LEVELS]) == [(0, 5)]
+    assert partition.stage_level_names(LEVELS, [(0, 2), (2, 4), (4, 5)]) == stages
 
 
 @pytest.mark.parametrize("stages, message", [
@@ -58,7 +57,7 @@ def test_explicit_partition_returns_half_open_ranges():
 ])
 def test_explicit_partition_errors_name_the_level_and_fix(stages, message):
     with pytest.raises(ValueError) as excinfo:
-        pp.explicit_partition(LEVELS, stages)
+        partition.explicit_partition(LEVELS, stages)
     assert message in _one_line_error(excinfo)
 
 
@@ -87,9 +86,9 @@ def test_balanced_partition_matches_brute_force_and_prefers_earlier_boundaries()
         # Small integer costs make ties common, which exercises the tie-break.
         costs = [float(rng.randint(0, 4)) for _ in range(n)]
         expected = _brute_force(costs, stages)
-        got = pp.balanced_partition(costs, stages)
+        got = partition.balanced_partition(costs, stages)
         assert got == expected[1], (costs, stages)
-        assert max(pp.stage_costs(costs, got)) == expected[0]
+        assert max(partition.stage_costs(costs, got)) == expected[0]
 
 
 def test_balanced_partition_with_memory_matches_brute_force():
@@ -105,61 +104,61 @@ def test_balanced_partition_with_memory_matches_brute_force():
         if expected is None:
             checked_infeasible += 1
             with pytest.raises(ValueError, match="fits in memory"):
-                pp.balanced_partition(costs, stages, memory=memory, capacity=capacity)
+                partition.balanced_partition(costs, stages, memory=memory, capacity=capacity)
             continue
-        got = pp.balanced_partition(costs, stages, memory=memory, capacity=capacity)
+        got = partition.balanced_partition(costs, stages, memory=memory, capacity=capacity)
         assert got == expected[1], (costs, memory, capacity)
     assert checked_infeasible > 10
 
 
 def test_balanced_partition_examples():
-    assert pp.balanced_partition([1, 2, 3, 4, 5, 6, 7, 8, 9], 3) == [(0, 5), (5, 7), (7, 9)]
-    assert pp.balanced_partition([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
-    assert pp.balanced_partition([5, 1, 1, 1], 2) == [(0, 1), (1, 4)]
-    assert pp.balanced_partition([3, 1, 2], 3) == [(0, 1), (1, 2), (2, 3)]
+    assert partition.balanced_partition([1, 2, 3, 4, 5, 6, 7, 8, 9], 3) == [(0, 5), (5, 7), (7, 9)]
+    assert partition.balanced_partition([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
+    assert partition.balanced_partition([5, 1, 1, 1], 2) == [(0, 1), (1, 4)]
+    assert partition.balanced_partition([3, 1, 2], 3) == [(0, 1), (1, 2), (2, 3)]
     # Tie: [1 | 1 1] and [1 1 | 1] are both optimal (2); the earlier boundary wins.
-    assert pp.balanced_partition([1, 1, 1], 2) == [(0, 1), (1, 3)]
+    assert partition.balanced_partition([1, 1, 1], 2) == [(0, 1), (1, 3)]
     # Memory pushes the heavy level off the small device even though it makes the slowest stage slower.
-    assert pp.balanced_partition([1, 1, 1, 1], 2, memory=[1, 1, 1, 5], capacity=[10, 5]) == [(0, 3), (3, 4)]
+    assert partition.balanced_partition([1, 1, 1, 1], 2, memory=[1, 1, 1, 5], capacity=[10, 5]) == [(0, 3), (3, 4)]
     # One capacity for every stage; floating-point sums that fit exactly still fit.
-    assert pp.balanced_partition([1, 1, 1], 1, memory=[0.1, 0.2, 0.0], capacity=0.3) == [(0, 3)]
+    assert partition.balanced_partition([1, 1, 1], 1, memory=[0.1, 0.2, 0.0], capacity=0.3) == [(0, 3)]
 
 
 def test_balanced_partition_errors():
     with pytest.raises(ValueError) as excinfo:
-        pp.balanced_partition([1, 2, 3], 4)
+        partition.balanced_partition([1, 2, 3], 4)
     assert "more stages (4) than levels (3)" in _one_line_error(excinfo)
     with pytest.raises(ValueError) as excinfo:
-        pp.balanced_partition([5, 5, 5, 5], 2, memory=[3, 3, 9, 3], capacity=[8, 8])
+        partition.balanced_partition([5, 5, 5, 5], 2, memory=[3, 3, 9, 3], capacity=[8, 8])
     # Best split [3 3 | 9 3] over-fills stage 1 by 4, less than any other split.
     assert "at best stage 1 (levels 2-3) needs 12 but its capacity is 8" in _one_line_error(excinfo)
     with pytest.raises(ValueError, match=r"1 level into 1 stage fits in memory: at best stage 0 \(level 0\) needs 9"):
-        pp.balanced_partition([1], 1, memory=[9], capacity=[8])
+        partition.balanced_partition([1], 1, memory=[9], capacity=[8])
     with pytest.raises(ValueError, match="both memory"):
-        pp.balanced_partition([1, 2], 1, memory=[1, 1])
+        partition.balanced_partition([1, 2], 1, memory=[1, 1])
     with pytest.raises(ValueError, match="capacity has 1 entries but there are 2 stages"):
-        pp.balanced_partition([1, 2], 2, memory=[1, 1], capacity=[4])
+        partition.balanced_partition([1, 2], 2, memory=[1, 1], capacity=[4])
     with pytest.raises(ValueError, match=r"costs\[1\] is -1"):
-        pp.balanced_partition([1, -1], 1)
+        partition.balanced_partition([1, -1], 1)
     with pytest.raises(ValueError, match="positive integer"):
-        pp.balanced_partition([1, 2], 0)
+        partition.balanced_partition([1, 2], 0)
 
 
 def test_stage_costs_and_imbalance():
     costs = [1.0, 2.0, 3.0, 6.0]
-    assert pp.stage_costs(costs, [(0, 3), (3, 4)]) == [6.0, 6.0]
-    assert pp.imbalance(costs, [(0, 3), (3, 4)]) == 1.0
-    assert pp.imbalance(costs, [(0, 1), (1, 4)]) == pytest.approx(11 / 6)
-    assert pp.imbalance([0.0, 0.0], [(0, 1), (1, 2)]) == 1.0
+    assert partition.stage_costs(costs, [(0, 3), (3, 4)]) == [6.0, 6.0]
+    assert partition.imbalance(costs, [(0, 3), (3, 4)]) == 1.0
+    assert partition.imbalance(costs, [(0, 1), (1, 4)]) == pytest.approx(11 / 6)
+    assert partition.imbalance([0.0, 0.0], [(0, 1), (1, 2)]) == 1.0
     with pytest.raises(ValueError, match="stage 1 covers levels"):
-        pp.stage_costs(costs, [(0, 2), (3, 4)])
+        partition.stage_costs(costs, [(0, 2), (3, 4)])
     with pytest.raises(ValueError, match="covers levels \\[0, 3\\) but the model has 4 levels"):
-        pp.stage_costs(costs, [(0, 3)])
+        partition.stage_costs(costs, [(0, 3)])
 
 
 # ============================================================================ schedules
 KM = [(k, m) for k in (1, 2, 3, 4, 6) for m in (1, 2, 3, 4, 5, 8, 13)]
-SCHEDULE_FNS = {"gpipe": pp.gpipe_schedule, "1f1b": pp.one_f_one_b_schedule}
+SCHEDULE_FNS = {"gpipe": sched.gpipe_schedule, "1f1b": sched.one_f_one_b_schedule}
 
 
 @pytest.mark.parametrize("name", SCHEDULE_FNS)
@@ -175,13 +174,13 @@ def test_every_op_appears_exactly_once_per_stage(name):
 
 
 def test_gpipe_runs_all_forwards_then_backwards_last_micro_batch_first():
-    assert pp.gpipe_schedule(2, 3) == [
+    assert sched.gpipe_schedule(2, 3) == [
         [("F", 0), ("F", 1), ("F", 2), ("B", 2), ("B", 1), ("B", 0)],
     ] * 2
 
 
 def test_one_f_one_b_warmup_steady_cooldown():
-    schedule = pp.one_f_one_b_schedule(4, 6)
+    schedule = sched.one_f_one_b_schedule(4, 6)
     for s, ops in enumerate(schedule):
         warmup = min(4 - s - 1, 6)
         assert ops[:warmup] == [("F", m) for m in range(warmup)]
@@ -191,15 +190,15 @@ def test_one_f_one_b_warmup_steady_cooldown():
     assert schedule[0] == [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("F", 4), ("B", 1),
                            ("F", 5), ("B", 2), ("B", 3), ("B", 4), ("B", 5)]
     # Fewer micro-batches than warm-up slots: all forwards, then all backwards in order.
-    assert pp.one_f_one_b_schedule(4, 2)[0] == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
+    assert sched.one_f_one_b_schedule(4, 2)[0] == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
 
 
 @pytest.mark.parametrize("name", SCHEDULE_FNS)
 @pytest.mark.parametrize("backward_time", [2.0, 1.0, 3.0])
 def test_simulated_bubble_equals_theory_for_uniform_stages(name, backward_time):
     for k, m in KM:  # includes M < K
-        timeline = pp.simulate(SCHEDULE_FNS[name](k, m), forward_time=1.0, backward_time=backward_time)
-        theory = pp.theoretical_bubble(k, m)
+        timeline = sched.simulate(SCHEDULE_FNS[name](k, m), forward_time=1.0, backward_time=backward_time)
+        theory = sched.theoretical_bubble(k, m)
         assert timeline.bubble == pytest.approx(theory, abs=1e-12), (k, m)
         assert timeline.stage_bubble == pytest.approx([theory] * k, abs=1e-12)
         assert timeline.makespan == pytest.approx((m + k - 1) * (1.0 + backward_time))
@@ -208,14 +207,14 @@ def test_simulated_bubble_equals_theory_for_uniform_stages(name, backward_time):
 
 def test_peak_live_activations_gpipe_m_and_1f1b_at_most_k():
     for k, m in KM:
-        gpipe = pp.simulate(pp.gpipe_schedule(k, m)).peak_live
-        one_f_one_b = pp.simulate(pp.one_f_one_b_schedule(k, m)).peak_live
+        gpipe = sched.simulate(sched.gpipe_schedule(k, m)).peak_live
+        one_f_one_b = sched.simulate(sched.one_f_one_b_schedule(k, m)).peak_live
         assert gpipe[0] == m
         assert gpipe == [m] * k
         assert one_f_one_b == [min(k - s, m) for s in range(k)]
         assert max(one_f_one_b) <= k
-    assert pp.peak_live_micro_batches("1f1b", 4, 16) == [4, 3, 2, 1]
-    assert pp.peak_live_micro_batches("gpipe", 4, 16) == [16] * 4
+    assert sched.peak_live_micro_batches("1f1b", 4, 16) == [4, 3, 2, 1]
+    assert sched.peak_live_micro_batches("gpipe", 4, 16) == [16] * 4
 
 
 @pytest.mark.parametrize("name", SCHEDULE_FNS)
@@ -224,7 +223,7 @@ def test_simulated_times_respect_dependencies(name):
         # Unequal stage times so that dependencies, not symmetry, decide the start times.
         fwd = [1.0 + 0.5 * s for s in range(k)]
         bwd = [2.5 - 0.25 * s for s in range(k)]
-        tl = pp.simulate(SCHEDULE_FNS[name](k, m), forward_time=fwd, backward_time=bwd)
+        tl = sched.simulate(SCHEDULE_FNS[name](k, m), forward_time=fwd, backward_time=bwd)
         for s in range(k):
             ops = tl.ops[s]
             assert [(t.kind, t.micro_batch) for t in ops] == SCHEDULE_FNS[name](k, m)[s]
@@ -243,8 +242,8 @@ def test_simulated_times_respect_dependencies(name):
 
 
 def test_unbalanced_stages_have_a_bigger_bubble():
-    tl = pp.simulate(pp.one_f_one_b_schedule(2, 8), forward_time=[1.0, 3.0], backward_time=[2.0, 6.0])
-    assert tl.bubble > pp.theoretical_bubble(2, 8)
+    tl = sched.simulate(sched.one_f_one_b_schedule(2, 8), forward_time=[1.0, 3.0], backward_time=[2.0, 6.0])
+    assert tl.bubble > sched.theoretical_bubble(2, 8)
     assert tl.stage_bubble[1] < tl.stage_bubble[0]  # the slow stage is the busy one
 
 
@@ -259,8 +258,8 @@ def test_unbalanced_stages_have_a_bigger_bubble():
      "stage 1 waits at B1 for F1 on stage 1"),
 ])
 def test_deadlocking_schedule_raises(schedule, stuck):
-    with pytest.raises(pp.ScheduleDeadlock) as excinfo:
-        pp.simulate(schedule)
+    with pytest.raises(sched.ScheduleDeadlock) as excinfo:
+        sched.simulate(schedule)
     assert isinstance(excinfo.value, ValueError)
     msg = _one_line_error(excinfo)
     assert msg.startswith("schedule deadlocks: ") and stuck in msg
@@ -276,46 +275,73 @@ def test_deadlocking_schedule_raises(schedule, stuck):
 ])
 def test_malformed_schedule_raises(schedule, message):
     with pytest.raises(ValueError, match=None) as excinfo:
-        pp.simulate(schedule)
-    assert not isinstance(excinfo.value, pp.ScheduleDeadlock)
+        sched.simulate(schedule)
+    assert not isinstance(excinfo.value, sched.ScheduleDeadlock)
     assert message in _one_line_error(excinfo)
 
 
 def test_bubble_and_speedup_formulas():
-    assert pp.theoretical_bubble(1, 5) == 0.0
-    assert pp.theoretical_bubble(4, 4) == pytest.approx(3 / 7)
-    assert pp.theoretical_bubble(2, 2) == pytest.approx(1 / 3)
-    assert pp.gpipe_speedup_bound(4, 4) == pytest.approx(16 / 7)
-    assert pp.gpipe_speedup_bound(4, 4) == pytest.approx(4 * (1 - pp.theoretical_bubble(4, 4)))
-    assert pp.gpipe_speedup_bound(1, 7) == 1.0
+    assert sched.theoretical_bubble(1, 5) == 0.0
+    assert sched.theoretical_bubble(4, 4) == pytest.approx(3 / 7)
+    assert sched.theoretical_bubble(2, 2) == pytest.approx(1 / 3)
+    assert sched.gpipe_speedup_bound(4, 4) == pytest.approx(16 / 7)
+    assert sched.gpipe_speedup_bound(4, 4) == pytest.approx(4 * (1 - sched.theoretical_bubble(4, 4)))
+    assert sched.gpipe_speedup_bound(1, 7) == 1.0
     with pytest.raises(ValueError, match="micro_batches must be a positive integer"):
-        pp.theoretical_bubble(2, 0)
+        sched.theoretical_bubble(2, 0)
     with pytest.raises(ValueError, match="unknown schedule 'interleaved'"):
-        pp.make_schedule("interleaved", 2, 2)
+        sched.make_schedule("interleaved", 2, 2)
 
 
-# ============================================================================ validate_pipeline
-def test_validate_pipeline_ok():
-    assert pp.validate_pipeline(256, 2, 8, 4, LEVELS, 8) == (128, 16)
-    assert pp.validate_pipeline(32, 1, 4, 2, 5, ["GPU:0", "GPU:1"]) == (32, 8)
+# ============================================================================ layout
+def _config(batch: int = 32, micro_batches: int | None = 4, stages: int = 2, **train):
+    pipeline = {"stages": stages, "micro_batches": micro_batches} if micro_batches else None
+    return config_from_dict({"name": "p", "model": {"kind": "summarizer", "encoder_layers": 2},
+                             "data": {"batch_size": batch}, "train": train, "distribution": {"pipeline": pipeline}})
 
 
-@pytest.mark.parametrize("args, message", [
-    ((32, 1, 3, 2, 5, 2), "micro_batches (3) must divide the per-replica batch (32); try micro_batches=2"),
-    ((64, 2, 3, 2, 5, 4), "micro_batches (3) must divide the per-replica batch (32)"),
-    ((32, 1, 4, 4, 3, 8), "more stages (4) than levels (3)"),
-    ((32, 1, 4, 3, LEVELS, 2), "more stages (3) than devices (2)"),
-    ((32, 2, 4, 2, 5, 3), "stages (2) x replicas (2) needs 4 devices but there are 3; use replicas=1"),
-    ((30, 4, 1, 1, 5, 4), "replicas (4) must divide the global batch (30); try a global batch of 32"),
-    ((32, 1, 0, 1, 5, 1), "micro_batches must be a positive integer"),
+def test_layout_sizes():
+    four = layout.layout_for(_config(256, 8, 4), 2)
+    assert (four.per_replica_batch, four.micro_batch_size, four.devices, four.pipelined) == (128, 16, 8, True)
+    one = layout.layout_for(_config(32, 4, 2), 1)
+    assert (one.per_replica_batch, one.micro_batch_size) == (32, 8)
+    accum = layout.layout_for(_config(64, None, grad_accum=4), 2)
+    assert (accum.per_replica_batch, accum.micro_batch_size, accum.pipelined) == (32, 8, False)
+    assert layout.layout_for(_config(), 4).data_shard(3, 4) == (3, 4)  # one process per replica: its rank
+
+
+@pytest.mark.parametrize("cfg, replicas, message", [
+    (dict(batch=32, micro_batches=3), None,
+     "distribution.pipeline.micro_batches (3) must divide data.batch_size (32); try micro_batches=2"),
+    (dict(batch=64, micro_batches=64), 2,
+     "distribution.pipeline.micro_batches (64) must divide the per-replica batch (32) of data.batch_size 64 over "
+     "replicas (2); try micro_batches=32 or data.batch_size=128"),
+    (dict(batch=30, micro_batches=1), 4,
+     "data.batch_size (30) must be divisible by replicas (4): at most 3 replica(s) of this config fit; use fewer "
+     "or set data.batch_size=28"),
+    (dict(batch=32, micro_batches=None, grad_accum=5), None, "train.grad_accum (5) must divide data.batch_size (32)"),
+    (dict(batch=32, micro_batches=4, stages=7), None, "stages (7) exceeds the 6 levels"),
+    (dict(batch=32, micro_batches=4, grad_accum=2), None, "train.grad_accum must be 1 with distribution.pipeline"),
 ])
-def test_validate_pipeline_errors(args, message):
-    with pytest.raises(ValueError) as excinfo:
-        pp.validate_pipeline(*args)
+def test_layout_errors_are_one_line_naming_the_fields(cfg, replicas, message):
+    if replicas is None:  # a rule the config alone breaks: refused when the config is read
+        with pytest.raises(ConfigError) as excinfo:
+            _config(**cfg)
+    else:
+        with pytest.raises(layout.LayoutError) as excinfo:
+            layout.layout_for(_config(**cfg), replicas)
     assert message in _one_line_error(excinfo)
 
 
-# ============================================================================ PipelinePlan / format_plan
+def test_layout_messages_say_how_the_replicas_were_asked_for():
+    with pytest.raises(layout.LayoutError) as excinfo:
+        layout.layout_for(_config(32, 4), 3, "-np ({n})")
+    assert "data.batch_size (32) must be divisible by -np (3): at most 2 replica(s)" in _one_line_error(excinfo)
+    with pytest.raises(layout.LayoutError, match="replicas must be a positive integer"):
+        layout.layout_for(_config(), 0)
+
+
+# ============================================================================ PipelineReport / format_report
 def _plan(**overrides):
     fields = dict(
         stages=2, micro_batches=8, schedule="1f1b",
@@ -325,7 +351,7 @@ def _plan(**overrides):
         stage_costs=[1.0, 1.1], device_memory_bytes=16 * 2**30,
     )
     fields.update(overrides)
-    return pp.PipelinePlan(**fields)
+    return report.PipelineReport(**fields)
 
 
 def test_plan_numbers():
@@ -368,7 +394,7 @@ def test_plan_rejects_inconsistent_fields():
 
 
 def test_format_plan_table():
-    text = pp.format_plan(_plan(devices=["/gpu:0", "/gpu:1"], micro_batches=4, global_batch=64))
+    text = report.format_report(_plan(devices=["/gpu:0", "/gpu:1"], micro_batches=4, global_batch=64))
     lines = text.splitlines()
     assert lines[0] == "pipeline: 2 stages x 2 replicas, 4 devices"
     assert [c.strip() for c in lines[1].split("|")] == ["stage", "device", "levels", "params", "activation memory"]
@@ -385,8 +411,8 @@ def test_format_plan_table():
 
 
 def test_format_plan_without_estimates():
-    plan = pp.PipelinePlan(stages=1, micro_batches=1, schedule="gpipe", stage_levels=[LEVELS], global_batch=8)
-    text = pp.format_plan(plan)
+    plan = report.PipelineReport(stages=1, micro_batches=1, schedule="gpipe", stage_levels=[LEVELS], global_batch=8)
+    text = report.format_report(plan)
     assert "| GPU:0  |" in text and "| -" in text
     assert "bubble: 0.0% idle" in text
     assert "warnings" not in text
@@ -395,13 +421,14 @@ def test_format_plan_without_estimates():
 # ============================================================================ purity and speed
 def test_module_imports_no_tensorflow():
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('pp', {str(MODULE)!r})\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['pp'] = m; spec.loader.exec_module(m)\n"
-        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('tensorflow', 'keras', 'numpy', 'trainer'))\n"
+        "import sys\n"
+        "import trainer.parallel.layout, trainer.parallel.partition, trainer.parallel.report, trainer.parallel.schedule\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('tensorflow', 'keras', 'numpy', 'pydantic')\n"
+        "             or (n.startswith('trainer.') and not n.startswith('trainer.parallel')))\n"
         "print(bad)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
 
 
@@ -409,9 +436,9 @@ def test_large_plan_is_fast():
     import time
 
     t0 = time.perf_counter()
-    timeline = pp.simulate(pp.one_f_one_b_schedule(16, 128))
-    assert timeline.bubble == pytest.approx(pp.theoretical_bubble(16, 128))
-    pp.balanced_partition([float(i % 7 + 1) for i in range(48)], 8)
+    timeline = sched.simulate(sched.one_f_one_b_schedule(16, 128))
+    assert timeline.bubble == pytest.approx(sched.theoretical_bubble(16, 128))
+    partition.balanced_partition([float(i % 7 + 1) for i in range(48)], 8)
     assert time.perf_counter() - t0 < 1.0
 
 
@@ -443,14 +470,14 @@ def test_plan_rank_list_errors_are_one_line():
 def test_recompute_changes_the_activation_estimate():
     base = dict(stages=2, micro_batches=8, schedule="gpipe", stage_levels=[["a"], ["b"]], global_batch=32,
                 stage_activation_bytes=[100.0, 100.0], stage_boundary_bytes=[10.0, 10.0])
-    keep_all = pp.PipelinePlan(**base)
-    recompute = pp.PipelinePlan(**base, recompute=True)
+    keep_all = report.PipelineReport(**base)
+    recompute = report.PipelineReport(**base, recompute=True)
     assert keep_all.activation_bytes(0) == 8 * 100.0  # GPipe keeps all M micro-batches
     assert recompute.activation_bytes(0) == 8 * 10.0 + 100.0  # inputs of M, plus one re-run forward
-    assert "8 x 10 B inputs + 100 B recomputed" in pp.format_plan(recompute)
+    assert "8 x 10 B inputs + 100 B recomputed" in report.format_report(recompute)
 
 
 def test_stage_device_names():
-    assert pp.stage_device_names(2, 1, gpus=4) == ["/gpu:2", "/gpu:3"]
-    assert pp.stage_device_names(3, 0, gpus=0) == ["/cpu:0", "/cpu:1", "/cpu:2"]
-    assert pp.stage_device_names(2, 5, gpus=8, explicit=["/gpu:6", "/gpu:1"]) == ["/gpu:6", "/gpu:1"]
+    assert layout.stage_device_names(2, 1, gpus=4) == ["/gpu:2", "/gpu:3"]
+    assert layout.stage_device_names(3, 0, gpus=0) == ["/cpu:0", "/cpu:1", "/cpu:2"]
+    assert layout.stage_device_names(2, 5, gpus=8, explicit=["/gpu:6", "/gpu:1"]) == ["/gpu:6", "/gpu:1"]

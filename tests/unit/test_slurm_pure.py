@@ -174,18 +174,12 @@ def test_horovod_rank_uses_mpi_over_pmix_and_demands_it():
 def test_each_rank_prefixes_its_own_lines_like_every_launcher():
     # SLURM has no Strata launcher reading the ranks' output: run-rank tells the trainer the prefix to use
     # (trainer/output.py), the one `strata launch` puts before every rank's line.
-    from launch.env import rank_prefix
+    from launch.contract import rank_prefix
 
     for rank, env in enumerate(_job_env(["gpu01", "gpu02"], [2, 1])):
         out = slurm.rank_environment({**env, "PMIX_RANK": str(rank)}, slurm.read_rank(env, ["gpu01", "gpu02"]),
                                      backend="horovod", gpus_per_node=0)
         assert out["STRATA_OUTPUT_PREFIX"] == rank_prefix(rank) == f"[rank {rank}] "
-
-
-def test_trainer_and_launcher_agree_on_the_preempted_exit_code():
-    from trainer.preemption import PREEMPTED_EXIT_CODE
-
-    assert slurm.PREEMPTED_EXIT_CODE == PREEMPTED_EXIT_CODE == 75
 
 
 # -------------------------------------------------------------------------------------- resources
@@ -214,11 +208,8 @@ def test_default_tasks_per_node_follow_gpus_and_stages():
 
 
 @pytest.mark.parametrize("kw, needle", [
-    (dict(ntasks_per_node=3), "data.batch_size (64) must be divisible by the job's 3 replicas"),
-    (dict(nodes=16, ntasks_per_node=8), "at most 64 replica(s)"),
     (dict(gpus_per_node=4, ntasks_per_node=2), "--gpus-per-node 4 does not match --ntasks-per-node 2 x 1"),
     (dict(resolved=PIPELINED, gpus_per_node=4, ntasks_per_node=4), "x 2 device(s) per rank (distribution.pipeline.stages)"),
-    (dict(resolved=PIPELINED, nodes=8, ntasks_per_node=4), "distribution.pipeline.micro_batches (4)"),
     (dict(time="1"), "leaves no time before the preemption warning"),
     (dict(backend="single"), "use horovod or multi_worker"),
     (dict(nodes=0), "--nodes 0"),
@@ -227,6 +218,27 @@ def test_requests_that_cannot_work_are_refused(kw, needle):
     resolved = kw.pop("resolved", RESOLVED)
     with pytest.raises(LaunchError) as err:
         _check(resolved, **kw)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(ntasks_per_node=3), "data.batch_size (64) must be divisible by the job's 3 replicas (--nodes 1 x "
+                              "--ntasks-per-node 3)"),
+    (dict(nodes=16, ntasks_per_node=8), "at most 64 replica(s)"),
+    (dict(resolved=PIPELINED, nodes=8, ntasks_per_node=4), "distribution.pipeline.micro_batches (4)"),
+    (dict(backend="multi_worker", gpus_per_node=4, ntasks_per_node=1, nodes=3), "x 4 GPUs per worker"),
+])
+def test_the_batch_must_split_over_the_jobs_replicas(kw, needle):
+    """The worker's layout check (what `slurm submit` runs through `python -m trainer validate --replicas`),
+    told the job's replicas and how the request made them."""
+    from trainer.config import config_from_dict
+    from trainer.parallel.layout import LayoutError, layout_for
+
+    resolved = kw.pop("resolved", RESOLVED)
+    resources = _check(resolved, **kw)
+    cfg = config_from_dict({**resolved, "model": {"kind": "classifier"}})
+    with pytest.raises(LayoutError) as err:
+        layout_for(cfg, resources.replicas, resources.replicas_as)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 

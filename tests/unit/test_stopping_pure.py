@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import stopping
+from launch import contract, stopping
 from trainer import preemption, resume
 from trainer.config import load_config
 from trainer.errors import ConfigError
@@ -25,40 +25,41 @@ def _config(*overrides: str) -> dict:
 # ------------------------------------------------------------------------------- resume decisions
 def test_a_fresh_or_unchanged_run_just_starts_or_resumes(tmp_path):
     saved = _config()
-    assert resume.plan_resume(saved, _config(), None, tmp_path) == resume.ResumePlan(False)
-    assert resume.plan_resume(saved, _config(), 120, tmp_path) == resume.ResumePlan(False)
+    assert resume.decide_start(saved, _config(), None, tmp_path) == resume.StartDecision(False)
+    assert resume.decide_start(saved, _config(), 120, tmp_path) == resume.StartDecision(False)
 
 
 @pytest.mark.parametrize("new_steps", [400, 300])
 def test_a_run_at_or_past_train_steps_has_nothing_to_do(tmp_path, new_steps):
-    plan = resume.plan_resume(_config(), _config(f"train.steps={new_steps}"), 400, tmp_path)
-    assert plan == resume.ResumePlan(True, (f"strata: already at step 400, train.steps is {new_steps}: nothing to do",))
+    decision = resume.decide_start(_config(), _config(f"train.steps={new_steps}"), 400, tmp_path)
+    assert decision == resume.StartDecision(True, (f"strata: already at step 400, train.steps is {new_steps}: "
+                                                   "nothing to do",))
 
 
 def test_more_steps_on_a_decaying_schedule_are_refused_with_the_rates_and_the_fixes(tmp_path):
     with pytest.raises(ConfigError) as err:
-        resume.plan_resume(_config("train.steps=100"), _config("train.steps=200"), 100, tmp_path)
+        resume.decide_start(_config("train.steps=100"), _config("train.steps=200"), 100, tmp_path)
     message = str(err.value)
     assert "train.steps changed from 100 to 200, but the cosine learning-rate schedule depends on it" in message
     assert "from 0 to 0.00" in message and "an unplanned warm restart" in message
     assert "--set train.steps=100" in message and "optimizer.schedule=constant" in message and "run_dir=" in message
     with pytest.raises(ConfigError, match="a jump the schedule never planned"):  # fewer steps: the rate drops
-        resume.plan_resume(_config(), _config("train.steps=200"), 100, tmp_path)
+        resume.decide_start(_config(), _config("train.steps=200"), 100, tmp_path)
 
 
 def test_a_changed_train_steps_is_applied_where_the_rate_does_not_depend_on_it(tmp_path):
     constant = ("optimizer.schedule=constant",)
-    plan = resume.plan_resume(_config(*constant), _config(*constant, "train.steps=800"), 100, tmp_path)
-    assert not plan.nothing_to_do
-    assert plan.notes == ("strata: train.steps changed from 400 to 800: applied; the constant learning-rate "
+    decision = resume.decide_start(_config(*constant), _config(*constant, "train.steps=800"), 100, tmp_path)
+    assert not decision.nothing_to_do
+    assert decision.notes == ("strata: train.steps changed from 400 to 800: applied; the constant learning-rate "
                           "schedule does not depend on it; the rate at step 100 is 0.005",)
-    (note,) = resume.plan_resume(_config(), _config("train.steps=800"), 10, tmp_path).notes  # inside warm-up
+    (note,) = resume.decide_start(_config(), _config("train.steps=800"), 10, tmp_path).notes  # inside warm-up
     assert "applied; the cosine decay has not begun (step 10 is inside the 20 warm-up steps)" in note
 
 
 def test_a_different_model_is_still_refused_first(tmp_path):
     with pytest.raises(ConfigError, match=r"model.hidden_dim: 32 -> 48"):
-        resume.plan_resume(_config(), _config("model.hidden_dim=48", "train.steps=100"), 400, tmp_path)
+        resume.decide_start(_config(), _config("model.hidden_dim=48", "train.steps=100"), 400, tmp_path)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
@@ -109,13 +110,12 @@ def test_what_the_user_is_told():
     assert preemption.lost_message(7, None).endswith("there is none yet, so the next start begins at step 0")
 
 
-@pytest.mark.parametrize("signum", preemption.SIGNALS)
+@pytest.mark.parametrize("signum", contract.STOP_SIGNALS)
 def test_the_launcher_reads_the_chiefs_stop_line(signum):
     line = preemption.stop_line(210, signum)
-    assert stopping.parse_stop_line(f"[1,0]<stdout>:{line}\n") == (210, preemption.WHAT[signum])
-    assert stopping.exit_code_for(signal.SIGINT if preemption.WHAT[signum] == "Ctrl-C" else signal.SIGTERM) == \
-        preemption.EXIT_CODES[signum]
-    assert stopping.STOPPED_EXIT_CODES == tuple(sorted(set(preemption.EXIT_CODES.values())))
+    assert contract.parse_stop_line(f"[1,0]<stdout>:{line}\n") == (210, contract.STOP_LABELS[signum])
+    assert contract.stop_exit_code(contract.STOP_LABELS[signum]) == preemption.STOP_EXIT_CODES[signum]
+    assert contract.STOPPED_EXIT_CODES == tuple(sorted(set(preemption.STOP_EXIT_CODES.values())))
 
 
 # ------------------------------------------------------------------------------- launcher side

@@ -11,7 +11,7 @@ from trainer.data.corpora import (
     make_classification_corpus,
     make_summarization_corpus,
 )
-from trainer.data.readers import TASK_KEYS, read_examples, read_tfds
+from trainer.data.readers import read_examples, read_tfds
 from trainer.data.splits import (
     Splits,
     carve,
@@ -35,7 +35,7 @@ from trainer.data.tokenizer import (
 
 __all__ = [
     "BOS", "CANONICAL_VERB", "COUNT_WORDS", "EOS", "NEGATIVE_WORDS", "PAD", "POSITIVE_WORDS",
-    "SPECIAL_TOKENS", "Splits", "TASK_KEYS", "UNK", "VERB_SYNONYMS", "Vocabulary", "carve",
+    "SPECIAL_TOKENS", "Splits", "UNK", "VERB_SYNONYMS", "Vocabulary", "carve",
     "derive_seed", "encode_examples", "encode_splits", "load_splits", "make_classification_corpus",
     "make_summarization_corpus", "read_examples", "read_tfds", "standardize", "tf_decoder",
     "tf_encoder", "training_texts",

@@ -7,6 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
+from launch.contract import INTERRUPTED_EXIT_CODE
+
 
 def add_parser(sub) -> None:
     """Add the `data` command and its subcommands to the trainer's argparse subparsers."""
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"strata: interrupted: finished shards are kept in {spec.out}; run the same command again to resume",
               file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
     print(summary(spec.out, index) if worked else f"strata: {spec.out} is already prepared with these inputs and "
           f"settings; nothing to do\n{summary(spec.out, index)}")
     return 0

@@ -14,30 +14,20 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from trainer.errors import DataError
 
-Format = Literal["jsonl", "csv", "tsv"]
-Task = Literal["classification", "summarization"]
+if TYPE_CHECKING:
+    from trainer.tasks import Task
 
-# The keys (JSONL) / header columns (CSV, TSV) each task needs, in the order shown in messages.
-TASK_KEYS: dict[str, tuple[str, str]] = {
-    "classification": ("text", "label"),
-    "summarization": ("document", "summary"),
-}
+Format = Literal["jsonl", "csv", "tsv"]
 _TRUE, _FALSE = ("1", "true"), ("0", "false")
 
 
 def _error(message: str) -> DataError:
     """A DataError guaranteed to be one line (values from the file may contain line breaks)."""
     return DataError(" ".join(message.splitlines()))
-
-
-def _keys_for(task: str) -> tuple[str, str]:
-    if task not in TASK_KEYS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_KEYS)}")
-    return TASK_KEYS[task]
 
 
 def _read_text(path: str) -> str:
@@ -79,25 +69,23 @@ def _label(value: Any, where: str) -> int | str:
                  "(or true/false) or class names (strings)")
 
 
-def _example(record: dict, task: str, where: str) -> dict:
+def _example(record: dict, task: Task, where: str) -> dict:
     """Validate one record (keys already present) into a clean example dict."""
-    text_key, other_key = _keys_for(task)
     out: dict[str, Any] = {}
-    string_keys = (text_key,) if task == "classification" else (text_key, other_key)
-    for key in string_keys:
+    for key in (k for k in task.record_keys if k != task.label_key):
         value = record[key]
         if not isinstance(value, str):
             raise _error(f"{where}: {key!r} must be a string, got {type(value).__name__}; quote the value")
         if not value.strip():
             raise _error(f"{where}: {key!r} is empty; remove the example or fill in its {key}")
         out[key] = value
-    if task == "classification":
-        out["label"] = _label(record[other_key], where)
+    if task.label_key is not None:
+        out[task.label_key] = _label(record[task.label_key], where)
     return out
 
 
-def _read_jsonl(path: str, text: str, task: str) -> list[dict]:
-    keys = _keys_for(task)
+def _read_jsonl(path: str, text: str, task: Task) -> list[dict]:
+    keys = task.record_keys
     expected = "{" + ", ".join(f'"{k}": ...' for k in keys) + "}"
     examples = []
     # Split on "\n" only: str.splitlines would also split on U+2028 etc., which JSON strings may contain.
@@ -119,8 +107,8 @@ def _read_jsonl(path: str, text: str, task: str) -> list[dict]:
     return examples
 
 
-def _read_delimited(path: str, text: str, task: str, delimiter: str) -> list[dict]:
-    keys = _keys_for(task)
+def _read_delimited(path: str, text: str, task: Task, delimiter: str) -> list[dict]:
+    keys = task.record_keys
     kind = "TSV" if delimiter == "\t" else "CSV"
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
@@ -161,7 +149,8 @@ def _read_delimited(path: str, text: str, task: str, delimiter: str) -> list[dic
 
 
 def read_examples(path: str, fmt: Format, task: Task) -> list[dict]:
-    """Examples from a user's file.
+    """Examples from a user's file, with the task's `record_keys` (the keys, in JSONL, or header columns, in
+    CSV/TSV, an example needs, in the order shown in messages).
 
     classification: `{"text": str, "label": int | str}`; summarization: `{"document": str, "summary": str}`.
     JSONL has one object per line; CSV/TSV have a header row naming those columns (extras are ignored).
@@ -170,7 +159,6 @@ def read_examples(path: str, fmt: Format, task: Task) -> list[dict]:
     """
     if fmt not in ("jsonl", "csv", "tsv"):
         raise ValueError(f"unknown format {fmt!r}")
-    _keys_for(task)
     text = _read_text(path)
     if fmt == "jsonl":
         examples = _read_jsonl(path, text, task)

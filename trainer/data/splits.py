@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.config import DataConfig
-from trainer.data.corpora import best_accuracy, make_classification_corpus, make_summarization_corpus
+from typing import TYPE_CHECKING
+
 from trainer.data.readers import read_examples, read_tfds
 from trainer.data.tokenizer import Vocabulary
 from trainer.errors import DataError
 
-TASKS = ("classification", "summarization")
+if TYPE_CHECKING:
+    from trainer.config import DataConfig
+    from trainer.tasks import Task
 # Seed of the deterministic validation carve from a train file. Fixed (not data.builtin.seed) so that
 # changing the built-in corpus seed never silently reshuffles a user's own validation set.
 CARVE_SEED = 0
@@ -79,11 +81,6 @@ def derive_seed(seed: int, split: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-
-
 def carve(examples: list[dict], fraction: float, seed: int = CARVE_SEED, *, source: str = "train") -> tuple[list[dict], list[dict]]:
     """Split `examples` into (train, val) deterministically: a seeded shuffle, val = ceil(fraction * n)."""
     n = len(examples)
@@ -100,7 +97,7 @@ def carve(examples: list[dict], fraction: float, seed: int = CARVE_SEED, *, sour
     return train, val
 
 
-def load_splits(data_cfg: DataConfig, task: str) -> Splits:
+def load_splits(data_cfg: DataConfig, task: Task) -> Splits:
     """Examples of the train, validation and test splits of `data_cfg.source`.
 
     * builtin: generated from `data_cfg.builtin`, each split with its own seed derived from
@@ -110,16 +107,15 @@ def load_splits(data_cfg: DataConfig, task: str) -> Splits:
       split stays missing (`Splits.test` is None: evaluating "test" is refused, see `check_split`).
     * tfds: the dataset's "train", "validation" and "test" splits from the local `tfds_data_dir`.
 
-    Classification labels are checked across the files and turned into class ids (`label_set`).
+    A labelled task's labels are checked across the files and turned into class ids (`label_set`).
     """
-    _check_task(task)
     source = data_cfg.source
     if source == "builtin":
         return _builtin_splits(data_cfg, task)
     if source in ("jsonl", "csv", "tsv"):
         return _file_splits(data_cfg, task)
     if source == "tfds":
-        if task != "summarization":
+        if not task.reads_tfds:
             raise DataError("data.source tfds is supported for the summarizers only; use jsonl/csv/tsv or builtin")
         assert data_cfg.tfds_name and data_cfg.tfds_data_dir
 
@@ -133,30 +129,25 @@ def load_splits(data_cfg: DataConfig, task: str) -> Splits:
     raise ValueError(f"unknown data source {source!r}")
 
 
-def _builtin_splits(data_cfg: DataConfig, task: str) -> Splits:
+def _builtin_splits(data_cfg: DataConfig, task: Task) -> Splits:
     b = data_cfg.builtin
     origin = {"train": f"built-in, data.builtin.seed {b.seed}", "val": "built-in, own seed",
               "test": "built-in, own seed"}
-    if task == "summarization":
-        return Splits(train=make_summarization_corpus(b.train_examples, derive_seed(b.seed, "train")),
-                      val=make_summarization_corpus(b.val_examples, derive_seed(b.seed, "val")),
-                      test=make_summarization_corpus(b.test_examples, derive_seed(b.seed, "test")), origin=origin)
 
     def make(n: int, split: str) -> list[dict]:
-        return make_classification_corpus(n, derive_seed(b.seed, split), b.label_noise)
+        return task.builtin_examples(b, n, derive_seed(b.seed, split))
 
-    note = (f"built-in reviews with {b.label_noise:.0%} of labels flipped (data.builtin.label_noise): best "
-            f"achievable validation accuracy {best_accuracy(b.val_examples, b.label_noise):.3f}")
     return Splits(train=make(b.train_examples, "train"), val=make(b.val_examples, "val"),
-                  test=make(b.test_examples, "test"), origin=origin, labels=BINARY, note=note)
+                  test=make(b.test_examples, "test"), origin=origin, labels=BINARY if task.labelled else None,
+                  note=task.builtin_note(b))
 
 
-def _file_splits(data_cfg: DataConfig, task: str) -> Splits:
+def _file_splits(data_cfg: DataConfig, task: Task) -> Splits:
     fmt = data_cfg.source
     train_path = data_cfg.train_path
     assert train_path  # guaranteed by DataConfig's validator
     train = read_examples(train_path, fmt, task)  # type: ignore[arg-type]
-    labels = label_set(train, train_path) if task == "classification" else None
+    labels = label_set(train, train_path) if task.labelled else None
     named = Path(train_path).name
     origin = {"train": named}
     if data_cfg.val_path:
@@ -231,42 +222,22 @@ def check_split(data_cfg: DataConfig, split: str, run_dir: str) -> None:
             f"in {run_dir}/config.yaml")
 
 
-def training_texts(splits: Splits, task: str) -> list[str]:
-    """Texts the vocabulary is built from: the train split only (texts, or documents then summaries)."""
-    _check_task(task)
-    if task == "classification":
-        return [e["text"] for e in splits.train]
-    return [e["document"] for e in splits.train] + [e["summary"] for e in splits.train]
+def training_texts(splits: Splits, task: Task) -> list[str]:
+    """Texts the vocabulary is built from: the train split only (the task says which fields)."""
+    return task.training_texts(splits.train)
 
 
-def encode_examples(examples: list[dict], vocab: Vocabulary, data_cfg: DataConfig, task: str,
+def encode_examples(examples: list[dict], vocab: Vocabulary, data_cfg: DataConfig, task: Task,
                     num_classes: int = 2) -> dict[str, np.ndarray]:
     """Arrays of one split (see `encode_splits`)."""
-    _check_task(task)
-    if task == "classification":
-        # Binary labels feed a sigmoid cross-entropy (float); K-way ones a sparse softmax one (class ids).
-        dtype = np.float32 if num_classes == 2 else np.int32
-        return {
-            "tokens": vocab.encode_batch([e["text"] for e in examples], data_cfg.max_len),
-            "label": np.asarray([e["label"] for e in examples], dtype=dtype).reshape(len(examples)),
-        }
-    summaries = [e["summary"] for e in examples]
-    # Teacher forcing: the decoder reads <s> w1 .. wk and must predict w1 .. wk </s>; both truncate
-    # the same words, so summary_in[:, t + 1] == summary_out[:, t] wherever summary_out is not PAD.
-    return {
-        "document": vocab.encode_batch([e["document"] for e in examples], data_cfg.max_len),
-        "summary_in": vocab.encode_batch(summaries, data_cfg.summary_len, add_bos=True),
-        "summary_out": vocab.encode_batch(summaries, data_cfg.summary_len, add_eos=True),
-    }
+    return task.encode(examples, vocab, data_cfg, num_classes)
 
 
-def encode_splits(splits: Splits, vocab: Vocabulary, data_cfg: DataConfig, task: str) -> dict[str, dict[str, np.ndarray]]:
-    """`{"train"|"val"|"test": arrays}` (no "test" when the run has no test split).
-
-    classification: `tokens` int32 [n, max_len], `label` float32 [n] (binary) or int32 class ids [n].
-    summarization: `document` int32 [n, max_len], `summary_in` int32 [n, summary_len] (BOS + words),
-    `summary_out` int32 [n, summary_len] (words + EOS, then PAD).
-    """
+def encode_splits(splits: Splits, vocab: Vocabulary, data_cfg: DataConfig,
+                  task: Task) -> dict[str, dict[str, np.ndarray]]:
+    """`{"train"|"val"|"test": arrays}` (no "test" when the run has no test split); each task's `encode`
+    says which arrays, e.g. classification `tokens` and `label`, summarization `document`, `summary_in`
+    and `summary_out`."""
     k = splits.labels.num_classes if splits.labels else 2
     return {name: encode_examples(examples, vocab, data_cfg, task, k)
             for name in ("train", "val", "test") if (examples := getattr(splits, name)) is not None}

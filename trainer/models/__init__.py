@@ -1,14 +1,12 @@
 """Strata models: each is a `LevelModel`, an ordered list of `Level`s run on a carry dict.
 
-    model = build_model(cfg.model, vocab_size=..., max_len=..., summary_len=...)
+    model = build_model(cfg.model, vocab_size=..., max_len=..., summary_len=...)   # trainer/tasks/: by kind
     model.build_from_inputs()
     out = model(inputs)                      # == model.run_levels(model.run_levels(inputs, 0, k), k)
 
 No distribution code lives here; the pipeline layer places contiguous level slices on devices.
 """
 from __future__ import annotations
-
-from typing import Any
 
 from trainer.models.classifier import build_classifier
 from trainer.models.decoding import greedy_decode, greedy_decoder, mask_after_eos
@@ -24,28 +22,9 @@ __all__ = [
     "Level",
     "LevelModel",
     "build_classifier",
-    "build_model",
     "build_summarizer",
     "build_transformer",
     "greedy_decode",
     "greedy_decoder",
     "mask_after_eos",
 ]
-
-
-def build_model(cfg_model: Any, *, vocab_size: int, max_len: int, summary_len: int,
-                num_classes: int = 2) -> LevelModel:
-    """Build the (unbuilt) model for a `cfg.model` section, dispatching on `cfg_model.kind`.
-
-    Variables are created under the global Keras dtype policy at the first call: set mixed precision
-    before calling this, and call `build_from_inputs()` inside the distribution scope. `num_classes`
-    (the classifier only) comes from the training labels (trainer/data/splits.py `LabelSet`).
-    """
-    kind = cfg_model.kind
-    if kind == "classifier":
-        return build_classifier(cfg_model, vocab_size=vocab_size, max_len=max_len, num_classes=num_classes)
-    if kind == "summarizer":
-        return build_summarizer(cfg_model, vocab_size=vocab_size, max_len=max_len, summary_len=summary_len)
-    if kind == "transformer":
-        return build_transformer(cfg_model, vocab_size=vocab_size, max_len=max_len, summary_len=summary_len)
-    raise ValueError(f"unknown model kind {kind!r}; expected classifier, summarizer or transformer")

@@ -10,11 +10,15 @@ Levels and their carries:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import keras
 import tensorflow as tf
 
-from trainer.config import ClassifierModel
 from trainer.models.levels import PAD_ID, Carry, Level, LevelModel
+
+if TYPE_CHECKING:
+    from trainer.config import ClassifierModel
 
 
 class ClassifierEmbed(Level):

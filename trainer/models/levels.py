@@ -28,8 +28,6 @@ PAD_ID = 0
 BOS_ID = 2
 EOS_ID = 3
 
-TASKS = ("classification", "summarization")
-
 
 class Level(keras.layers.Layer):
     """One function f_i of the model: `call(carry, training) -> new carry`.
@@ -89,7 +87,7 @@ class LevelModel(keras.Model):
 
     Attributes:
         levels: the levels, in order.
-        task: "classification" or "summarization".
+        task: the name of the task it learns (a `Task.name` of trainer/tasks/).
         input_specs: `{name: tf.TensorSpec}` of the model inputs (batch dimension None).
     """
 
@@ -102,8 +100,6 @@ class LevelModel(keras.Model):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         names = [lvl.name for lvl in levels]
         if not names:
             raise ValueError("a LevelModel needs at least one level")

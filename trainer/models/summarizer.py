@@ -16,11 +16,15 @@ summary_in[:, :t+1]; greedy decoding by re-running on a growing buffer is theref
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import keras
 import tensorflow as tf
 
-from trainer.config import SummarizerModel
 from trainer.models.levels import PAD_ID, Carry, Level, LevelModel
+
+if TYPE_CHECKING:
+    from trainer.config import SummarizerModel
 
 
 def encoder_mask(document: tf.Tensor) -> tf.Tensor:

@@ -13,13 +13,17 @@ Decoder self-attention is causal, so position t depends only on summary_in[:, :t
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 
 import keras
 import tensorflow as tf
 
-from trainer.config import TransformerModel
 from trainer.models.levels import PAD_ID, Carry, Level, LevelModel
+
+if TYPE_CHECKING:
+    from trainer.config import TransformerModel
 
 
 def sinusoidal_positions(length: tf.Tensor | int, dim: int) -> tf.Tensor:

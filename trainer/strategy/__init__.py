@@ -1,31 +1,39 @@
 """Distribution backends behind one interface (see base.py). The only package that imports horovod or
-calls tf.distribute. Importing this package does not import TensorFlow (pipeline_plan.py is pure and
-serves `strata plan`); each backend is imported when it is chosen."""
+calls tf.distribute. Importing this package does not import TensorFlow; each backend is imported when it is
+chosen. The plans they carry out (layout, stages, schedules) are pure: trainer/parallel/."""
 from __future__ import annotations
 
+import importlib
 import os
 from typing import TYPE_CHECKING
 
+from launch.contract import LAUNCHER_SIZE_VARS, env_int
 from trainer.config import ExperimentConfig
 from trainer.errors import ConfigError
+from trainer.parallel.layout import Layout, LayoutError, layout_for
 
 if TYPE_CHECKING:
     from trainer.strategy.base import Strategy
 
-# Variables that horovodrun / mpirun / srun set in every rank they start.
-_LAUNCHER_SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-
 
 def launched_world_size() -> int:
-    """How many ranks an external launcher (horovodrun, mpirun) started, 1 when none did."""
-    for key in _LAUNCHER_SIZE_VARS:
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 1
+    """How many ranks an external launcher (horovodrun, mpirun, srun) started, 1 when none did."""
+    return env_int(os.environ, LAUNCHER_SIZE_VARS, 1)
+
+
+# distribution.backend -> "module:function" building it from the config (imported when chosen). A backend
+# with variants is built by the module of its variant, which picks: elastic Horovod (when horovodrun is
+# elastic), multi_worker with its variables on pipeline stages (when the config has a pipeline).
+BACKENDS = {
+    "single": "trainer.strategy.single:single_device",
+    "mirrored": "trainer.strategy.tf_distribute:mirrored",
+    "multi_worker": "trainer.strategy.multi_worker_pipeline:multi_worker",
+    "horovod": "trainer.strategy.horovod_elastic:horovod",
+}
 
 
 def make_strategy(cfg: ExperimentConfig) -> "Strategy":
-    """Build the backend named by `distribution.backend` and check the batch splits evenly over it."""
+    """Build the backend named by `distribution.backend` and check the layout fits the replicas it formed."""
     dist = cfg.distribution
     ranks = launched_world_size()
     if ranks > 1 and dist.backend not in ("horovod",):
@@ -34,68 +42,22 @@ def make_strategy(cfg: ExperimentConfig) -> "Strategy":
             f"add --set distribution.backend=horovod"
         )
     if dist.pipeline is not None and dist.pipeline.devices is None:
-        _split_cpu_for_stages(dist.pipeline.stages)  # before any backend starts TensorFlow's runtime
-    if dist.backend == "single":
-        from trainer.strategy.single import SingleDevice
+        from trainer.strategy.pipeline.devices import split_cpu_for_stages
 
-        strategy: "Strategy" = SingleDevice()
-    elif dist.backend == "mirrored":
-        from trainer.strategy.tf_distribute import Mirrored
-
-        strategy = Mirrored(dist.devices)
-    elif dist.backend == "multi_worker":
-        from trainer.strategy.tf_distribute import MultiWorker
-
-        try:
-            if dist.pipeline is not None:
-                from trainer.strategy.multi_worker_pipeline import MultiWorkerPipeline
-
-                strategy = MultiWorkerPipeline()
-            else:
-                strategy = MultiWorker()
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    elif os.environ.get("HOROVOD_ELASTIC") == "1":  # horovodrun --min-np/--max-np: workers may come and go
-        from trainer.strategy.elastic import ElasticHorovod
-
-        strategy = ElasticHorovod(dist)
-    else:
-        from trainer.strategy.horovod import Horovod
-
-        strategy = Horovod(dist)
-    check_batch_split(cfg, strategy.num_replicas)
+        split_cpu_for_stages(dist.pipeline.stages)  # before any backend starts TensorFlow's runtime
+    module, _, name = BACKENDS[dist.backend].partition(":")
+    strategy: "Strategy" = getattr(importlib.import_module(module), name)(cfg)
+    replica_layout(cfg, strategy.num_replicas)  # the batch must split over the replicas the backend formed
     return strategy
 
 
-def _split_cpu_for_stages(stages: int) -> None:
-    """Without GPUs, pipeline stages run on logical CPU devices, which must exist before the runtime starts."""
-    import tensorflow as tf
-
-    if not tf.config.list_physical_devices("GPU"):
-        from trainer.strategy.tf_distribute import use_logical_cpus
-
-        use_logical_cpus(stages)
-        # Stages overlap only if the executor has a thread for each stage that can run at once.
-        if tf.config.threading.get_inter_op_parallelism_threads() == 0:
-            tf.config.threading.set_inter_op_parallelism_threads(max(2 * stages, 4))
+def replica_layout(cfg: ExperimentConfig, replicas: int, *, training: bool = True) -> Layout:
+    """The run's layout over `replicas` data-parallel replicas (trainer/parallel/layout.py); ConfigError (one
+    line) when it cannot run. Without `training` there is no pipeline: the whole model on one device."""
+    try:
+        return layout_for(cfg, replicas, pipeline=training)
+    except LayoutError as err:
+        raise ConfigError(str(err)) from None
 
 
-def check_batch_split(cfg: ExperimentConfig, replicas: int) -> int:
-    """Per-replica batch; a one-line error when the global batch does not divide into whole micro-batches."""
-    b, accum = cfg.data.batch_size, cfg.train.grad_accum
-    pipe = cfg.distribution.pipeline
-    if pipe is not None and (b % replicas or (b // replicas) % pipe.micro_batches):
-        raise ConfigError(
-            f"data.batch_size ({b}) must be divisible by replicas ({replicas}) x distribution.pipeline."
-            f"micro_batches ({pipe.micro_batches}); try data.batch_size="
-            f"{replicas * pipe.micro_batches * max(1, b // (replicas * pipe.micro_batches))}"
-        )
-    if b % replicas or (b // replicas) % accum:
-        raise ConfigError(
-            f"data.batch_size ({b}) must be divisible by replicas ({replicas}) x train.grad_accum ({accum}); "
-            f"try data.batch_size={replicas * accum * max(1, b // (replicas * accum))}"
-        )
-    return b // replicas
-
-
-__all__ = ["make_strategy", "check_batch_split", "launched_world_size"]
+__all__ = ["BACKENDS", "launched_world_size", "make_strategy", "replica_layout"]

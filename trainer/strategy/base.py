@@ -1,12 +1,20 @@
 """The one interface every distribution backend implements.
 
 The training loop talks only to this interface, so the same loop runs on one device, on several GPUs of a
-process (tf.distribute), on many processes (MultiWorkerMirroredStrategy, Horovod), and later with pipeline
-stages. Only modules in this package import horovod or call tf.distribute.
+process (tf.distribute), on many processes (MultiWorkerMirroredStrategy, Horovod), each replica with or
+without pipeline stages. Only modules in this package import horovod or call tf.distribute.
 
 Loss convention for every backend: each replica computes sum(per-example loss) / GLOBAL batch, and the
 gradients of all replicas are SUMMED. The result equals the gradient of the mean loss over the global
 batch, which is what makes N replicas x batch b train exactly like 1 replica x batch N*b.
+
+Where the gradients of a step are summed, per backend (`make_update` returns the object that does it):
+  single                   nothing to sum;
+  horovod                  `Horovod.reduce_gradients`: one hvd.allreduce per gradient (horovod.py);
+  mirrored, multi_worker   Keras's optimizer, inside `apply_gradients` (an all-reduce in tf.distribute's
+                           merge_call), so `reduce_gradients` is the identity there (tf_distribute.py);
+  multi_worker x pipeline  `MultiWorkerPipeline.reduce_gradients`: a collective all-reduce over workers
+                           (multi_worker_pipeline.py; its variables live outside tf.distribute's scope).
 """
 from __future__ import annotations
 
@@ -15,6 +23,9 @@ import contextlib
 from typing import Any, Callable, Iterator
 
 import tensorflow as tf
+
+from trainer.nonfinite import poison
+from trainer.optim import merge_duplicate_rows
 
 
 class Strategy(abc.ABC):
@@ -51,10 +62,6 @@ class Strategy(abc.ABC):
         """Create model and optimizer variables inside this scope."""
         return contextlib.nullcontext()
 
-    def input_shard(self) -> tuple[int, int]:
-        """(index, count): which shard of every global batch this process reads."""
-        return self.rank, self.world_size
-
     def distribute_dataset(self, dataset: tf.data.Dataset) -> Iterator:
         """Turn this process's batches into what `run` consumes."""
         return iter(dataset)
@@ -66,6 +73,11 @@ class Strategy(abc.ABC):
     def reduce_gradients(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
         """Sum gradients over replicas where the optimizer does not (Horovod); identity otherwise."""
         return grads
+
+    def make_update(self, optimizer: Any, variables: list, *, clip_norm: float | None,
+                    loss_scaling: bool) -> "OptimizerUpdate":
+        """What the step does with one replica's gradients: sum them over replicas, apply them if ok."""
+        return OptimizerUpdate(self, optimizer, variables, merge_rows=clip_norm is not None, loss_scaling=loss_scaling)
 
     def replica_sum(self, value: tf.Tensor) -> tf.Tensor:
         """Inside the compiled step: `value` summed over every replica (the same result on each)."""
@@ -85,11 +97,35 @@ class Strategy(abc.ABC):
     def broadcast_initial_state(self, variables: list) -> None:
         """Make every process start from the chief's variables (after restore or init)."""
 
-    def barrier(self) -> None:
-        """Wait for every process."""
-
     def describe(self) -> str:
         return f"{self.name}: {self.num_replicas} replica(s), rank {self.rank} of {self.world_size}"
+
+
+class OptimizerUpdate:
+    """Inside the compiled step: sum a replica's gradients over the replicas and apply the optimizer update,
+    or skip it on every replica when the agreed `ok` is false (trainer/nonfinite.py).
+
+    Every rank ends with the full summed gradient and updates every variable. A sharded update (ZeRO: a
+    reduce-scatter, each rank updating its shard, an all-gather) is another object with this interface,
+    made by `Strategy.make_update`; the step calls `update(grads, ok)` either way.
+    """
+
+    def __init__(self, strategy: Strategy, optimizer: Any, variables: list, *, merge_rows: bool,
+                 loss_scaling: bool) -> None:
+        self.strategy, self.optimizer, self.variables = strategy, optimizer, variables
+        self.merge_rows, self.loss_scaling = merge_rows, loss_scaling
+
+    def __call__(self, grads: list, ok: tf.Tensor) -> None:
+        grads = self.strategy.reduce_gradients(grads)
+        if self.merge_rows:  # the global norm of a sparse gradient counts a row once (trainer/optim.py)
+            grads = merge_duplicate_rows(grads)
+        if self.loss_scaling:  # it skips a non-finite update itself (and lowers its scale): make it see ours
+            self.optimizer.apply_gradients(zip(poison(grads, ok), self.variables))
+        else:
+            self.strategy.apply_if(ok, self._apply, grads)
+
+    def _apply(self, grads: list) -> Any:
+        return self.optimizer.apply_gradients(zip(grads, self.variables))
 
 
 def _no_value(_result: Any) -> None:

@@ -52,7 +52,7 @@ class Horovod(Strategy):
         if gpus and dist.pipeline is None:  # one GPU per process, chosen by local rank
             tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
             tf.config.experimental.set_memory_growth(gpus[hvd.local_rank() % len(gpus)], True)
-        elif gpus:  # a pipeline uses K GPUs per process; pipeline_setup.stage_devices picks the block
+        elif gpus:  # a pipeline uses K GPUs per process; pipeline/devices.py stage_devices picks the block
             for gpu in gpus:
                 tf.config.experimental.set_memory_growth(gpu, True)
         self.compression = hvd.Compression.fp16 if dist.horovod.compression == "fp16" else hvd.Compression.none
@@ -97,6 +97,3 @@ class Horovod(Strategy):
     def broadcast_initial_state(self, variables: list) -> None:
         # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable.
         self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
-
-    def barrier(self) -> None:
-        self.hvd.allreduce(tf.constant(0.0), name="barrier")

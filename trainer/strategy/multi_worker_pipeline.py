@@ -12,8 +12,18 @@ from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
+from trainer.errors import ConfigError
 from trainer.strategy.base import Strategy
 from trainer.strategy.tf_distribute import MultiWorker
+
+
+def multi_worker(cfg: Any) -> MultiWorker:
+    """distribution.backend multi_worker (trainer/strategy/__init__.py BACKENDS): with pipeline stages, the
+    variant below, whose variables stay on their stages' devices."""
+    try:
+        return MultiWorkerPipeline() if cfg.distribution.pipeline is not None else MultiWorker()
+    except ValueError as err:  # no TF_CONFIG: one line, exit 2
+        raise ConfigError(str(err)) from None
 
 
 class MultiWorkerPipeline(MultiWorker):

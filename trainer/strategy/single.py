@@ -13,3 +13,8 @@ class SingleDevice(Strategy):
 
     def run(self, replica_fn: Callable[[Any], dict], batch: Any) -> dict[str, tf.Tensor]:
         return replica_fn(batch)
+
+
+def single_device(cfg: Any) -> SingleDevice:
+    """distribution.backend single (trainer/strategy/__init__.py BACKENDS)."""
+    return SingleDevice()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
+from launch.contract import ENV_TF_CONFIG
 from trainer.strategy.base import Strategy
 
 
@@ -104,8 +105,10 @@ class Mirrored(_TFDistribute):
         cross = None if names[0].startswith("/gpu") else tf.distribute.ReductionToOneDevice()
         self.strategy = tf.distribute.MirroredStrategy(names, cross_device_ops=cross)
 
-    def input_shard(self) -> tuple[int, int]:
-        return 0, 1
+
+def mirrored(cfg: Any) -> Mirrored:
+    """distribution.backend mirrored (trainer/strategy/__init__.py BACKENDS)."""
+    return Mirrored(cfg.distribution.devices)
 
 
 class MultiWorker(_TFDistribute):
@@ -114,7 +117,7 @@ class MultiWorker(_TFDistribute):
     name = "multi_worker"
 
     def __init__(self):
-        spec = json.loads(os.environ.get("TF_CONFIG", "{}"))
+        spec = json.loads(os.environ.get(ENV_TF_CONFIG, "{}"))
         workers = spec.get("cluster", {}).get("worker", [])
         if not workers:
             raise ValueError("distribution.backend multi_worker needs TF_CONFIG; start it with "
@@ -141,6 +144,3 @@ class MultiWorker(_TFDistribute):
         per_replica = self.strategy.run(lambda: local / self.local_replicas)
         total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
         return dict(zip(keys, total.tolist()))
-
-    def barrier(self) -> None:
-        self.all_reduce_sum({"barrier": 0.0})

@@ -1,9 +1,9 @@
 """Pipeline-parallel engine: one replica's forward/backward over K stages on K devices, M micro-batches.
 
-A `LevelModel` is cut into K contiguous level slices (`partition`, see pipeline_plan.py); stage s runs
+A `LevelModel` is cut into K contiguous level slices (`partition`, see trainer/parallel/partition.py); stage s runs
 `model.run_levels(carry, start, stop)` under `tf.device(devices[s])` and hands its output carry to stage
 s+1. The replica's batch is split into M equal micro-batches, and each stage executes the forward ("F")
-and backward ("B") ops of `pipeline_plan.make_schedule(schedule, K, M)` in exactly that order:
+and backward ("B") ops of `trainer/parallel/schedule.py` `make_schedule(schedule, K, M)` in exactly that order:
 
     engine = PipelineEngine(model, "summarization", [(0, 2), (2, 5)], ["/cpu:0", "/cpu:1"],
                             micro_batches=4, schedule="1f1b", recompute=False, global_batch=64)
@@ -31,12 +31,11 @@ How it works inside ONE tf.function (static Python loops over stages and micro-b
     (`tf.config.threading.set_inter_op_parallelism_threads`).
 
 The engine computes one replica's gradients; reducing them over data-parallel replicas stays the job of
-the strategy (`Strategy.reduce_gradients`).
+the strategy (`Strategy.make_update`). step.py builds a step's graph.
 """
 from __future__ import annotations
 
 import numbers
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,9 +43,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import task as task_lib
 from trainer.models.levels import Carry, LevelModel
-from trainer.strategy.pipeline_plan import BACKWARD, FORWARD, ScheduleDeadlock, make_schedule, stage_level_names
+from trainer.parallel.partition import stage_level_names
+from trainer.parallel.schedule import make_schedule
+from trainer.strategy.pipeline.step import StepGraph
+from trainer.tasks import Task, resolve
 
 
 def split_micro_batches(batch: Mapping[str, Any], micro_batches: int) -> list[dict[str, tf.Tensor]]:
@@ -85,27 +86,6 @@ def split_micro_batches(batch: Mapping[str, Any], micro_batches: int) -> list[di
     return [{k: parts[k][m] for k in tensors} for m in range(micro_batches)]
 
 
-def _clock(after: list[tf.Tensor]) -> tf.Tensor:
-    """Wall-clock seconds (float64) taken once every tensor in `after` exists, on the current device.
-
-    A *stateless* host callback fed a one-element slice of each tensor. Stateful ops (tf.timestamp, a
-    stateful py_func) run in program order inside a tf.function, so one stage's clock would wait for
-    another stage's earlier-built work and hide the overlap being measured; op determinism (Strata's
-    default) also forbids tf.timestamp. The slices are data edges, so the clock cannot run early.
-    """
-    probes = [tf.reshape(t, [-1])[:1] for t in after]
-    return tf.numpy_function(_perf_counter, probes, tf.float64, stateful=False)
-
-
-def _perf_counter(*_probes: np.ndarray) -> np.float64:
-    return np.float64(time.perf_counter())
-
-
-def _float_keys(carry: Mapping[str, tf.Tensor]) -> list[str]:
-    """Keys of the differentiable carry values, in a fixed (sorted) order."""
-    return sorted(k for k, v in carry.items() if v.dtype.is_floating)
-
-
 def _same_device(actual: str, wanted: str) -> bool:
     a, w = tf.DeviceSpec.from_string(actual), tf.DeviceSpec.from_string(wanted)
     return (a.device_type or "").upper() == (w.device_type or "").upper() and (a.device_index or 0) == (
@@ -125,42 +105,15 @@ def _levels_with_dropout(model: LevelModel) -> list[str]:
     return found
 
 
-def _compute_seconds(labels: Sequence[tuple[int, str, int]], durations: Sequence[Sequence[tf.Tensor]]) -> tf.Tensor:
-    """float64 [K]: per stage, the seconds its ops needed to compute, estimated from this step's clocks.
-
-    An op's wall-clock duration (`durations[s]`, in `labels` order per stage) also counts the time its
-    kernels waited for a thread or a core that another stage held: where stages share cores (logical CPU
-    devices, one process-wide thread pool) an op runs slower while another stage runs, so summed wall
-    time can report more stage-seconds per step-second than any schedule allows (1.64 against the GPipe
-    bound of 1.60 at K=2, M=4). Every F (or B) op of a stage does the same work on an equal micro-batch, so
-    the fastest of them in this step is the closest measure of that work done without waiting; each op
-    is counted at that duration. Then every op lasts at least its counted time, so the stages' summed
-    compute fits the schedule's critical path: overlap = sum / span stays under K*M/(M+K-1) (balanced
-    stages; lower otherwise), and contention shows as lower overlap, not as more busy time.
-    """
-    per_stage = []
-    for s, stage_durations in enumerate(durations):
-        kinds = [kind for (stage, kind, _) in labels if stage == s]
-        total = tf.constant(0.0, tf.float64)
-        for kind in sorted(set(kinds)):
-            ops = [d for d, k in zip(stage_durations, kinds, strict=True) if k == kind]
-            same = tf.reshape(tf.stack(ops), [len(ops)])
-            # A start clock can run after its op's end clock (both wait only for data, and a busy thread pool
-            # may run the start late): such a duration says nothing, so the fastest is taken among the others.
-            measured = tf.where(same > 0.0, same, tf.constant(float("inf"), tf.float64))
-            fastest = tf.reduce_min(measured)
-            total += len(ops) * tf.where(tf.math.is_inf(fastest), tf.constant(0.0, tf.float64), fastest)
-        per_stage.append(total)
-    return tf.stack(per_stage)
-
-
 class PipelineEngine:
     """Runs one replica's pipelined forward/backward; see the module docstring."""
+
+    reported = ("stage_busy_s", "step_span_s")  # extras that join the step's outputs (see `logs`)
 
     def __init__(
         self,
         model: LevelModel,
-        task: str,
+        task: str | Task,
         partition: Sequence[tuple[int, int]],
         devices: Sequence[str],
         micro_batches: int,
@@ -169,14 +122,14 @@ class PipelineEngine:
         global_batch: int | None = None,
     ) -> None:
         self.model = model
-        self.task = task
+        self.task = resolve(task)
         self.partition = [(int(a), int(b)) for a, b in partition]
         self.stage_levels = stage_level_names(model.level_names, self.partition)  # validates the partition
         self.devices = list(devices)
         if len(self.devices) != len(self.partition):
             raise ValueError(f"{len(self.partition)} stages but {len(self.devices)} devices; give one device per stage")
-        if task != model.task:
-            raise ValueError(f"task {task!r} does not match the model's task {model.task!r}")
+        if self.task.name != model.task:
+            raise ValueError(f"task {self.task.name!r} does not match the model's task {model.task!r}")
         self.micro_batches = micro_batches
         self.schedule_name = schedule
         self.schedule = make_schedule(schedule, len(self.partition), micro_batches)  # validates both
@@ -207,6 +160,24 @@ class PipelineEngine:
     def num_stages(self) -> int:
         return len(self.partition)
 
+    @staticmethod
+    def logs(outputs: dict, replicas: int) -> dict[str, float]:
+        """Per-stage compute time and idle (bubble) fraction of the latest step, averaged over replicas (the
+        step's outputs are summed over replicas)."""
+        busy = np.asarray(outputs["stage_busy_s"], dtype=np.float64) / replicas
+        span = max(float(outputs["step_span_s"]) / replicas, 1e-12)
+        logs = {}
+        for s, seconds in enumerate(busy):
+            logs[f"pipeline/stage_{s}_compute_ms"] = 1000.0 * seconds
+            logs[f"pipeline/stage_{s}_idle_fraction"] = max(0.0, 1.0 - seconds / span)
+        logs["pipeline/bubble_fraction"] = float(np.mean([logs[f"pipeline/stage_{s}_idle_fraction"]
+                                                          for s in range(len(busy))]))
+        logs["pipeline/step_span_ms"] = 1000.0 * span
+        # Stage-seconds of compute per second of step: 1.0 = the stages ran one after another, K = all at
+        # once; compute time excludes waits for a core (step.py `compute_seconds`), so at most K*M/(M+K-1).
+        logs["pipeline/overlap"] = float(np.sum(busy)) / span
+        return logs
+
     # ------------------------------------------------------------------------------------------ build
     def build(self, example_inputs: Mapping[str, Any] | None = None) -> "PipelineEngine":
         """Create each stage's variables on its device (one eager forward, stage by stage) and check them.
@@ -219,7 +190,7 @@ class PipelineEngine:
             raise RuntimeError("PipelineEngine.build() must run eagerly, outside tf.function")
         if not all(level.built for level in self.model.levels):
             inputs = example_inputs if example_inputs is not None else self.model.example_inputs()
-            carry = self._model_inputs(inputs)
+            carry = self.model_carry(inputs)
             # Under the model's name scope, as `model(...)` would be, so variable paths do not change.
             with keras.name_scope(self.model.name):
                 for (start, stop), device in zip(self.partition, self.devices):
@@ -262,10 +233,6 @@ class PipelineEngine:
         """The device a (Keras or tf) variable lives on."""
         return getattr(variable, "value", variable).device
 
-    def stage_variables(self, stage: int) -> list[Any]:
-        """Trainable variables owned by the levels of `stage`."""
-        return list(self._built()[stage])
-
     def placement(self) -> list[list[str]]:
         """Per stage, the devices its variables live on (for checks and `strata plan`-style reports)."""
         return [[self._device_of(v) for v in own] for own in self._built()]
@@ -275,20 +242,22 @@ class PipelineEngine:
             raise RuntimeError("call PipelineEngine.build() first: it places each stage's variables")
         return self._stage_variables
 
-    def _model_inputs(self, batch: Mapping[str, Any]) -> Carry:
+    def model_carry(self, batch: Mapping[str, Any]) -> Carry:
+        """The model's inputs from a (micro-)batch, cast to the model's input dtypes: stage 0's carry."""
         missing = sorted(set(self.model.input_specs) - set(batch))
         if missing:
             raise KeyError(f"batch lacks model inputs {missing}; expected {sorted(self.model.input_specs)}")
         return {k: tf.cast(batch[k], spec.dtype) for k, spec in self.model.input_specs.items()}
 
     # ---------------------------------------------------------------------------------------- running
-    def _stage_forward(self, s: int, carry: Carry, batch: Mapping[str, tf.Tensor]) -> tuple[Carry, tf.Tensor | None]:
+    def stage_forward(self, s: int, carry: Carry, batch: Mapping[str, tf.Tensor]) -> tuple[Carry, tf.Tensor | None]:
+        """Stage s's levels on `carry`; the last stage also returns the micro-batch's loss (None before)."""
         start, stop = self.partition[s]
         out = self.model.run_levels(carry, start, stop, training=True)
         if s < self.num_stages - 1:
             return out, None
         # Normalised by the GLOBAL batch so summed micro-batch (and replica) gradients are the mean's.
-        loss = tf.reduce_sum(task_lib.per_example_loss(self.task, batch, out)) / self.global_batch
+        loss = tf.reduce_sum(self.task.per_example_loss(batch, out)) / self.global_batch
         return out, loss
 
     def gradients(self, batch: Mapping[str, Any]) -> tuple[tf.Tensor, list[tf.Tensor | None], dict[str, tf.Tensor]]:
@@ -297,138 +266,16 @@ class PipelineEngine:
         Returns (loss = sum over micro-batches of sum(per-example loss) / global_batch, one gradient per
         `model.trainable_variables` entry (None where the loss does not depend on it, like tape.gradient),
         extras {"micro_batch_losses": float32 [M], "stage_busy_s": float32 [K] seconds each stage computed
-        (see `_compute_seconds`), "stage_wall_s": float32 [K] seconds each stage had an op in flight,
+        (see step.py `compute_seconds`), "stage_wall_s": float32 [K] seconds each stage had an op in flight,
         "step_span_s": seconds from the first op's start to the last op's end, "op_intervals": float64
         [ops, 2] wall-clock start/end of each op, labelled by `self.op_labels`}). A stage's idle (bubble)
         fraction is 1 - stage_busy_s / step_span_s.
         """
         stage_vars = self._built()
-        K, M = self.num_stages, self.micro_batches
-        micro = split_micro_batches(batch, M)
-
-        stage_in: list[dict[int, Carry]] = [{} for _ in range(K)]  # inputs each stage received
-        stage_out: list[dict[int, Carry]] = [{} for _ in range(K)]
-        tapes: list[dict[int, tf.GradientTape]] = [{} for _ in range(K)]
-        grad_in: list[dict[int, dict[str, tf.Tensor]]] = [{} for _ in range(K)]  # d loss / d stage inputs
-        losses: dict[int, tf.Tensor] = {}
-        acc: list[list[tf.Tensor | None]] = [[None] * len(v) for v in stage_vars]
-        previous: list[list[tf.Tensor]] = [[] for _ in range(K)]  # outputs of each stage's previous op
-        self.op_markers = {}
-
-        def forward(s: int, m: int) -> None:
-            with tf.device(self.devices[s]), tf.control_dependencies(previous[s]):
-                carry = self._model_inputs(micro[m]) if s == 0 else stage_out[s - 1][m]
-                stage_in[s][m] = carry
-                started(s, list(carry.values()))
-                if self.recompute:
-                    out, loss = self._stage_forward(s, carry, micro[m])
-                else:
-                    tape = tf.GradientTape()
-                    with tape:
-                        tape.watch([carry[k] for k in _float_keys(carry)])
-                        out, loss = self._stage_forward(s, carry, micro[m])
-                    tapes[s][m] = tape
-            stage_out[s][m] = out
-            if loss is not None:
-                losses[m] = loss
-            # Pass-through keys are the previous stage's tensors: only what this op computed marks it done.
-            passed = {id(v) for v in carry.values()}
-            made = [v for v in out.values() if id(v) not in passed]
-            mark(s, FORWARD, m, ([loss] if loss is not None else []) + (made or list(out.values())))
-
-        def backward(s: int, m: int) -> None:
-            carry = stage_in[s].pop(m)
-            keys = _float_keys(carry)
-            with tf.device(self.devices[s]), tf.control_dependencies(previous[s]):
-                started(s, list(carry.values()) + list(grad_in[s + 1].get(m, {}).values() if s < K - 1 else []))
-                if self.recompute:
-                    tape = tf.GradientTape()
-                    with tape:
-                        tape.watch([carry[k] for k in keys])
-                        out, loss = self._stage_forward(s, carry, micro[m])
-                else:
-                    tape, out, loss = tapes[s].pop(m), stage_out[s][m], losses.get(m)
-                if s == K - 1:
-                    targets, seeds = [loss], None
-                else:
-                    # Only outputs the loss depends on come back (e.g. pass-through "attention" does not).
-                    received = grad_in[s + 1].pop(m)
-                    targets = [out[k] for k in received]
-                    seeds = [received[k] for k in received]
-                sources = [carry[k] for k in keys] + stage_vars[s]
-                if targets:
-                    grads = tape.gradient(targets, sources, output_gradients=seeds)
-                else:
-                    grads = [None] * len(sources)
-                grad_in[s][m] = {k: g for k, g in zip(keys, grads[: len(keys)]) if g is not None}
-                for i, g in enumerate(grads[len(keys):]):
-                    if g is None:
-                        continue
-                    g = tf.convert_to_tensor(g)  # embedding gradients arrive as IndexedSlices
-                    acc[s][i] = g if acc[s][i] is None else acc[s][i] + g
-            stage_out[s].pop(m, None)
-            mark(s, BACKWARD, m, list(grad_in[s][m].values()) + [g for g in acc[s] if g is not None])
-
-        # Measured timing: a timestamp when an op's inputs are ready (and its stage is free), one when its
-        # outputs exist; the step spans first start..last end. See `_compute_seconds` for busy time.
-        starts: list[list[tf.Tensor]] = [[] for _ in range(K)]
-        busy: list[list[tf.Tensor]] = [[] for _ in range(K)]  # per stage, each op's end - start
-        ends: list[tf.Tensor] = []
-        stage_end: list[list[tf.Tensor]] = [[] for _ in range(K)]
-        intervals: list[tf.Tensor] = []  # [start, end] of every op, in `self.op_labels` order
-        self.op_labels = []
-
-        def started(s: int, inputs: list[tf.Tensor]) -> None:
-            starts[s].append(_clock(inputs + previous[s]))  # inputs here and the stage free
-
-        def mark(s: int, kind: str, m: int, tensors: list[tf.Tensor]) -> None:
-            with tf.device(self.devices[s]):
-                end = _clock(tensors)
-            # A stage runs one op at a time: clip this op's start to the previous op's end, so clock
-            # jitter between the two never counts the same moment twice.
-            start = starts[s][-1] if not stage_end[s] else tf.maximum(starts[s][-1], stage_end[s][-1])
-            busy[s].append(end - start)
-            stage_end[s].append(end)
-            ends.append(end)
-            intervals.append(tf.stack([start, end]))
-            self.op_labels.append((s, kind, m))
-            previous[s] = tensors  # the next op on stage s waits for these
-            self.op_markers[(s, kind, m)] = tensors
-
-        # Build the graph in an order where every op's inputs already exist; the runtime order is set
-        # by data and control dependencies, not by this Python order.
-        next_op = [0] * K
-        remaining = sum(len(ops) for ops in self.schedule)
-        while remaining:
-            progressed = False
-            for s in range(K):
-                while next_op[s] < len(self.schedule[s]):
-                    kind, m = self.schedule[s][next_op[s]]
-                    if kind == FORWARD:
-                        if s > 0 and m not in stage_out[s - 1]:
-                            break
-                        forward(s, m)
-                    elif kind == BACKWARD:
-                        if m not in stage_in[s] or (s < K - 1 and m not in grad_in[s + 1]):
-                            break
-                        backward(s, m)
-                    else:  # pragma: no cover - make_schedule only emits F and B
-                        raise ValueError(f"unknown op {kind!r}")
-                    next_op[s] += 1
-                    remaining -= 1
-                    progressed = True
-            if not progressed:
-                raise ScheduleDeadlock(f"schedule {self.schedule_name!r} cannot proceed at ops {next_op}")
-
-        with tf.device(self.devices[-1]):
-            per_micro = tf.stack([losses[m] for m in range(M)])
-            loss = tf.reduce_sum(per_micro)
-        grads = [acc[s][i] for s, i in (self._slot[id(v)] for v in self.model.trainable_variables)]
-        span = tf.reduce_max(tf.stack(ends)) - tf.reduce_min(tf.stack([t for st in starts for t in st]))
-        stage_wall = tf.cast(tf.stack([tf.add_n(b) for b in busy]), tf.float32)
-        stage_busy = tf.cast(_compute_seconds(self.op_labels, busy), tf.float32)
-        return loss, grads, {"micro_batch_losses": per_micro, "stage_busy_s": stage_busy, "stage_wall_s": stage_wall,
-                             "step_span_s": tf.cast(span, tf.float32), "op_intervals": tf.stack(intervals)}
+        graph = StepGraph(self, split_micro_batches(batch, self.micro_batches), stage_vars)
+        self.op_markers, self.op_labels = graph.markers, graph.labels  # filled in as the graph is built
+        graph.build()
+        return graph.result([self._slot[id(v)] for v in self.model.trainable_variables])
 
 
 __all__ = ["PipelineEngine", "split_micro_batches"]

@@ -1,5 +1,5 @@
 """Elastic training: the ordinary loop (`loop.train`), restarted by Horovod from the last commit whenever
-workers leave or join (the Horovod side is trainer/strategy/elastic.py).
+workers leave or join (the Horovod side is trainer/strategy/horovod_elastic.py).
 
 Choices, and why:
   * The GLOBAL batch stays `data.batch_size` whatever the number of workers: each of N workers takes

@@ -27,6 +27,14 @@ from trainer.config import DistributionConfig
 from trainer.strategy.horovod import Horovod
 
 
+def horovod(cfg: Any) -> Horovod:
+    """distribution.backend horovod (trainer/strategy/__init__.py BACKENDS): under `horovodrun --min-np/--max-np`
+    (HOROVOD_ELASTIC=1) the elastic variant below, whose workers may come and go."""
+    if os.environ.get("HOROVOD_ELASTIC") == "1":
+        return ElasticHorovod(cfg.distribution)
+    return Horovod(cfg.distribution)
+
+
 class ElasticHorovod(Horovod):
     """The Horovod backend whose world may change size; rank and size are re-read after every reset."""
 
@@ -73,7 +81,7 @@ class ElasticHorovod(Horovod):
     def run_elastic(self, body: Callable[[Any], Any], *, variables: list, step: int, **values: Any) -> Any:
         """Call `body(state)` until it returns, re-forming the ring whenever ranks leave or join.
 
-        `state.step` is the last committed step and `state.commit()` commits (see trainer/elastic.py);
+        `state.step` is the last committed step and `state.commit()` commits (see trainer/elastic_loop.py);
         `variables` are Keras or tf.Variables: everything a commit must capture; `values` are plain Python
         values kept in the state too (rank 0's are broadcast to every worker at each sync).
         """
