@@ -200,7 +200,12 @@ def test_scancel_leaves_a_checkpoint_that_resumes(tmp_path: Path, warned_first: 
     time.sleep(3)  # a requeue would show within this time
     info = job_info(job_id)
     log = log_file.read_text()
-    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log[-3000:]
+    # Cancel wins: the job ends CANCELLED and never starts again. After a warning the ranks may already have
+    # stopped (within two steps) and the job requeued itself before the scancel reached it; the scancel then
+    # cancels the requeued job while it waits, so it never runs a second time.
+    assert info["JobState"] == "CANCELLED", log[-3000:]
+    assert info["Restarts"] == "0" or (warned_first and info["Restarts"] == "1"), (info, log[-3000:])
+    assert "strata: resuming from step" not in log, log[-3000:]
     stopped = [int(s) for s in re.findall(r"strata: stopped at step (\d+) by \S+ .*\(checkpoint saved\)", log)]
     saved = checkpoint_step_in_fresh_process(run_dir)  # restores the latest checkpoint in a new process
     assert saved >= 20
