@@ -20,6 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer import output  # noqa: E402
+
+output.install()  # TensorFlow's own log lines off the console, as in `strata train` (STRATA_TF_LOGS=1 shows them)
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -153,7 +153,16 @@ def _training_pids(run_dir: Path) -> list[int]:
             continue
         if parts[1:4] == ["-m", "trainer", "train"] and needle in parts:
             pids.append(int(entry.name))
-    return pids
+    # A rank forks its output filter (trainer/output.py), which shares its argv: keep the ranks only.
+    return [pid for pid in pids if _parent(pid) not in pids]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), None)
 
 
 def _sample_affinity(run: Run) -> None:
