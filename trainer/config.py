@@ -215,6 +215,12 @@ class TrainConfig(_Strict):
     # rendezvous) is allowed watchdog_startup_s instead, if that is longer.
     watchdog_timeout_s: Annotated[float, Field(ge=0)] = 600.0
     watchdog_startup_s: Annotated[float, Field(ge=0)] = 900.0
+    # XLA for each replica's forward and backward pass (the all-reduce and the update stay outside: Horovod's
+    # ops cannot run inside XLA); a first step that compiles takes longer (trainer/loop.py).
+    jit_compile: bool = False
+    # MFU's peak: TFLOP/s of ONE device at the run's dtype (e.g. from a datasheet). Unset: measured by a
+    # matmul probe on each device, cached per host, device and TensorFlow version (trainer/peak.py).
+    peak_tflops: Annotated[float, Field(gt=0)] | None = None
 
 
 class EvalConfig(_Strict):
@@ -324,6 +330,9 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "ExperimentConfig":
+        if self.train.jit_compile and self.distribution.pipeline is not None:
+            raise ValueError("train.jit_compile does not compile a pipeline (its stages run on several devices); "
+                             "set train.jit_compile=false or remove distribution.pipeline")
         config_layout(self)  # how the batch and the model split (trainer/parallel/layout.py: every rule there)
         if self.data.source == "tfds" and not self.task.reads_tfds:
             raise ValueError("data.source tfds is supported for the summarizers only")

@@ -11,10 +11,12 @@ from trainer.data.batches import eval_dataset, train_dataset
 from trainer.experiment import Experiment
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
 from trainer.faults import fault_hooks, step_fault
+from trainer.flops import mfu, run_training_flops
 from trainer.heartbeat import heartbeat_hooks, phase
 from trainer.preemption import VOTES, preemption_hooks, votes_variable
 from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags
 from trainer.optim import current_lr, uses_loss_scaling
+from trainer.peak import peak_flops
 from trainer.resume import start_message
 from trainer.strategy.base import Strategy
 from trainer.summaries import TensorBoard, flatten
@@ -29,8 +31,12 @@ def make_train_step(exp: Experiment, strategy: Strategy):
     inject = step_fault(strategy.rank)  # STRATA_FAULT=RANK:STEP:inf|nan_loss only; None (no op) otherwise
     stop_votes = votes_variable()  # this process's stop requests (trainer/preemption.py)
 
+    # train.jit_compile: XLA compiles this replica's forward and backward pass only; the collectives below
+    # (Horovod's ops have no XLA kernels in this build) and the optimizer update stay in the graph around it.
+    gradients = tf.function(engine.gradients, jit_compile=True) if cfg.train.jit_compile else engine.gradients
+
     def replica_step(batch: dict) -> dict:
-        loss, grads, extras = engine.gradients(batch)  # accumulated micro-steps, or a pipeline's micro-batches
+        loss, grads, extras = gradients(batch)  # accumulated micro-steps, or a pipeline's micro-batches
         if inject is not None:
             grads, loss = inject(grads), inject.loss(loss)
         # NaN/Inf guard (trainer/nonfinite.py): a non-finite loss or gradient on any replica -> all skip.
@@ -125,6 +131,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
 
     iterator = _batches(exp, strategy, start)
     train_step, eval_step = make_train_step(exp, strategy), make_eval_step(exp)
+    efficiency = measure_efficiency(exp, strategy)  # after the broadcast: every rank probes its device at once
 
     for hook in hooks:
         hook.on_train_begin(state)
@@ -144,6 +151,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
         if logging_now:
             state.train_logs = _train_logs(exp, strategy, state, out, window_start, window_steps, window_tokens)
+            state.train_logs.update(efficiency.logs(state, state.train_logs))
             for hook in hooks:
                 hook.on_log(state)
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
@@ -161,6 +169,47 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     if strategy.world_size > 1:
         check_replicas_in_sync(exp, strategy)
     return state
+
+
+COMPUTE_DTYPE = {"off": "float32", "bfloat16": "bfloat16", "float16": "float16"}  # train.mixed_precision
+
+
+class Efficiency:
+    """MFU of the run: the model's training FLOPs per example (trainer/flops.py) over the peak FLOP/s of every
+    device that trains (trainer/peak.py, summed over processes); `logs` adds `mfu` to a log step's scalars and
+    keeps the run's running total in the loop state (the final line prints it)."""
+
+    def __init__(self, flops_per_example: float, peak: float) -> None:
+        self.flops_per_example, self.peak = flops_per_example, peak
+
+    def logs(self, state: LoopState, logs: dict[str, float]) -> dict[str, float]:
+        window_s = logs["window_steps"] * logs["step_time_ms"] / 1000.0
+        value = mfu(flops_per_example=self.flops_per_example, examples_per_sec=logs["examples_per_sec"],
+                    peak_flops=self.peak)
+        state.timed_s += window_s
+        state.mfu_s += value * window_s
+        return {"mfu": value, "model_tflops": self.flops_per_example * logs["examples_per_sec"] / 1e12}
+
+
+def measure_efficiency(exp: Experiment, strategy: Strategy) -> Efficiency:
+    """The run's FLOPs per example and the peak of all its devices: `train.peak_tflops` per device when
+    given, else each process's matmul probe (cached) at the run's compute dtype."""
+    cfg = exp.cfg
+    flops = run_training_flops(cfg, vocab_size=exp.vocab.size, num_classes=exp.labels.num_classes)
+    gpus = tf.config.list_logical_devices("GPU")
+    # Devices this process trains on: its replicas' GPUs (x pipeline stages); on a CPU, the one CPU it shares.
+    devices = max(strategy.num_replicas // strategy.world_size, 1) * exp.layout.pipeline_stages if gpus else 1
+    dtype = COMPUTE_DTYPE[cfg.train.mixed_precision]
+    if cfg.train.peak_tflops:
+        per_device, source = cfg.train.peak_tflops * 1e12, "train.peak_tflops"
+    else:
+        per_device, source = peak_flops(dtype)
+        source = f"{dtype} matmul probe, {source}"
+    peak = strategy.all_reduce_sum({"peak": per_device * devices})["peak"]
+    if strategy.is_chief:
+        print(f"strata: MFU against {peak / 1e12:.3g} TFLOP/s peak ({source}); "
+              f"{flops / 1e9:.4g} GFLOPs per training example", flush=True)
+    return Efficiency(flops, peak)
 
 
 def _batches(exp: Experiment, strategy: Strategy, start: int):
@@ -185,6 +234,7 @@ def _train_logs(exp: Experiment, strategy: Strategy, state: LoopState, out: dict
         "examples_per_sec": window_steps * exp.cfg.data.batch_size / elapsed,
         "tokens_per_sec": float(tf.add_n(window_tokens)) / elapsed,
         "step_time_ms": 1000.0 * elapsed / window_steps,
+        "window_steps": window_steps,
         **exp.engine.logs(out, strategy.num_replicas),
     }
 

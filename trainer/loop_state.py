@@ -25,6 +25,14 @@ class LoopState:
     # and the signal a stop is for (0: none). A signal stop skips everything not needed to stop.
     stop_votes: list[float] = field(default_factory=list)
     stop_signal: int = 0
+    # Training time in timed log windows, and MFU x that time summed over them (the run's MFU: their ratio).
+    timed_s: float = 0.0
+    mfu_s: float = 0.0
+
+    @property
+    def mfu(self) -> float | None:
+        """The run's model FLOPs utilisation over every timed window so far (None before the first log)."""
+        return self.mfu_s / self.timed_s if self.timed_s > 0 else None
 
 
 class Hook:
