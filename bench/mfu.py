@@ -2,7 +2,8 @@
 and without XLA (`train.jit_compile`), against the matmul peak measured in the same run.
 
     .venv/bin/python bench/mfu.py [--widths 256,512,1024] [--dtypes float32,bfloat16] [--xla off,on]
-                                  [--batch 32] [--steps 10] [--warmup 2] [--quick] [--gpu]
+                                  [--per-call 1,10] [--batch 32] [--steps 10] [--warmup 2]
+                                  [--dispatch-steps 200] [--quick] [--gpu]
 
 Method
 ------
@@ -11,9 +12,12 @@ compiled function, best of repeats; not read from the cache: same run, same load
 (d_model D, ff 4D, D/64 heads, 2 encoder + 2 decoder blocks, 48 document + 8 summary tokens, vocabulary
 1000) Strata's own step is built (trainer/experiment.py `prepare`, trainer/loop.py `make_train_step`, one
 process, the default device) and timed over --steps steps after --warmup untimed ones (tracing, XLA
-compilation). MFU = trainer/flops.py's training FLOPs per example x examples/s / peak.
+compilation), with train.steps_per_call 1 and 10 (--per-call). MFU = trainer/flops.py's training FLOPs per
+example x examples/s / peak. Then the dispatch-bound small models (the classifier and the GRU summarizer at
+their configs' sizes, fp32): examples/s with 1 and 10 steps per call.
 
---quick: width 256 only, 4 steps (a smoke test, e.g. on a busy machine: its figures are not for the README).
+--quick: width 256 only, 4 steps, 1 and 2 steps per call, 20 dispatch steps (a smoke test, e.g. on a busy
+         machine: its figures are not for the README).
 --gpu:   what a lent GPU machine runs (bench/gpu_check.sh): widths 512, 1024, 2048, batch 128, 512 + 64 tokens,
          bf16, XLA off and on; prints the TensorFlow build and the devices it found first.
 
@@ -44,9 +48,9 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "transformer_small.ya
 PRECISION = {"float32": "off", "bfloat16": "bfloat16"}  # bench dtype -> train.mixed_precision
 
 
-def overrides(width: int, dtype: str, xla: bool, batch: int, run_dir: Path, lengths: tuple[int, int]) -> list[str]:
-    """The config of one measurement (pure)."""
-    return [f"run_dir={run_dir}", f"model.d_model={width}", f"model.ff_dim={4 * width}",
+def overrides(width: int, dtype: str, xla: bool, batch: int, lengths: tuple[int, int]) -> list[str]:
+    """The transformer's settings for one measurement (pure)."""
+    return [f"model.d_model={width}", f"model.ff_dim={4 * width}",
             f"data.max_len={lengths[0]}", f"data.summary_len={lengths[1]}",
             f"model.num_heads={max(width // 64, 1)}", "model.dropout=0.1", f"data.batch_size={batch}",
             f"data.builtin.train_examples={max(4 * batch, 256)}", "data.builtin.val_examples=32",
@@ -54,24 +58,38 @@ def overrides(width: int, dtype: str, xla: bool, batch: int, run_dir: Path, leng
             f"train.jit_compile={str(xla).lower()}", "train.deterministic=false", "optimizer.warmup_steps=0"]
 
 
-def step_rate(width: int, dtype: str, xla: bool, *, batch: int, steps: int, warmup: int,
-              lengths: tuple[int, int]) -> tuple[float, float]:
-    """(examples/s of Strata's compiled step, its training FLOPs per example)."""
+def step_rate(config: Path, settings: list[str], *, steps: int, warmup: int, per_call: int = 1) -> tuple[float, float]:
+    """(examples/s of Strata's compiled step under `config` + `settings`, its training FLOPs per example);
+    with `per_call` > 1, `steps` rounded up to whole calls of that many steps (train.steps_per_call)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(CONFIG, overrides(width, dtype, xla, batch, Path(tmp) / "run", lengths))
+        cfg = load_config(config, [f"run_dir={Path(tmp) / 'run'}", *settings, f"train.steps_per_call={per_call}"])
         configure_runtime(cfg)
         strategy = SingleDevice()
         exp = prepare(cfg, strategy, training=True)
-        step, batches = make_train_step(exp, strategy), _batches(exp, strategy, 0)
+        step, batches = make_train_step(exp, strategy, per_call=per_call), _batches(exp, strategy, 0)
+        run = (lambda: step(batches)) if per_call == 1 else (lambda: step(batches, tf.constant(per_call)))
         for _ in range(warmup):
-            float(step(batches)["loss"])
+            float(run()["loss"])
+        calls = -(-steps // per_call)
         started = time.perf_counter()
-        for _ in range(steps):
-            out = step(batches)
+        for _ in range(calls):
+            out = run()
         float(out["loss"])  # waits for the last step
         elapsed = time.perf_counter() - started
-        flops = run_training_flops(cfg, vocab_size=exp.vocab.size)
-    return steps * batch / elapsed, flops
+        flops = run_training_flops(cfg, vocab_size=exp.vocab.size, num_classes=exp.labels.num_classes)
+    return calls * per_call * cfg.data.batch_size / elapsed, flops
+
+
+def dispatch_bound(steps: int, warmup: int) -> None:
+    """The small models (one Python dispatch per step costs a large share of a step): examples/s with
+    train.steps_per_call 1 and 10, fp32, no XLA, their configs' own sizes."""
+    print(f"{'model':>10} {'ex/s, 1 step/call':>18} {'ex/s, 10 steps/call':>20} {'ratio':>6}", flush=True)
+    for model in ("classifier", "summarizer"):
+        config = CONFIG.parent / f"{model}.yaml"
+        settings = ["data.builtin.train_examples=1000", "optimizer.warmup_steps=0", "train.deterministic=false"]
+        one, _ = step_rate(config, settings, steps=steps, warmup=warmup)
+        ten, _ = step_rate(config, settings, steps=steps, warmup=warmup, per_call=10)
+        print(f"{model:>10} {one:>18.0f} {ten:>20.0f} {ten / one:>6.2f}", flush=True)
 
 
 def describe_platform() -> str:
@@ -95,10 +113,13 @@ def main() -> int:
     p.add_argument("--max-len", type=int, default=48, help="document tokens (built-in documents have <= 44)")
     p.add_argument("--summary-len", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="width 256, 4 steps: a smoke test")
-    p.add_argument("--gpu", action="store_true", help="the GPU run: widths 512-2048, batch 64")
+    p.add_argument("--gpu", action="store_true", help="the GPU run: widths 512-2048, batch 128, bf16")
+    p.add_argument("--per-call", default="1,10", help="train.steps_per_call values for the transformer rows")
+    p.add_argument("--dispatch-steps", type=int, default=200,
+                   help="timed steps of the classifier/summarizer steps_per_call comparison (0: skip it)")
     args = p.parse_args()
     if args.quick:
-        args.widths, args.steps, args.warmup = "256", 4, 1
+        args.widths, args.steps, args.warmup, args.per_call, args.dispatch_steps = "256", 4, 1, "1,2", 20
     if args.gpu:
         # Long padded sequences and a large batch: a GPU needs big products (padding is computed, so counted).
         args.widths, args.batch, args.dtypes, args.max_len, args.summary_len = "512,1024,2048", 128, "bfloat16", 512, 64
@@ -114,14 +135,19 @@ def main() -> int:
     peaks = {d: measure(COMPUTE_DTYPE[PRECISION[d]]) for d in dtypes}
     for d in dtypes:
         print(f"peak {d}: {peaks[d] / 1e12:.3f} TFLOP/s (matmul probe, this run)", flush=True)
-    print(f"{'d_model':>7} {'dtype':>8} {'xla':>3} {'ex/s':>9} {'GFLOP/ex':>9} {'TFLOP/s':>8} {'MFU':>6}", flush=True)
+    print(f"{'d_model':>7} {'dtype':>8} {'xla':>3} {'steps/call':>10} {'ex/s':>9} {'GFLOP/ex':>9} {'TFLOP/s':>8} "
+          f"{'MFU':>6}", flush=True)
+    lengths = (args.max_len, args.summary_len)
     for width in map(int, args.widths.split(",")):
         for d in dtypes:
             for xla in args.xla.split(","):
-                rate, flops = step_rate(width, d, xla == "on", batch=args.batch, steps=args.steps, warmup=args.warmup,
-                                        lengths=(args.max_len, args.summary_len))
-                print(f"{width:>7} {d:>8} {xla:>3} {rate:>9.1f} {flops / 1e9:>9.3f} {rate * flops / 1e12:>8.3f} "
-                      f"{rate * flops / peaks[d]:>6.3f}", flush=True)
+                for per_call in map(int, args.per_call.split(",")):
+                    settings = overrides(width, d, xla == "on", args.batch, lengths)
+                    rate, flops = step_rate(CONFIG, settings, steps=args.steps, warmup=args.warmup, per_call=per_call)
+                    print(f"{width:>7} {d:>8} {xla:>3} {per_call:>10} {rate:>9.1f} {flops / 1e9:>9.3f} "
+                          f"{rate * flops / 1e12:>8.3f} {rate * flops / peaks[d]:>6.3f}", flush=True)
+    if args.dispatch_steps and not args.gpu:
+        dispatch_bound(args.dispatch_steps, args.warmup)
     if hasattr(os, "getloadavg"):
         print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}", flush=True)
     return 0

@@ -49,7 +49,7 @@ class Console(Hook):
                 self.bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                                 file=terminal_stream())
         elif self.bar:
-            self.bar.update(1)
+            self.bar.update(state.steps_in_call)
 
     def on_log(self, state: LoopState) -> None:
         logs = state.train_logs
@@ -105,6 +105,9 @@ class CheckpointHook(Hook):
     def __init__(self, checkpointer: Checkpointer, every: int):
         self.checkpointer, self.every = checkpointer, every
 
+    def next_stop(self, step: int) -> int | None:
+        return (step // self.every + 1) * self.every
+
     def on_step_end(self, state: LoopState) -> None:
         if state.step % self.every == 0:
             self.save(state.step)
@@ -125,6 +128,12 @@ class ProfilerHook(Hook):
 
     def __init__(self, logdir: str, steps: tuple[int, int] | None, enabled: bool):
         self.logdir, self.steps, self.enabled, self.active = logdir, steps, enabled and steps is not None, False
+
+    def next_stop(self, step: int) -> int | None:
+        # On every rank, not only the tracing chief: all ranks must cut their calls at the same steps.
+        if self.steps is None:
+            return None
+        return next((s for s in (self.steps[0] - 1, self.steps[1]) if s > step), None)  # traced steps: own calls
 
     def on_step_begin(self, state: LoopState) -> None:
         if self.enabled and not self.active and state.step + 1 == self.steps[0]:

@@ -22,9 +22,10 @@ from trainer.strategy.base import Strategy
 from trainer.summaries import TensorBoard, flatten
 
 
-def make_train_step(exp: Experiment, strategy: Strategy):
+def make_train_step(exp: Experiment, strategy: Strategy, *, per_call: int = 1):
     """A compiled step: next batch -> one replica's gradients on every replica -> NaN/Inf and stop flags
-    agreed over replicas -> the gradients summed over replicas and applied (or skipped by all)."""
+    agreed over replicas -> the gradients summed over replicas and applied (or skipped by all).
+    `per_call` > 1: a compiled call `(iterator, n)` running up to n such steps (`several_steps`)."""
     cfg, engine, task = exp.cfg, exp.engine, exp.task
     update = strategy.make_update(exp.optimizer, exp.model.trainable_variables, clip_norm=cfg.optimizer.clip_norm,
                                   loss_scaling=uses_loss_scaling(exp.optimizer, cfg.train.mixed_precision))
@@ -48,11 +49,72 @@ def make_train_step(exp: Experiment, strategy: Strategy):
                 "nonfinite": tf.cast(first_bad(bad), tf.float32), "stop": stop,
                 **{key: extras[key] for key in engine.reported}}
 
+    if per_call > 1:
+        return several_steps(strategy, replica_step)
+
     @tf.function
     def train_step(iterator) -> dict:
         return strategy.run(replica_step, next(iterator))
 
     return train_step
+
+
+def several_steps(strategy: Strategy, replica_step):
+    """`train.steps_per_call`: one compiled call runs `n` steps (a tensor: any n, one trace) in a while loop,
+    and returns the last step's outputs, the tokens of all, and `steps` run. It ends early after a step the
+    NaN/Inf guard skipped or a stop vote (both agreed over replicas, so every rank runs the same steps), so
+    the loop's hooks see that step as they would without it."""
+
+    @tf.function
+    def train_steps(iterator, n: tf.Tensor) -> dict:
+        def more(done, out):
+            quiet = tf.logical_and(tf.equal(out["nonfinite"], 0.0), tf.equal(tf.reduce_sum(out["stop"]), 0.0))
+            return tf.logical_and(done < n, quiet)
+
+        def step(done, out):
+            new = strategy.run(replica_step, next(iterator))
+            return done + 1, {**new, "tokens": out["tokens"] + new["tokens"]}
+
+        first = strategy.run(replica_step, next(iterator))
+        done, out = tf.while_loop(more, step, (tf.constant(1), first))
+        return {**out, "steps": done}
+
+    return train_steps
+
+
+def call_length(step: int, last: int, per_call: int, every: tuple[int, ...], stops: list[int | None]) -> int:
+    """Steps the next call runs after `step` (pure): at most `per_call`, never past `last`, a multiple of any
+    of `every` (log, evaluation) or a step where a hook must act (`Hook.next_stop`)."""
+    end = min(step + per_call, last)
+    for period in every:
+        end = min(end, (step // period + 1) * period)
+    for stop in stops:
+        if stop is not None and stop > step:
+            end = min(end, stop)
+    return max(end - step, 1)
+
+
+def make_call(exp: Experiment, strategy: Strategy, hooks: list[Hook], *, start: int, last: int):
+    """What the loop runs between hooks: `call(iterator, state) -> outputs`, advancing `state.step` (and
+    `state.steps_in_call`) by the steps it ran: one, or with train.steps_per_call up to that many, cut at every
+    step where the loop or a hook acts. The first step of a process runs alone (it traces; the clock starts
+    at its end)."""
+    cfg = exp.cfg
+    per_call, every = cfg.train.steps_per_call, (cfg.train.log_every, cfg.eval.every)
+    train_step = make_train_step(exp, strategy, per_call=per_call)
+
+    def call(iterator, state: LoopState) -> dict:
+        if per_call == 1:
+            out, state.steps_in_call = train_step(iterator), 1
+        else:
+            n = 1 if state.step == start else call_length(state.step, last, per_call, every,
+                                                          [hook.next_stop(state.step) for hook in hooks])
+            out = train_step(iterator, tf.constant(n, tf.int32))
+            state.steps_in_call = int(out["steps"])
+        state.step += state.steps_in_call
+        return out
+
+    return call
 
 
 def make_eval_step(exp: Experiment):
@@ -130,7 +192,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
         tb.hparams(flatten(cfg.model_dump(mode="json")), ["val/loss"])
 
     iterator = _batches(exp, strategy, start)
-    train_step, eval_step = make_train_step(exp, strategy), make_eval_step(exp)
+    call, eval_step = make_call(exp, strategy, hooks, start=start, last=last), make_eval_step(exp)
     efficiency = measure_efficiency(exp, strategy)  # after the broadcast: every rank probes its device at once
 
     for hook in hooks:
@@ -139,11 +201,10 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     while state.step < last and not state.stop_requested:
         for hook in hooks:
             hook.on_step_begin(state)
-        out = train_step(iterator)
-        state.step += 1
+        out = call(iterator, state)  # one step, or train.steps_per_call up to the next step a hook acts at
         state.nonfinite = round(float(out["nonfinite"]) / strategy.num_replicas)  # agreed: same on every rank
         state.stop_votes = out["stop"].numpy().tolist()  # agreed too: a stop is for the same step everywhere
-        window_steps += 1
+        window_steps += state.steps_in_call
         window_tokens.append(out["tokens"])  # kept as tensors: no host sync, no extra op between log points
         logging_now = state.step % cfg.train.log_every == 0 or state.step == last
         if state.step == start + 1 and not logging_now:  # the first step builds the graph: time from its end

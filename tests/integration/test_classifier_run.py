@@ -98,9 +98,9 @@ def test_mfu_in_tensorboard_console_and_final_line_from_the_measured_peak(traine
     stdout = (trained / "stdout.txt").read_text()
     assert f"strata: MFU against {entry['flops'] / 1e12:.3g} TFLOP/s peak (float32 matmul probe, measured); " in stdout
     shown = [float(x) / 100 for x in re.findall(r"^step \d+/\d+ .* mfu (\d+\.\d\d)% eta", stdout, re.M)]
-    assert shown == pytest.approx([mfus[s] for s in sorted(mfus)], abs=5e-5)
+    assert shown == pytest.approx([mfus[s] for s in sorted(mfus)], abs=6e-5)
     final = re.search(rf"^strata: step {STEPS}/{STEPS} \| validation .* \| MFU (\d+\.\d\d)%$", stdout, re.M)
-    assert final and min(mfus.values()) - 5e-5 <= float(final.group(1)) / 100 <= max(mfus.values()) + 5e-5, stdout
+    assert final and min(mfus.values()) - 6e-5 <= float(final.group(1)) / 100 <= max(mfus.values()) + 6e-5, stdout
 
 
 def test_evaluate_classify_and_export(trained: Path, tmp_path: Path):
