@@ -269,7 +269,7 @@ def measure_efficiency(exp: Experiment, strategy: Strategy) -> Efficiency:
     peak = strategy.all_reduce_sum({"peak": per_device * devices})["peak"]
     if strategy.is_chief:
         print(f"strata: MFU against {peak / 1e12:.3g} TFLOP/s peak ({source}); "
-              f"{flops / 1e9:.4g} GFLOPs per training example", flush=True)
+              f"{flops:.4g} FLOPs per training example", flush=True)
     return Efficiency(flops, peak)
 
 
