@@ -33,6 +33,7 @@ bench: setup  ## the benchmarks in the README's table (minutes; run on a quiet m
 	$(PY) bench/scaling.py
 	$(PY) bench/allreduce.py
 	$(PY) bench/pipeline.py --batch 128 --steps 8
+	$(PY) bench/mfu.py
 
 doctor: setup
 	$(STRATA) doctor
