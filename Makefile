@@ -34,6 +34,7 @@ bench: setup  ## the benchmarks in the README's table (minutes; run on a quiet m
 	$(PY) bench/allreduce.py
 	$(PY) bench/pipeline.py --batch 128 --steps 8
 	$(PY) bench/preemption.py --repeats 2 --steps 300
+	$(PY) bench/mfu.py
 
 doctor: setup
 	$(STRATA) doctor

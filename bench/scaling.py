@@ -18,6 +18,9 @@ and is pinned to one core. One invocation measures, in this order (all with `str
   BACKEND x 2       `strata launch -np 2 [--backend horovod|multi_worker] [--mpi]`, global batch 2b, with
                     STRATA_PIN_CPU=1 so each rank pins itself to core (local rank) before starting a thread
                     (trainer/cpu_affinity.py). The launcher/horovodrun/mpirun helpers are not pinned.
+  plain-horovod     the baseline a user would write instead: `horovodrun -np 2 --gloo` of bench/_plain_horovod.py
+                    (Horovod's examples: tape, one all-reduce per gradient, Adam; same config, model, data,
+                    batch), pinned the same way. Strata's Horovod figure over this one should be >= 1.0.
 
 Throughput is read back from each run's TensorBoard events (`perf/examples_per_sec`, logged by rank 0 every
 --log-every steps; for a 2-worker run it is the GLOBAL rate, 2b per step). The first --skip-windows log
@@ -68,8 +71,13 @@ BACKENDS = {  # name -> extra `strata launch` arguments
     "horovod": ["--backend", "horovod"],
     "horovod-mpi": ["--backend", "horovod", "--mpi"],
     "multi_worker": ["--backend", "multi_worker"],
+    "plain-horovod": [],  # not `strata launch`: horovodrun of bench/_plain_horovod.py (PLAIN below)
 }
-LABELS = {"horovod": "Horovod (Gloo)", "horovod-mpi": "Horovod (MPI)", "multi_worker": "MultiWorkerMirrored"}
+LABELS = {"horovod": "Horovod (Gloo)", "horovod-mpi": "Horovod (MPI)", "multi_worker": "MultiWorkerMirrored",
+          "plain-horovod": "plain Horovod loop (Gloo)"}
+# Not Strata: bench/_plain_horovod.py, the loop a user would write from Horovod's examples, under horovodrun.
+PLAIN = "plain-horovod"
+PLAIN_SCRIPT = ROOT / "bench" / "_plain_horovod.py"
 HOROVOD_PAPER = (0.88, 0.90)
 TAG = "perf/examples_per_sec"
 # Inherited variables that would make a single run think it is part of a job (or change pinning).
@@ -151,7 +159,8 @@ def _training_pids(run_dir: Path) -> list[int]:
             parts = Path(f"/proc/{entry.name}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if parts[1:4] == ["-m", "trainer", "train"] and needle in parts:
+        ours = parts[1:4] == ["-m", "trainer", "train"] or parts[1:2] == [str(PLAIN_SCRIPT)]
+        if ours and needle in parts:
             pids.append(int(entry.name))
     # A rank forks its output filter (trainer/output.py), which shares its argv: keep the ranks only.
     return [pid for pid in pids if _parent(pid) not in pids]
@@ -313,6 +322,9 @@ def one_round(args, work: Path, cores: list[int], r: int) -> dict[str, Result]:
         t0 = say(f"{LABELS[backend]}, 2 workers pinned to cores {cores[0]},{cores[1]}, global batch {2 * b}")
         run_dir = work / f"r{r}-{backend}"
         argv = [cmd, "launch", "-np", "2", *BACKENDS[backend], config, *overrides(args, run_dir, 2 * b)]
+        if backend == PLAIN:
+            argv = [str(Path(sys.executable).parent / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+                    sys.executable, str(PLAIN_SCRIPT), config, *overrides(args, run_dir, 2 * b)]
         run = Run(backend, argv, {**env, "STRATA_PIN_CPU": "1"}, run_dir, work / f"r{r}-{backend}.log", 2 * b)
         run_together([run], args.timeout)
         check_pinned(run, cores)
@@ -369,6 +381,9 @@ def report(args, rounds: list[dict[str, Result]], cores: list[int]) -> None:
         print(f"  efficiency vs ceiling        {t2 / ceiling:.2f}    (2 workers / 2 independent; platform reference ~0.69)")
         print(f"  scaling efficiency T2/(2 T1) {eff:.2f}    = {share:.2f} hardware sharing x {t2 / ceiling:.2f} "
               f"communication; Horovod paper {lo:.2f}-{hi:.2f} on 128-512 GPUs ({eff / ((lo + hi) / 2):.0%} of it)")
+    if PLAIN in args.backends and "horovod" in args.backends:
+        print(f"Strata's 2 Horovod (Gloo) workers / the plain Horovod loop's 2 workers (same model, batch, Adam): "
+              f"{med('horovod') / med(PLAIN):.2f}x (target >= 1.00)")
     print()
     print("Why lower than the paper: here each rank has one core, so the all-reduce, its transport threads and\n"
           "the Python loop take that core away from the compute thread (no overlap, unlike NCCL/NIC transfers\n"
@@ -382,7 +397,7 @@ def main() -> int:
     p.add_argument("--config", default="configs/summarizer.yaml")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     p.add_argument("--per-replica-batch", type=int, default=32)
-    p.add_argument("--backends", default="horovod,horovod-mpi,multi_worker",
+    p.add_argument("--backends", default="horovod,horovod-mpi,multi_worker,plain-horovod",
                    help=f"comma-separated, from {','.join(BACKENDS)}")
     p.add_argument("--log-every", type=int, default=10, help="steps per throughput window")
     p.add_argument("--skip-windows", type=int, default=2, help="first windows dropped (tracing, warm-up)")

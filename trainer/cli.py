@@ -233,7 +233,9 @@ def _train(cfg, *, stop_after: int | None) -> int:
         if not state.stop_signal:  # a signal stop has said where it stopped (preemption.StopHook), unevaluated
             shown = " ".join(f"{k}={v:.4f}" for k, v in state.eval_metrics.items())
             reason = f" ({state.stop_reason})" if state.stop_reason else ""
-            print(f"strata: step {state.step}/{cfg.train.steps}{reason} | validation {shown or '(not evaluated yet)'}")
+            mfu = f" | MFU {state.mfu:.2%}" if state.mfu is not None else ""
+            print(f"strata: step {state.step}/{cfg.train.steps}{reason} | validation {shown or '(not evaluated yet)'}"
+                  f"{mfu}")
             (exp.run_dir / "metrics.json").write_text(json.dumps({"step": state.step, **state.eval_metrics}))
         print(f"strata: run directory {exp.run_dir} | TensorBoard: strata tensorboard {exp.run_dir}")
     return preemption.exit_code(state)  # 130 after Ctrl-C; 75 after SIGTERM/SIGUSR1: checkpoint saved, run again

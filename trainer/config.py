@@ -215,6 +215,15 @@ class TrainConfig(_Strict):
     # rendezvous) is allowed watchdog_startup_s instead, if that is longer.
     watchdog_timeout_s: Annotated[float, Field(ge=0)] = 600.0
     watchdog_startup_s: Annotated[float, Field(ge=0)] = 900.0
+    # XLA for each replica's forward and backward pass (the all-reduce and the update stay outside: Horovod's
+    # ops cannot run inside XLA); a first step that compiles takes longer (trainer/loop.py).
+    jit_compile: bool = False
+    # Optimizer steps per compiled call (a while loop in the graph: one Python dispatch for several steps);
+    # a call is cut at every step where logging, checkpoints, evaluation or another hook acts (trainer/loop.py).
+    steps_per_call: PositiveInt = 1
+    # MFU's peak: TFLOP/s of ONE device at the run's dtype (e.g. from a datasheet). Unset: measured by a
+    # matmul probe on each device, cached per host, device and TensorFlow version (trainer/peak.py).
+    peak_tflops: Annotated[float, Field(gt=0)] | None = None
 
 
 class EvalConfig(_Strict):
@@ -324,6 +333,12 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "ExperimentConfig":
+        if self.train.jit_compile and self.distribution.pipeline is not None:
+            raise ValueError("train.jit_compile does not compile a pipeline (its stages run on several devices); "
+                             "set train.jit_compile=false or remove distribution.pipeline")
+        if self.train.steps_per_call > 1 and self.distribution.pipeline is not None:
+            raise ValueError("train.steps_per_call above 1 does not run a pipeline yet; set train.steps_per_call=1 "
+                             "or remove distribution.pipeline")
         config_layout(self)  # how the batch and the model split (trainer/parallel/layout.py: every rule there)
         if self.data.source == "tfds" and not self.task.reads_tfds:
             raise ValueError("data.source tfds is supported for the summarizers only")

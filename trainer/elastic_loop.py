@@ -31,6 +31,9 @@ class CommitHook(Hook):
     def __init__(self, elastic_state, every: int):
         self.elastic_state, self.every = elastic_state, every
 
+    def next_stop(self, step: int) -> int | None:
+        return (step // self.every + 1) * self.every
+
     def on_step_end(self, state: LoopState) -> None:
         if state.step % self.every == 0 or state.step == state.total_steps:
             self.elastic_state.step = state.step

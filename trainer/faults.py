@@ -54,6 +54,9 @@ class FaultInjection(Hook):
         self.rank, self.step, _, self.kind = fault
         self.active = rank == self.rank
 
+    def next_stop(self, step: int) -> int | None:
+        return self.step if self.step > step else None  # on every rank: all must cut their calls alike
+
     def on_step_end(self, state: LoopState) -> None:
         if not self.active or state.step != self.step:
             return
@@ -80,6 +83,7 @@ class StepFault(Hook):
         import tensorflow as tf  # only runs that inject a non-finite value pay for it here
 
         self.faults = [f for f in faults if f[0] == rank and f[3] in IN_STEP]
+        self.every_rank = [f for f in faults if f[3] in IN_STEP]  # where every rank cuts its calls (next_stop)
         self.rank = rank
         self.grad_addend = tf.Variable(0.0, trainable=False, name="strata_fault_addend")
         self.loss_addend = tf.Variable(0.0, trainable=False, name="strata_fault_loss_addend")
@@ -100,6 +104,11 @@ class StepFault(Hook):
         import tensorflow as tf
 
         return loss + tf.cast(self.loss_addend, loss.dtype)
+
+    def next_stop(self, step: int) -> int | None:
+        """The step before a faulted range and each step in it: the addends are set per call."""
+        stops = [s for _, first, last, _ in self.every_rank for s in range(first - 1, last + 1) if s > step]
+        return min(stops, default=None)
 
     def on_step_begin(self, state: LoopState) -> None:
         step = state.step + 1  # the step about to run

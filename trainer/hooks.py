@@ -49,18 +49,21 @@ class Console(Hook):
                 self.bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                                 file=terminal_stream())
         elif self.bar:
-            self.bar.update(1)
+            self.bar.update(state.steps_in_call)
 
     def on_log(self, state: LoopState) -> None:
         logs = state.train_logs
         if self.bar:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", ex_s=f"{logs['examples_per_sec']:.0f}", refresh=False)
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", ex_s=f"{logs['examples_per_sec']:.0f}",
+                                 **({"mfu": f"{logs['mfu']:.2%}"} if "mfu" in logs else {}), refresh=False)
         elif self.enabled:
             eta = None if self.clock_time is None else eta_seconds(
                 step=state.step, total_steps=state.total_steps, clock_step=self.clock_step,
                 elapsed_s=time.perf_counter() - self.clock_time)
+            mfu = f" mfu {logs['mfu']:.2%}" if "mfu" in logs else ""
             print(f"step {state.step}/{state.total_steps} loss {logs['loss']:.4f} lr {logs['learning_rate']:.2e} "
-                  f"{logs['examples_per_sec']:.0f} ex/s" + (f" eta {eta:.0f}s" if eta is not None else ""), flush=True)
+                  f"{logs['examples_per_sec']:.0f} ex/s{mfu}" + (f" eta {eta:.0f}s" if eta is not None else ""),
+                  flush=True)
 
     def on_eval(self, state: LoopState) -> None:
         if self.enabled:
@@ -82,8 +85,8 @@ class TensorBoardHook(Hook):
         # counts it in train/skipped_steps) rather than putting a NaN into TensorBoard's chart.
         train = {k: logs[k] for k in ("loss", "learning_rate") if k != "loss" or math.isfinite(logs[k])}
         self.tb.scalars(state.step, train, prefix="train")
-        perf = ("examples_per_sec", "tokens_per_sec", "step_time_ms")
-        self.tb.scalars(state.step, {k: logs[k] for k in perf}, prefix="perf")
+        perf = ("examples_per_sec", "tokens_per_sec", "step_time_ms", "mfu", "model_tflops")
+        self.tb.scalars(state.step, {k: logs[k] for k in perf if k in logs}, prefix="perf")
         stages = {k.removeprefix("pipeline/"): v for k, v in logs.items() if k.startswith("pipeline/")}
         if stages:  # per-stage compute time and measured idle fraction (pipeline runs only)
             self.tb.scalars(state.step, stages, prefix="pipeline")
@@ -101,6 +104,9 @@ class CheckpointHook(Hook):
 
     def __init__(self, checkpointer: Checkpointer, every: int):
         self.checkpointer, self.every = checkpointer, every
+
+    def next_stop(self, step: int) -> int | None:
+        return (step // self.every + 1) * self.every
 
     def on_step_end(self, state: LoopState) -> None:
         if state.step % self.every == 0:
@@ -122,6 +128,12 @@ class ProfilerHook(Hook):
 
     def __init__(self, logdir: str, steps: tuple[int, int] | None, enabled: bool):
         self.logdir, self.steps, self.enabled, self.active = logdir, steps, enabled and steps is not None, False
+
+    def next_stop(self, step: int) -> int | None:
+        # On every rank, not only the tracing chief: all ranks must cut their calls at the same steps.
+        if self.steps is None:
+            return None
+        return next((s for s in (self.steps[0] - 1, self.steps[1]) if s > step), None)  # traced steps: own calls
 
     def on_step_begin(self, state: LoopState) -> None:
         if self.enabled and not self.active and state.step + 1 == self.steps[0]:

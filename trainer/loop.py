@@ -11,26 +11,33 @@ from trainer.data.batches import eval_dataset, train_dataset
 from trainer.experiment import Experiment
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
 from trainer.faults import fault_hooks, step_fault
+from trainer.flops import mfu, run_training_flops
 from trainer.heartbeat import heartbeat_hooks, phase
 from trainer.preemption import VOTES, preemption_hooks, votes_variable
 from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags
 from trainer.optim import current_lr, uses_loss_scaling
+from trainer.peak import peak_flops
 from trainer.resume import start_message
 from trainer.strategy.base import Strategy
 from trainer.summaries import TensorBoard, flatten
 
 
-def make_train_step(exp: Experiment, strategy: Strategy):
+def make_train_step(exp: Experiment, strategy: Strategy, *, per_call: int = 1):
     """A compiled step: next batch -> one replica's gradients on every replica -> NaN/Inf and stop flags
-    agreed over replicas -> the gradients summed over replicas and applied (or skipped by all)."""
+    agreed over replicas -> the gradients summed over replicas and applied (or skipped by all).
+    `per_call` > 1: a compiled call `(iterator, n)` running up to n such steps (`several_steps`)."""
     cfg, engine, task = exp.cfg, exp.engine, exp.task
     update = strategy.make_update(exp.optimizer, exp.model.trainable_variables, clip_norm=cfg.optimizer.clip_norm,
                                   loss_scaling=uses_loss_scaling(exp.optimizer, cfg.train.mixed_precision))
     inject = step_fault(strategy.rank)  # STRATA_FAULT=RANK:STEP:inf|nan_loss only; None (no op) otherwise
     stop_votes = votes_variable()  # this process's stop requests (trainer/preemption.py)
 
+    # train.jit_compile: XLA compiles this replica's forward and backward pass only; the collectives below
+    # (Horovod's ops have no XLA kernels in this build) and the optimizer update stay in the graph around it.
+    gradients = tf.function(engine.gradients, jit_compile=True) if cfg.train.jit_compile else engine.gradients
+
     def replica_step(batch: dict) -> dict:
-        loss, grads, extras = engine.gradients(batch)  # accumulated micro-steps, or a pipeline's micro-batches
+        loss, grads, extras = gradients(batch)  # accumulated micro-steps, or a pipeline's micro-batches
         if inject is not None:
             grads, loss = inject(grads), inject.loss(loss)
         # NaN/Inf guard (trainer/nonfinite.py): a non-finite loss or gradient on any replica -> all skip.
@@ -42,11 +49,72 @@ def make_train_step(exp: Experiment, strategy: Strategy):
                 "nonfinite": tf.cast(first_bad(bad), tf.float32), "stop": stop,
                 **{key: extras[key] for key in engine.reported}}
 
+    if per_call > 1:
+        return several_steps(strategy, replica_step)
+
     @tf.function
     def train_step(iterator) -> dict:
         return strategy.run(replica_step, next(iterator))
 
     return train_step
+
+
+def several_steps(strategy: Strategy, replica_step):
+    """`train.steps_per_call`: one compiled call runs `n` steps (a tensor: any n, one trace) in a while loop,
+    and returns the last step's outputs, the tokens of all, and `steps` run. It ends early after a step the
+    NaN/Inf guard skipped or a stop vote (both agreed over replicas, so every rank runs the same steps), so
+    the loop's hooks see that step as they would without it."""
+
+    @tf.function
+    def train_steps(iterator, n: tf.Tensor) -> dict:
+        def more(done, out):
+            quiet = tf.logical_and(tf.equal(out["nonfinite"], 0.0), tf.equal(tf.reduce_sum(out["stop"]), 0.0))
+            return tf.logical_and(done < n, quiet)
+
+        def step(done, out):
+            new = strategy.run(replica_step, next(iterator))
+            return done + 1, {**new, "tokens": out["tokens"] + new["tokens"]}
+
+        first = strategy.run(replica_step, next(iterator))
+        done, out = tf.while_loop(more, step, (tf.constant(1), first))
+        return {**out, "steps": done}
+
+    return train_steps
+
+
+def call_length(step: int, last: int, per_call: int, every: tuple[int, ...], stops: list[int | None]) -> int:
+    """Steps the next call runs after `step` (pure): at most `per_call`, never past `last`, a multiple of any
+    of `every` (log, evaluation) or a step where a hook must act (`Hook.next_stop`)."""
+    end = min(step + per_call, last)
+    for period in every:
+        end = min(end, (step // period + 1) * period)
+    for stop in stops:
+        if stop is not None and stop > step:
+            end = min(end, stop)
+    return max(end - step, 1)
+
+
+def make_call(exp: Experiment, strategy: Strategy, hooks: list[Hook], *, start: int, last: int):
+    """What the loop runs between hooks: `call(iterator, state) -> outputs`, advancing `state.step` (and
+    `state.steps_in_call`) by the steps it ran: one, or with train.steps_per_call up to that many, cut at every
+    step where the loop or a hook acts. The first step of a process runs alone (it traces; the clock starts
+    at its end)."""
+    cfg = exp.cfg
+    per_call, every = cfg.train.steps_per_call, (cfg.train.log_every, cfg.eval.every)
+    train_step = make_train_step(exp, strategy, per_call=per_call)
+
+    def call(iterator, state: LoopState) -> dict:
+        if per_call == 1:
+            out, state.steps_in_call = train_step(iterator), 1
+        else:
+            n = 1 if state.step == start else call_length(state.step, last, per_call, every,
+                                                          [hook.next_stop(state.step) for hook in hooks])
+            out = train_step(iterator, tf.constant(n, tf.int32))
+            state.steps_in_call = int(out["steps"])
+        state.step += state.steps_in_call
+        return out
+
+    return call
 
 
 def make_eval_step(exp: Experiment):
@@ -124,7 +192,8 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
         tb.hparams(flatten(cfg.model_dump(mode="json")), ["val/loss"])
 
     iterator = _batches(exp, strategy, start)
-    train_step, eval_step = make_train_step(exp, strategy), make_eval_step(exp)
+    call, eval_step = make_call(exp, strategy, hooks, start=start, last=last), make_eval_step(exp)
+    efficiency = measure_efficiency(exp, strategy)  # after the broadcast: every rank probes its device at once
 
     for hook in hooks:
         hook.on_train_begin(state)
@@ -132,11 +201,10 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     while state.step < last and not state.stop_requested:
         for hook in hooks:
             hook.on_step_begin(state)
-        out = train_step(iterator)
-        state.step += 1
+        out = call(iterator, state)  # one step, or train.steps_per_call up to the next step a hook acts at
         state.nonfinite = round(float(out["nonfinite"]) / strategy.num_replicas)  # agreed: same on every rank
         state.stop_votes = out["stop"].numpy().tolist()  # agreed too: a stop is for the same step everywhere
-        window_steps += 1
+        window_steps += state.steps_in_call
         window_tokens.append(out["tokens"])  # kept as tensors: no host sync, no extra op between log points
         logging_now = state.step % cfg.train.log_every == 0 or state.step == last
         if state.step == start + 1 and not logging_now:  # the first step builds the graph: time from its end
@@ -144,6 +212,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
         if logging_now:
             state.train_logs = _train_logs(exp, strategy, state, out, window_start, window_steps, window_tokens)
+            state.train_logs.update(efficiency.logs(state, state.train_logs))
             for hook in hooks:
                 hook.on_log(state)
             window_start, window_steps, window_tokens = time.perf_counter(), 0, []
@@ -161,6 +230,47 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
     if strategy.world_size > 1:
         check_replicas_in_sync(exp, strategy)
     return state
+
+
+COMPUTE_DTYPE = {"off": "float32", "bfloat16": "bfloat16", "float16": "float16"}  # train.mixed_precision
+
+
+class Efficiency:
+    """MFU of the run: the model's training FLOPs per example (trainer/flops.py) over the peak FLOP/s of every
+    device that trains (trainer/peak.py, summed over processes); `logs` adds `mfu` to a log step's scalars and
+    keeps the run's running total in the loop state (the final line prints it)."""
+
+    def __init__(self, flops_per_example: float, peak: float) -> None:
+        self.flops_per_example, self.peak = flops_per_example, peak
+
+    def logs(self, state: LoopState, logs: dict[str, float]) -> dict[str, float]:
+        window_s = logs["window_steps"] * logs["step_time_ms"] / 1000.0
+        value = mfu(flops_per_example=self.flops_per_example, examples_per_sec=logs["examples_per_sec"],
+                    peak_flops=self.peak)
+        state.timed_s += window_s
+        state.mfu_s += value * window_s
+        return {"mfu": value, "model_tflops": self.flops_per_example * logs["examples_per_sec"] / 1e12}
+
+
+def measure_efficiency(exp: Experiment, strategy: Strategy) -> Efficiency:
+    """The run's FLOPs per example and the peak of all its devices: `train.peak_tflops` per device when
+    given, else each process's matmul probe (cached) at the run's compute dtype."""
+    cfg = exp.cfg
+    flops = run_training_flops(cfg, vocab_size=exp.vocab.size, num_classes=exp.labels.num_classes)
+    gpus = tf.config.list_logical_devices("GPU")
+    # Devices this process trains on: its replicas' GPUs (x pipeline stages); on a CPU, the one CPU it shares.
+    devices = max(strategy.num_replicas // strategy.world_size, 1) * exp.layout.pipeline_stages if gpus else 1
+    dtype = COMPUTE_DTYPE[cfg.train.mixed_precision]
+    if cfg.train.peak_tflops:
+        per_device, source = cfg.train.peak_tflops * 1e12, "train.peak_tflops"
+    else:
+        per_device, source = peak_flops(dtype)
+        source = f"{dtype} matmul probe, {source}"
+    peak = strategy.all_reduce_sum({"peak": per_device * devices})["peak"]
+    if strategy.is_chief:
+        print(f"strata: MFU against {peak / 1e12:.3g} TFLOP/s peak ({source}); "
+              f"{flops:.4g} FLOPs per training example", flush=True)
+    return Efficiency(flops, peak)
 
 
 def _batches(exp: Experiment, strategy: Strategy, start: int):
@@ -185,6 +295,7 @@ def _train_logs(exp: Experiment, strategy: Strategy, state: LoopState, out: dict
         "examples_per_sec": window_steps * exp.cfg.data.batch_size / elapsed,
         "tokens_per_sec": float(tf.add_n(window_tokens)) / elapsed,
         "step_time_ms": 1000.0 * elapsed / window_steps,
+        "window_steps": window_steps,
         **exp.engine.logs(out, strategy.num_replicas),
     }
 

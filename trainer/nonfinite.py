@@ -84,8 +84,9 @@ class NonFiniteGuard(Hook):
         self.total = 0
 
     def on_step_end(self, state: LoopState) -> None:
-        if not state.nonfinite:
+        if not state.nonfinite or state.steps_in_call > 1:  # a call ends at its first skipped step: the rest were good
             self.consecutive = 0
+        if not state.nonfinite:
             return
         self.consecutive += 1
         self.total += 1

@@ -96,7 +96,7 @@ def _assert_one_prefix_whole_lines(output: str) -> None:
     TensorFlow log line or per-step warning in between."""
     lines = output.splitlines()
     assert all(re.match(r"\[rank [01]\] |strata: ", line) for line in lines), output[-3000:]
-    steps = [re.fullmatch(r"\[rank 0\] step (\d+)/12 loss \S+ lr \S+ \d+ ex/s( eta \d+s)?", line) for line in lines]
+    steps = [re.fullmatch(r"\[rank 0\] step (\d+)/12 loss \S+ lr \S+ \d+ ex/s mfu \d+\.\d\d%( eta \d+s)?", line) for line in lines]
     assert [int(m.group(1)) for m in steps if m] == list(range(1, STEPS + 1)), output[-3000:]
     assert {line for line in lines if "weights sha256" in line} == {
         f"[rank {r}] strata: rank {r} weights sha256 {d}" for r, d in _rank_digests(output).items()}

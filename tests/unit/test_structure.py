@@ -37,7 +37,8 @@ def _docstrings(tree: ast.AST) -> set[int]:
 
 def _contract_strings() -> set[str]:
     names = {getattr(contract, n) for n in dir(contract) if n.startswith("ENV_")}
-    names |= {*contract.LAUNCHER_SIZE_VARS, *contract.LAUNCHER_RANK_VARS, *contract.LAUNCHER_LOCAL_RANK_VARS}
+    names |= {*contract.LAUNCHER_SIZE_VARS, *contract.LAUNCHER_RANK_VARS, *contract.LAUNCHER_LOCAL_RANK_VARS,
+              *contract.LAUNCHER_LOCAL_SIZE_VARS}
     return names | {contract.HEARTBEAT_GLOB, contract.HEARTBEAT_DIR, contract.RUN_CONFIG_FILE,
                     contract.CHECKPOINT_DIR, contract.MANIFEST_SUFFIX, contract.RUNS_DIR,
                     contract.WATCHDOG_IN_LAUNCHER}
