@@ -71,8 +71,10 @@ def model_size(cfg: ExperimentConfig) -> str | None:
     from trainer.data.shards import read_index
 
     n = count(int(read_index(cfg.data.prepared_path)["vocab_size"]), cfg.data.seq_len)
-    return (f"model: {cfg.model.kind}, {n:,} parameters ({n / 1e9:.2f} billion); weights, gradients and Adam "
-            f"moments in float32: {16 * n / 2**30:.1f} GiB per replica")
+    size = f"{n / 1e9:.2f} billion" if n >= 1e9 else f"{n / 1e6:.1f} million"
+    memory = f"{16 * n / 2**30:.1f} GiB" if 16 * n >= 2**30 else f"{16 * n / 2**20:.1f} MiB"
+    return (f"model: {cfg.model.kind}, {n:,} parameters ({size}); weights, gradients and Adam moments in float32: "
+            f"{memory} per replica")
 
 
 def _print_ranks(cfg: ExperimentConfig, layout: Layout, ranks: list[tuple[str, int]], gpus_here: int) -> None:

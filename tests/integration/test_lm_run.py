@@ -157,3 +157,17 @@ def test_export_serves_raw_text_in_a_fresh_process_like_strata_generate(trained,
     continuations = json.loads(lines[-2])
     assert lines[-1] == "[]", lines[-1]  # nothing of Strata was needed
     assert continuations == [a["continuation"] for a in greedy]  # both greedy, 32 tokens at most
+
+
+def test_plan_shows_the_1b_config(prepared):
+    """configs/lm_1b.yaml through `strata plan` (64 ranks; on the tiny corpus: shorter sequences, the same
+    model): its parameter count, which tests/unit/test_subword_vocab.py checks against a built model."""
+    from trainer.config import load_config
+
+    done = strata("plan", str(CONFIGS / "lm_1b.yaml"), "-np", "64", "--set", f"data.prepared_path={prepared}",
+                  "--set", "data.seq_len=8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    n = load_config(CONFIGS / "lm_1b.yaml").model.parameter_count(400, 8)
+    assert 1.0e9 < n < 1.1e9
+    assert "strata plan: lm_1b (lm) | 64 replica(s) x 1 stage(s)" in done.stdout
+    assert f"model: lm, {n:,} parameters (1.01 billion)" in done.stdout, done.stdout[-1500:]
