@@ -2,7 +2,7 @@
 pydocs corpus, beside a smoothed bigram model fitted on the same training tokens and scored on the same
 held-out targets (both printed, and one JSON line last).
 
-    .venv/bin/python bench/lm_quality.py [--steps 2000] [--prepared data/pydocs] [--quick]
+    .venv/bin/python bench/lm_quality.py [--steps 1200] [--prepared data/pydocs] [--quick]
 
 1. prepares `--prepared` with `strata data prepare --builtin pydocs` if it is not prepared yet;
 2. trains configs/lm_small.yaml there for `--steps` steps (`strata train`, a fresh run directory);
@@ -90,7 +90,7 @@ def bigram_perplexity(data: PreparedData, seq_len: int) -> tuple[float, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prepared", default=str(REPO / "data" / "pydocs"))
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--keep-run", default=None, help="train into this run directory and keep it")
     opts = p.parse_args()
