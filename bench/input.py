@@ -1,5 +1,7 @@
 """The streaming input pipeline alone: tokens/s and the peak memory of a process iterating it, on a small
-and a large prepared corpus (random token shards + index, written directly: no text is tokenized).
+and a large prepared corpus (random token shards + index, written directly: no text is tokenized); and
+(`train`) a TRAINING process of configs/lm_small.yaml on the same corpus: the tokens/s its step consumes
+beside the input pipeline's tokens/s alone at the same shape, in the same process, and its peak RSS.
 
 Each measurement runs in a fresh child process (so its peak RSS is its own) and prints one JSON line;
 the parent prints them as a table. Measurements are registered in MEASUREMENTS by name: a measurement is
@@ -30,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from trainer.data.shards import FORMAT, INDEX, TOKENIZER, VERSION, shard_name, write_json_atomic  # noqa: E402
 
-VOCAB = 32000
+VOCAB = 8000  # `strata data prepare`'s default vocabulary, which configs/lm_small.yaml trains with
 SHARD_TOKENS = 1 << 26  # 128 MiB of uint16 per shard
 
 
@@ -52,6 +54,10 @@ def generate(directory: Path, gigabytes: float, *, seed: int = 0) -> Path:
                        "sha256": hashlib.sha256(data).hexdigest(), "next": [0, 0]})
         written += n
         del tokens, data
+    val = rng.integers(4, VOCAB, size=min(1 << 20, max(total // 100, 1 << 16)), dtype=np.uint16)
+    (directory / shard_name("val", 0)).write_bytes(val.tobytes())  # a held-out split, as training requires
+    shards.append({"file": shard_name("val", 0), "split": "val", "tokens": len(val), "documents": 0,
+                   "sha256": hashlib.sha256(val.tobytes()).hexdigest(), "next": [0, 0]})
     model_sha = hashlib.sha256((directory / TOKENIZER).read_bytes()).hexdigest()
     write_json_atomic(directory / INDEX, {
         "format": FORMAT, "version": VERSION, "dtype": "<u2", "vocab_size": VOCAB,
@@ -59,7 +65,7 @@ def generate(directory: Path, gigabytes: float, *, seed: int = 0) -> Path:
         "tokenizer": {"file": TOKENIZER, "sha256": model_sha, "spec": {"bench": "random ids"}},
         "sources": [{"bench": "random", "seed": seed}], "settings": {"shard_tokens": SHARD_TOKENS},
         "shards": shards, "splits": {"train": {"tokens": written, "documents": 0, "shards": len(shards)},
-                                     "val": {"tokens": 0, "documents": 0, "shards": 0}}})
+                                     "val": {"tokens": len(val), "documents": 0, "shards": 1}}})
     return directory
 
 
@@ -93,8 +99,48 @@ def measure_input(directory: Path, opts: argparse.Namespace) -> dict:
             "tfdata_tokens_per_s": round(tfdata_tps), "peak_rss_mb": round(peak_rss_mb())}
 
 
+def measure_training(directory: Path, opts: argparse.Namespace) -> dict:
+    """configs/lm_small.yaml trained on the corpus through the real path (experiment + loop, one device):
+    the tokens/s its steps consume (the loop's own figure, over the last log window, compilation excluded),
+    the tf.data stream's tokens/s alone at the same sequence length and batch (measured first, same
+    process), their ratio, and the process's peak RSS."""
+    import tempfile as tmp
+
+    from trainer.config import load_config
+    from trainer.data.stream import TokenStream
+    from trainer.experiment import configure_runtime, prepare
+    from trainer.loop import train
+    from trainer.strategy.single import SingleDevice
+
+    steps = max(opts.train_steps, 4)
+    run_dir = tmp.mkdtemp(prefix="strata-bench-train-")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "lm_small.yaml", [
+        f"data.prepared_path={directory}", f"run_dir={run_dir}", f"train.steps={steps}",
+        f"train.log_every={steps // 2}", f"eval.every={10 * steps}", "eval.max_batches=1",
+        f"checkpoint.every={10 * steps}", "logging.progress_bar=false", f"data.verify_shards={not opts.no_verify}"])
+    stream = TokenStream.open(directory, "train", seq_len=cfg.data.seq_len, global_batch=cfg.data.batch_size,
+                              seed=1, verify=False)
+    it = iter(stream.dataset(start_step=10 * steps))
+    for _ in range(opts.warmup):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(opts.steps):
+        next(it)
+    input_tps = opts.steps * cfg.data.batch_size * cfg.data.seq_len / (time.perf_counter() - start)
+    del it
+    stream.close()
+    configure_runtime(cfg)
+    strategy = SingleDevice()
+    state = train(prepare(cfg, strategy, training=True), strategy)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train_tps = state.train_logs["tokens_per_sec"]
+    return {"seq_len": cfg.data.seq_len, "batch": cfg.data.batch_size, "input_tokens_per_s": round(input_tps),
+            "train_step_tokens_per_s": round(train_tps), "input_over_train": round(input_tps / train_tps, 1),
+            "peak_rss_mb": round(peak_rss_mb())}
+
+
 # name -> function(prepared directory, options) -> figures; run in a fresh child process each.
-MEASUREMENTS = {"input": measure_input}
+MEASUREMENTS = {"input": measure_input, "train": measure_training}
 
 
 def _child(opts: argparse.Namespace) -> None:
@@ -118,6 +164,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--train-steps", type=int, default=100, help="steps of the training measurement")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check at open")
     p.add_argument("--workdir", default=None, help="where to generate the corpora (default: a temporary folder)")
     p.add_argument("--only", nargs="+", default=list(MEASUREMENTS), choices=list(MEASUREMENTS))
@@ -127,9 +174,10 @@ def main() -> None:
     if opts.child:
         return _child(opts)
     if opts.quick:
-        opts.sizes_gb, opts.steps, opts.warmup = [0.01, 0.1], 50, 5
+        opts.sizes_gb, opts.steps, opts.warmup, opts.train_steps = [0.01, 0.1], 50, 5, 10
     argv = ["--seq-len", str(opts.seq_len), "--batch", str(opts.batch), "--steps", str(opts.steps),
-            "--warmup", str(opts.warmup)] + (["--no-verify"] if opts.no_verify else [])
+            "--warmup", str(opts.warmup), "--train-steps", str(opts.train_steps)]
+    argv += ["--no-verify"] if opts.no_verify else []
     work = Path(tempfile.mkdtemp(prefix="strata-bench-input-", dir=opts.workdir))
     rows = []
     try:
@@ -144,10 +192,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nseq_len {opts.seq_len}, global batch {opts.batch}, {opts.steps} steps, one process, {os.cpu_count()} cores")
-    keys = [k for k in rows[0] if k not in ("measurement", "corpus_gb")]
-    print(" | ".join(["measurement", "corpus GB", *keys]))
-    for row in rows:
-        print(" | ".join(str(row[k]) for k in ["measurement", "corpus_gb", *keys]))
+    for name in opts.only:
+        mine = [row for row in rows if row["measurement"] == name]
+        keys = [k for k in mine[0] if k not in ("measurement", "corpus_gb")]
+        print(" | ".join(["measurement", "corpus GB", *keys]))
+        for row in mine:
+            print(" | ".join(str(row[k]) for k in ["measurement", "corpus_gb", *keys]))
 
 
 if __name__ == "__main__":

@@ -36,10 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics of a trained run")
     e.add_argument("run_dir")
     e.add_argument("--split", choices=["val", "test"], default="test")
-    for name in ("classify", "summarize"):
-        c = sub.add_parser(name, help=f"{name} texts with a trained run")
-        c.add_argument("run_dir")
-        c.add_argument("texts", nargs="+")
+    _inference_parsers(sub)
     x = sub.add_parser("export", help="SavedModel serving raw text")
     x.add_argument("run_dir")
     x.add_argument("--out", default=None)
@@ -85,6 +82,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="prepare | verify a token-shard dataset (see `strata data --help`)")
     d.add_argument("data_args", nargs=argparse.REMAINDER)
     return p
+
+
+def _inference_parsers(sub) -> None:
+    """classify | summarize | generate RUN TEXT...; generate's options are checked by the trainer's parser."""
+    for name in ("classify", "summarize", "generate"):
+        c = sub.add_parser(name, help=f"{name} texts with a trained run" if name != "generate" else
+                           "continue prompts with a trained language model (JSON lines)")
+        c.add_argument("run_dir")
+        c.add_argument("texts", nargs="+")
+    g = sub.choices["generate"]
+    g.add_argument("--max-tokens", default=None, help="most tokens to generate per prompt (default 32)")
+    g.add_argument("--temperature", default=None, help="0 (default): greedy; > 0: sample from softmax(logits / T)")
+    g.add_argument("--top-k", dest="top_k", default=None, help="sample among the K most likely tokens (default: all)")
+    g.add_argument("--seed", default=None, help="seed of the sampling (default 0)")
 
 
 def _slurm_parser(sub) -> None:
@@ -156,6 +167,11 @@ def trainer_argv(args: argparse.Namespace) -> list[str]:
         return trainer_command(python, "evaluate", args.run_dir, "--split", args.split)
     if args.command in ("classify", "summarize"):
         return trainer_command(python, args.command, args.run_dir, "--", *args.texts)
+    if args.command == "generate":  # values are checked by the trainer's parser
+        options = [item for flag, value in (("--max-tokens", args.max_tokens), ("--temperature", args.temperature),
+                                            ("--top-k", args.top_k), ("--seed", args.seed)) if value is not None
+                   for item in (flag, value)]
+        return trainer_command(python, "generate", args.run_dir, *options, "--", *args.texts)
     if args.command == "plan":
         argv = trainer_command(python, "plan", args.config, "--ranks", ",".join(args.placement),
                                overrides=args.overrides)

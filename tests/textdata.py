@@ -64,3 +64,17 @@ def random_string(rng: random.Random, max_len: int = 40) -> str:
             cp = rng.randint(*rng.choice(_RANGES))
             out.append(chr(cp if not 0xD800 <= cp <= 0xDFFF else cp + 0x800))
     return "".join(out)
+
+
+def prepare_small(out: Path, docs=None, *, val_fraction: float = 0.1, shard_tokens: int = 997) -> Path:
+    """A prepared directory of `docs` (default: the real docstrings) with the 400-piece BPE tokenizer, in
+    shards of `shard_tokens` (997: training sequences span shards)."""
+    from trainer.data.prepare import PrepareSpec, prepare
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = out.parent / f"{out.name}.tok.model"
+    tokenizer("bpe", 400).save(model)
+    corpus = write_jsonl(out.parent / f"{out.name}.jsonl", documents() if docs is None else docs)
+    prepare(PrepareSpec(out=out, inputs=[str(corpus)], tokenizer_model=str(model), shard_tokens=shard_tokens,
+                        val_fraction=val_fraction, workers=1, progress=False))
+    return out

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=f"run a trained model on {what}")
         c.add_argument("run_dir")
         c.add_argument("texts", nargs="+")
+        if name == "generate":
+            _generate_options(c)
     x = sub.add_parser("export", help="write a SavedModel that serves raw text")
     x.add_argument("run_dir")
     x.add_argument("--out", default=None, help="output directory (default RUN_DIR/export)")
@@ -65,6 +67,26 @@ def _parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)  # data prepare | verify
     return p
+
+
+def _generate_options(c: argparse.ArgumentParser) -> None:
+    """`generate`'s sampling options (trainer/models/generation.py)."""
+    def at_least(low, kind):
+        def parse(text: str):
+            value = kind(text)
+            if value < low:
+                raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+            return value
+        parse.__name__ = kind.__name__
+        return parse
+
+    c.add_argument("--max-tokens", dest="max_tokens", type=at_least(1, int), default=32,
+                   help="most tokens to generate per prompt (default 32)")
+    c.add_argument("--temperature", type=at_least(0.0, float), default=0.0,
+                   help="0 (default): greedy; > 0: sample from softmax(logits / T)")
+    c.add_argument("--top-k", dest="top_k", type=at_least(0, int), default=0,
+                   help="sample among the K most likely tokens only (default 0: all)")
+    c.add_argument("--seed", type=at_least(0, int), default=0, help="seed of the sampling (default 0)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +144,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         names = {"classes": list(exp.labels.names)} if exp.labels.names else {}
         print(json.dumps({"split": args.split, "step": exp.checkpointer.latest_step, **names, **metrics}))
     elif args.command in INFERENCE_COMMANDS:  # JSON lines: one per input, with the input
-        for answer in exp.task.answer(exp, args.texts):
+        options = {name: getattr(args, name) for name in exp.task.command_options}
+        for answer in exp.task.answer(exp, args.texts, **options):
             print(json.dumps(answer))
     elif args.command == "export":
         from trainer.export import export_saved_model
@@ -180,6 +203,28 @@ def _print_data_facts(cfg, splits) -> None:
         print(f"strata: note: {note}", flush=True)
 
 
+def _run_training(exp, strategy, stop_after: int | None):
+    """The training loop (elastic when started by `strata launch --elastic`); a data error raised inside
+    tf.data (a shard damaged while training) comes out as the one-line DataError it was."""
+    import tensorflow as tf
+
+    from trainer.data.stream import data_error_in
+
+    try:
+        if getattr(strategy, "elastic", False):  # HOROVOD_ELASTIC=1
+            from trainer.elastic_loop import train_elastic
+
+            return train_elastic(exp, strategy, stop_after=stop_after)
+        from trainer.loop import train
+
+        return train(exp, strategy, stop_after=stop_after)
+    except tf.errors.OpError as err:
+        data_error = data_error_in(err)
+        if data_error is None:
+            raise
+        raise data_error from None
+
+
 def _before_tensorflow(cfg) -> bool:
     """Start-up that needs no TensorFlow: catch the stop signals, check the run directory against the config
     (its saved config and newest checkpoint: milliseconds) and say what this start does (rank 0). True when
@@ -207,10 +252,11 @@ def _train(cfg, *, stop_after: int | None) -> int:
         return 0
     from trainer import preemption
     from trainer.data.splits import load_splits
+    from trainer.resume import env_rank
 
-    splits = load_splits(cfg.data, cfg.task)  # data-file errors surface here, before TensorFlow loads
+    # Data-file errors surface here, before TensorFlow loads; prepared shards' checksums: rank 0 only.
+    splits = load_splits(cfg.data, cfg.task, verify=cfg.data.verify_shards and env_rank() == 0)
     from trainer.experiment import configure_runtime, prepare
-    from trainer.loop import train
     from trainer.strategy import make_strategy
 
     strategy = make_strategy(cfg)
@@ -223,12 +269,7 @@ def _train(cfg, *, stop_after: int | None) -> int:
               f"{strategy.num_replicas} x {per_replica} per replica", flush=True)
         _print_data_facts(cfg, splits)
     exp = prepare(cfg, strategy, training=True, splits=splits)
-    if getattr(strategy, "elastic", False):  # started by `strata launch --elastic` (HOROVOD_ELASTIC=1)
-        from trainer.elastic_loop import train_elastic
-
-        state = train_elastic(exp, strategy, stop_after=stop_after)
-    else:
-        state = train(exp, strategy, stop_after=stop_after)
+    state = _run_training(exp, strategy, stop_after)
     if strategy.is_chief:
         if not state.stop_signal:  # a signal stop has said where it stopped (preemption.StopHook), unevaluated
             shown = " ".join(f"{k}={v:.4f}" for k, v in state.eval_metrics.items())

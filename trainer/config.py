@@ -110,8 +110,45 @@ class TransformerModel(_Strict):
         return self
 
 
+class LMModel(_Strict):
+    """Decoder-only causal language model (trainer/models/lm.py): pre-norm blocks, rotary or learned
+    positions, input and output embeddings tied (one matrix) unless tie_embeddings is false."""
+
+    kind: Literal["lm"] = "lm"
+    d_model: PositiveInt = 128
+    num_heads: PositiveInt = 4
+    ff_dim: PositiveInt = 512
+    layers: PositiveInt = 2
+    dropout: Probability = 0.0
+    positions: Literal["rotary", "learned"] = "rotary"
+    # One matrix for the input embedding and the output projection. A pipeline cuts `embed` and `head`
+    # onto different stages, which cannot share a variable: such configs must set this to false.
+    tie_embeddings: bool = True
+
+    def level_names(self) -> list[str]:
+        """The model's levels in order (what pipeline stages are made of); must match the built model."""
+        return ["embed", *(f"block_{i}" for i in range(1, self.layers + 1)), "head"]
+
+    def parameter_count(self, vocab_size: int, seq_len: int) -> int:
+        """Trainable parameters of the built model (trainer/models/lm.py), counted without building it."""
+        d, f = self.d_model, self.ff_dim
+        block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * f + f) + (f * d + d)
+        embed = vocab_size * d + (seq_len * d if self.positions == "learned" else 0)
+        head = 2 * d + (0 if self.tie_embeddings else d * vocab_size)
+        return embed + self.layers * block + head
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "LMModel":
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        if self.positions == "rotary" and (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"rotary positions need an even head width; d_model / num_heads is "
+                             f"{self.d_model // self.num_heads}: change num_heads or set model.positions=learned")
+        return self
+
+
 # One section per model kind (trainer/tasks/ WORKLOADS registers what each learns and builds).
-MODEL_SECTIONS = (ClassifierModel, SummarizerModel, TransformerModel)
+MODEL_SECTIONS = (ClassifierModel, SummarizerModel, TransformerModel, LMModel)
 ModelConfig = Annotated[Union[MODEL_SECTIONS], Field(discriminator="kind")]
 
 
@@ -131,7 +168,7 @@ class BuiltinData(_Strict):
 class DataConfig(_Strict):
     """Where examples come from and how they are tokenized and batched."""
 
-    source: Literal["builtin", "jsonl", "csv", "tsv", "tfds"] = "builtin"
+    source: Literal["builtin", "jsonl", "csv", "tsv", "tfds", "prepared"] = "builtin"
     builtin: BuiltinData = BuiltinData()
     # Files for jsonl/csv/tsv. validation/test are optional: missing splits are carved from train.
     train_path: str | None = None
@@ -142,11 +179,25 @@ class DataConfig(_Strict):
     tfds_data_dir: str | None = None
     tfds_text_key: str = "article"
     tfds_summary_key: str = "highlights"
+    # A prepared token-shard directory (`strata data prepare`), streamed without loading it (model kind lm).
+    prepared_path: str | None = None
+    seq_len: PositiveInt = 128  # prepared: tokens per training sequence
+    # prepared: check every shard's sha256 before training (rank 0 only; `strata data verify` does the same).
+    verify_shards: bool = True
+    # word (default): the word vocabulary; bpe | unigram: a SentencePiece model (byte fallback: no character
+    # is lost) trained on the training texts at the run's start, data.vocab_size pieces; or a .model file.
+    # With source prepared: the .model the data must have been prepared with (default: the directory's own).
+    tokenizer: str | None = None
     vocab_size: Annotated[int, Field(ge=8)] = 2000
     max_len: PositiveInt = 64  # tokens per text / document
     summary_len: PositiveInt = 16  # tokens per summary, including the start/end markers
     batch_size: PositiveInt = 32  # the GLOBAL batch: summed over all replicas
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+
+    @property
+    def model_len(self) -> int:
+        """The sequence length a model is built for: seq_len on prepared data, else max_len."""
+        return self.seq_len if self.source == "prepared" else self.max_len
 
     @model_validator(mode="after")
     def _paths_for_source(self) -> "DataConfig":
@@ -154,6 +205,13 @@ class DataConfig(_Strict):
             raise ValueError(f"source '{self.source}' needs data.train_path (a file of examples)")
         if self.source == "tfds" and not (self.tfds_name and self.tfds_data_dir):
             raise ValueError("source 'tfds' needs data.tfds_name and data.tfds_data_dir")
+        if self.source == "prepared" and not self.prepared_path:
+            raise ValueError("source 'prepared' needs data.prepared_path (a directory written by "
+                             "`strata data prepare`)")
+        self._check_tokenizer()
+        if self.prepared_path and self.source != "prepared":
+            raise ValueError(f"data.prepared_path is ignored with data.source {self.source}; set "
+                             "data.source=prepared to read it, or remove data.prepared_path")
         # A setting the source never reads would be silently ignored: refuse it, naming both ways out.
         unread = [k for k in ("train_path", "val_path", "test_path") if getattr(self, k)] \
             if self.source in ("builtin", "tfds") else []
@@ -165,6 +223,19 @@ class DataConfig(_Strict):
             raise ValueError(f"data.{key} is ignored with data.source {self.source}{used}; "
                              f"set {fix} to read it, or remove data.{key}")
         return self
+
+
+    def _check_tokenizer(self) -> None:
+        tok = self.tokenizer
+        if tok is None or tok == "word" and self.source != "prepared":
+            return
+        if not tok.endswith(".model") and (self.source == "prepared" or tok not in ("bpe", "unigram")):
+            choices = "a SentencePiece .model file" if self.source == "prepared" else \
+                "word, bpe, unigram or a SentencePiece .model file"
+            raise ValueError(f"data.tokenizer {tok!r}: expected {choices}")
+        if tok in ("bpe", "unigram") and self.vocab_size < 263:  # trainer/data/subword.py MIN_VOCAB
+            raise ValueError(f"data.vocab_size ({self.vocab_size}) is too small for a {tok} tokenizer: it holds "
+                             "4 special ids and 256 bytes; use at least 263")
 
 
 # ------------------------------------------------------------------------------------- optimizer
@@ -318,6 +389,19 @@ def effective_warmup(warmup_steps: int, total_steps: int) -> tuple[int, str | No
 
 
 # ----------------------------------------------------------------------------------- experiment
+def _check_tied_pipeline(cfg: "ExperimentConfig") -> None:
+    """Tied embeddings are one variable used by the first level (embed) and the last (head); a pipeline of 2+
+    stages puts them on different stages (stages are contiguous and non-empty), and a variable cannot live on
+    two devices. Refused here, before anything runs, rather than copied and gradient-summed across stages
+    (Megatron's way): that needs a cross-stage all-reduce every step for a matrix worth a few percent of a
+    large model's parameters."""
+    pipe = cfg.distribution.pipeline
+    if getattr(cfg.model, "tie_embeddings", False) and pipe is not None and pipe.stages > 1:
+        raise ValueError(f"model.tie_embeddings: the tied embedding is used by level embed (stage 1) and level "
+                         f"head (stage {pipe.stages}), and pipeline stages cannot share a variable; set "
+                         "model.tie_embeddings=false to pipeline this model")
+
+
 class ExperimentConfig(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
     run_dir: str | None = None  # default: runs/<name>
@@ -342,6 +426,12 @@ class ExperimentConfig(_Strict):
         config_layout(self)  # how the batch and the model split (trainer/parallel/layout.py: every rule there)
         if self.data.source == "tfds" and not self.task.reads_tfds:
             raise ValueError("data.source tfds is supported for the summarizers only")
+        if self.task.reads_prepared != (self.data.source == "prepared"):
+            if self.task.reads_prepared:
+                raise ValueError(f"data.source: model.kind {self.model.kind} trains on prepared token shards; set "
+                                 "data.source=prepared and data.prepared_path=DIR (made by `strata data prepare`)")
+            raise ValueError(f"data.source prepared is read by model.kind lm only, not {self.model.kind}")
+        _check_tied_pipeline(self)
         es = self.train.early_stopping
         if es:
             known = self.task.metrics

@@ -19,6 +19,8 @@ import yaml
 from launch.contract import CHECKPOINT_DIR, RUN_CONFIG_FILE
 from trainer.checkpoint import Checkpointer, random_state
 from trainer.config import ExperimentConfig
+from trainer.data.prepared import PreparedInput
+from trainer.data.subword_vocab import SubwordVocabulary
 from trainer.data.splits import BINARY, LabelSet, Splits, encode_splits, load_splits, training_texts
 from trainer.data.tokenizer import Vocabulary
 from trainer.errors import ConfigError, StorageError
@@ -48,6 +50,7 @@ class Experiment:
     layout: Layout  # how the batch and the model split over replicas, stages and micro-steps
     engine: GradientEngine  # one replica's loss and gradients (accumulating, or pipelined over stages)
     labels: LabelSet = BINARY  # a labelled task's classes, which the model was built for
+    prepared: PreparedInput | None = None  # data.source prepared: the streamed input (arrays: examples only)
 
     @property
     def task(self) -> Task:
@@ -143,8 +146,9 @@ def write_run_files(cfg: ExperimentConfig, run_dir: Path, vocab: Vocabulary, lab
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-        if not (run_dir / VOCAB_FILE).is_file():
-            vocab.save(run_dir / VOCAB_FILE)
+        vocab_file = run_dir / getattr(vocab, "file_name", VOCAB_FILE)  # tokenizer.model for a subword one
+        if not vocab_file.is_file():
+            vocab.save(vocab_file)
         if labels is not None and not (run_dir / LABELS_FILE).is_file():
             (run_dir / LABELS_FILE).write_text(json.dumps(labels.to_json()) + "\n", encoding="utf-8")
     except OSError as err:
@@ -163,15 +167,11 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
         check_resume_compatible(cfg, run_dir)
         ensure_writable(run_dir)
     splits = splits or load_splits(cfg.data, cfg.task)
-    vocab = _vocabulary(cfg, run_dir, splits, training=training)
-    arrays = encode_splits(splits, vocab, cfg.data, cfg.task)
-    if training and len(arrays["train"][next(iter(arrays["train"]))]) < cfg.data.batch_size:
-        n = len(splits.train)
-        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) exceeds the {n} training examples; lower it")
+    prepared, arrays, vocab = _inputs(cfg, run_dir, splits, training=training)
     labels = run_labels(cfg, run_dir, splits)
 
     def new_model() -> LevelModel:
-        return build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len,
+        return build_model(cfg.model, vocab_size=vocab.size, max_len=model_len(cfg),
                            summary_len=cfg.data.summary_len, num_classes=labels.num_classes)
 
     replica = build_replica(cfg, layout, strategy, new_model, arrays["train"])
@@ -185,14 +185,48 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
     checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
                                 write=training and strategy.is_chief, model=model, optimizer=optimizer, rng=rng)
     return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer, layout, replica.engine,
-                      labels)
+                      labels, prepared)
+
+
+def model_len(cfg: ExperimentConfig) -> int:
+    """The sequence length a model is built for: data.seq_len on prepared data, else data.max_len."""
+    return cfg.data.model_len
+
+
+def _inputs(cfg: ExperimentConfig, run_dir: Path, splits: Splits, *, training: bool):
+    """(prepared input or None, arrays per split, vocabulary). Prepared data streams: its arrays are only the
+    first batch's rows (to build the model on) and its vocabulary the data's tokenizer."""
+    if cfg.data.source == "prepared":
+        prepared = PreparedInput(cfg.data, seed=cfg.seed)
+        return prepared, {"train": prepared.example_arrays()}, prepared.tokenizer_for(run_dir)
+    vocab = _vocabulary(cfg, run_dir, splits, training=training)
+    arrays = encode_splits(splits, vocab, cfg.data, cfg.task)
+    if training and len(arrays["train"][next(iter(arrays["train"]))]) < cfg.data.batch_size:
+        n = len(splits.train)
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) exceeds the {n} training examples; lower it")
+    return None, arrays, vocab
 
 
 def _vocabulary(cfg: ExperimentConfig, run_dir: Path, splits: Splits, *, training: bool) -> Vocabulary:
-    """The run's saved vocabulary, else (training) one built from the training texts."""
-    vocab_path = run_dir / VOCAB_FILE
-    if vocab_path.is_file():
-        return Vocabulary.load(vocab_path)
+    """The run's saved vocabulary (or subword tokenizer), else (training) a new one (`new_vocabulary`)."""
+    subword = cfg.data.tokenizer not in (None, "word")
+    saved = run_dir / (SubwordVocabulary.file_name if subword else VOCAB_FILE)
+    if saved.is_file():
+        return SubwordVocabulary.load(saved) if subword else Vocabulary.load(saved)
     if training:
-        return Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
-    raise ConfigError(f"{run_dir}: no {VOCAB_FILE}; was this run trained to completion of its first step?")
+        return new_vocabulary(cfg, splits)
+    raise ConfigError(f"{run_dir}: no {saved.name}; was this run trained to completion of its first step?")
+
+
+def new_vocabulary(cfg: ExperimentConfig, splits: Splits):
+    """data.tokenizer's vocabulary for a new run: words, or a SentencePiece model trained on the training
+    texts (bpe, unigram: data.vocab_size pieces, byte fallback) or read from a .model file."""
+    tokenizer, texts = cfg.data.tokenizer, training_texts(splits, cfg.task)
+    if tokenizer in (None, "word"):
+        return Vocabulary.build(texts, cfg.data.vocab_size)
+    if tokenizer.endswith(".model"):
+        return SubwordVocabulary.load(tokenizer)
+    from trainer.data.subword import train_tokenizer
+
+    return SubwordVocabulary(train_tokenizer(texts, model_type=tokenizer, vocab_size=cfg.data.vocab_size,
+                                             seed=cfg.seed).model)

@@ -88,6 +88,15 @@ def transformer_forward(cfg: Any, *, vocab_size: int, max_len: int, summary_len:
     return cfg.encoder_layers * encoder + cfg.decoder_layers * decoder + dense(S, D, vocab_size)
 
 
+@formula("lm")
+def lm_forward(cfg: Any, *, vocab_size: int, seq_len: int) -> int:
+    """Decoder-only: per block the Q, K, V, O projections, the attention core (the full causal score matrix
+    is computed) and the FFN; then the vocabulary projection (tied or not, a product of the same size)."""
+    L, D, F = seq_len, cfg.d_model, cfg.ff_dim
+    block = 4 * dense(L, D, D) + attention(L, L, D) + dense(L, D, F) + dense(L, F, D)
+    return cfg.layers * block + dense(L, D, vocab_size)
+
+
 def forward_flops(cfg_model: Any, *, vocab_size: int, **dims: int) -> int:
     """Forward matmul FLOPs of one example for a `cfg.model` section; `dims` as the task's `model_dims`."""
     if cfg_model.kind not in FORMULAS:
@@ -102,7 +111,7 @@ def training_flops(cfg_model: Any, *, vocab_size: int, **dims: int) -> int:
 
 def run_training_flops(cfg: Any, *, vocab_size: int, num_classes: int = 2) -> int:
     """`training_flops` of an experiment config's model, with its data's lengths (as the model is built)."""
-    dims = cfg.task.model_dims(max_len=cfg.data.max_len, summary_len=cfg.data.summary_len, num_classes=num_classes)
+    dims = cfg.task.model_dims(max_len=cfg.data.model_len, summary_len=cfg.data.summary_len, num_classes=num_classes)
     return training_flops(cfg.model, vocab_size=vocab_size, **dims)
 
 

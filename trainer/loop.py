@@ -123,7 +123,8 @@ def make_eval_step(exp: Experiment):
     model, task = exp.model, exp.task
     # One trace for every batch size: a split's last batch is smaller, and each new shape would trace the
     # step again (TensorFlow warns about it when a process evaluates several runs, as bench/overhead.py does).
-    spec = eval_dataset(exp.arrays["val"], batch_size=1).element_spec
+    spec = (exp.prepared.eval_dataset("val", batch_size=1) if exp.prepared else
+            eval_dataset(exp.arrays["val"], batch_size=1)).element_spec
 
     @tf.function(input_signature=[spec])
     def eval_step(batch: dict) -> dict:
@@ -139,7 +140,10 @@ def evaluate(exp: Experiment, strategy: Strategy, *, split: str = "val", eval_st
     eval_step = eval_step or make_eval_step(exp)
     batch_size = max(cfg.data.batch_size // strategy.world_size, 1)
     shard, shards = exp.layout.data_shard(strategy.rank, strategy.world_size)
-    dataset = eval_dataset(exp.arrays[split], batch_size=batch_size, shard_index=shard, num_shards=shards)
+    if exp.prepared is not None:  # streamed from token shards (data.source prepared)
+        dataset = exp.prepared.eval_dataset(split, batch_size=batch_size, shard_index=shard, num_shards=shards)
+    else:
+        dataset = eval_dataset(exp.arrays[split], batch_size=batch_size, shard_index=shard, num_shards=shards)
     if cfg.eval.max_batches:
         dataset = dataset.take(cfg.eval.max_batches)
     totals = {key: 0.0 for key in exp.task.count_keys(exp.labels.num_classes)}
@@ -277,6 +281,9 @@ def _batches(exp: Experiment, strategy: Strategy, start: int):
     """This process's share of every global batch from step `start` on (its data-parallel shard), as the
     strategy feeds its replicas."""
     shard, shards = exp.layout.data_shard(strategy.rank, strategy.world_size)
+    if exp.prepared is not None:  # streamed from token shards: rows of (seed, step, shard), pure
+        return strategy.distribute_dataset(exp.prepared.train_dataset(start_step=start, shard_index=shard,
+                                                                      num_shards=shards))
     dataset = train_dataset(exp.arrays["train"], global_batch=exp.cfg.data.batch_size, seed=exp.cfg.seed,
                             start_step=start, shard_index=shard, num_shards=shards)
     return strategy.distribute_dataset(dataset)

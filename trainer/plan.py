@@ -52,11 +52,29 @@ def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bo
         split_cpu_for_stages(pipe.stages)
     gpus_here = len(tf.config.list_physical_devices("GPU"))
     _print_ranks(cfg, layout, ranks, gpus_here)
+    size = model_size(cfg)
+    if size:
+        print(size)
     if pipe is None:
         print("no pipeline (distribution.pipeline is not set): every replica holds the whole model")
         return 0
     _print_pipeline(cfg, layout, splits, gpus_here, dry_run=dry_run)
     return 0
+
+
+def model_size(cfg: ExperimentConfig) -> str | None:
+    """The model's parameter count and the float32 bytes of its weights, gradients and Adam moments, for
+    models that count their parameters without being built (the lm kind, on prepared data)."""
+    count = getattr(cfg.model, "parameter_count", None)
+    if count is None or cfg.data.source != "prepared":
+        return None
+    from trainer.data.shards import read_index
+
+    n = count(int(read_index(cfg.data.prepared_path)["vocab_size"]), cfg.data.seq_len)
+    size = f"{n / 1e9:.2f} billion" if n >= 1e9 else f"{n / 1e6:.1f} million"
+    memory = f"{16 * n / 2**30:.1f} GiB" if 16 * n >= 2**30 else f"{16 * n / 2**20:.1f} MiB"
+    return (f"model: {cfg.model.kind}, {n:,} parameters ({size}); weights, gradients and Adam moments in float32: "
+            f"{memory} per replica")
 
 
 def _print_ranks(cfg: ExperimentConfig, layout: Layout, ranks: list[tuple[str, int]], gpus_here: int) -> None:
@@ -79,19 +97,24 @@ def _print_pipeline(cfg: ExperimentConfig, layout: Layout, splits, gpus_here: in
     """Stages, levels, memory and schedule of the first replica; `dry_run`: measured, with one step run."""
     import tensorflow as tf
 
-    from trainer.data.splits import encode_splits, training_texts
-    from trainer.data.tokenizer import Vocabulary
-    from trainer.experiment import configure_runtime
+    from trainer.data.splits import encode_splits
+    from trainer.experiment import configure_runtime, model_len, new_vocabulary
     from trainer.tasks import build_model
     from trainer.strategy.pipeline import devices as pd, profile, setup
 
     pipe = cfg.distribution.pipeline
     configure_runtime(cfg)
-    vocab = Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
-    arrays = encode_splits(splits, vocab, cfg.data, cfg.task)["train"]
+    if cfg.data.source == "prepared":  # the first batch's rows of the token stream, the data's tokenizer
+        from trainer.data.prepared import PreparedInput
+
+        prepared = PreparedInput(cfg.data, seed=cfg.seed)
+        arrays, vocab_size = prepared.example_arrays(), prepared.data.vocab_size
+    else:
+        vocab = new_vocabulary(cfg, splits)
+        arrays, vocab_size = encode_splits(splits, vocab, cfg.data, cfg.task)["train"], vocab.size
 
     def new_model():
-        return build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len, summary_len=cfg.data.summary_len,
+        return build_model(cfg.model, vocab_size=vocab_size, max_len=model_len(cfg), summary_len=cfg.data.summary_len,
                            num_classes=splits.labels.num_classes if splits.labels else 2)
 
     devices = pd.stage_devices(pipe, 0)

@@ -107,7 +107,8 @@ class StartDecision:
 def check_frozen(saved: dict, new: dict, run_dir: Path) -> None:
     """Refuse to resume a run directory that was trained with a different model, data or seed.
 
-    `data.test_path` is left out: the test split never touches training, so a run may gain one later."""
+    `data.test_path` is left out: the test split never touches training, so a run may gain one later (see
+    `_without_test_path` for the rest)."""
     saved, new = _without_test_path(saved), _without_test_path(new)
     for section in FROZEN_ON_RESUME:
         if saved.get(section) != new.get(section):
@@ -119,8 +120,17 @@ def check_frozen(saved: dict, new: dict, run_dir: Path) -> None:
 
 
 def _without_test_path(raw: dict) -> dict:
+    """`raw` without data.test_path and data.verify_shards (a check, not the data), and without the data keys
+    added since older runs were saved (prepared_path, seq_len, ...) while they hold their defaults."""
+    from trainer.config import DataConfig
+
     data = raw.get("data")
-    return {**raw, "data": {k: v for k, v in data.items() if k != "test_path"}} if isinstance(data, dict) else raw
+    if not isinstance(data, dict):
+        return raw
+    defaults = DataConfig().model_dump(mode="json")
+    newer = ("prepared_path", "seq_len", "verify_shards", "tokenizer")
+    return {**raw, "data": {k: v for k, v in data.items() if k not in ("test_path", "verify_shards")
+                            and not (k in newer and v == defaults[k])}}
 
 
 def _first_difference(a, b, path: str) -> str:

@@ -26,6 +26,48 @@ def _jsonl(d: Path, text: str | bytes) -> list[str]:
     return ["train", CLASSIFIER, "--set", "data.source=jsonl", "--set", "data.train_path=" + _write(d / "x.jsonl", text)]
 
 
+LM = str(CONFIGS / "lm_small.yaml")
+
+
+def _prepared(d: Path, *, val_fraction: float = 0.1) -> str:
+    """A small prepared directory (real docstrings, a 400-piece BPE tokenizer, shards of 997 tokens)."""
+    from tests.textdata import documents, prepare_small
+
+    return str(prepare_small(d / "prepared", documents()[:300], val_fraction=val_fraction))
+
+
+def _lm(d: Path, prepared: str, *more: str) -> list[str]:
+    return ["train", LM, "--set", f"data.prepared_path={prepared}", "--set", "data.batch_size=8",
+            "--set", "data.seq_len=32", *more]
+
+
+def _damaged(d: Path, how: str) -> list[str]:
+    """A prepared directory with one train shard truncated or one byte changed (same size)."""
+    prepared = Path(_prepared(d))
+    shard = prepared / "train-00001.bin"
+    data = bytearray(shard.read_bytes())
+    if how == "truncate":
+        shard.write_bytes(bytes(data[:10]))
+    else:
+        data[100] ^= 0x01
+        shard.write_bytes(bytes(data))
+    return _lm(d, str(prepared))
+
+
+def _other_tokenizer(d: Path) -> list[str]:
+    from tests.textdata import tokenizer
+
+    tokenizer("bpe", 450).save(d / "other.model")
+    return _lm(d, _prepared(d), "--set", f"data.tokenizer={d / 'other.model'}")
+
+
+def _fake_lm_run(d: Path) -> str:
+    (d / "lmrun").mkdir()
+    _write(d / "lmrun" / "config.yaml", f"name: x\nmodel: {{kind: lm}}\n"
+                                        f"data: {{source: prepared, prepared_path: {d / 'p'}}}\n")
+    return str(d / "lmrun")
+
+
 def _fake_run(d: Path) -> str:
     """A run directory of a model trained on a file with no test file (its config is all evaluate reads first)."""
     (d / "fake").mkdir()
@@ -140,6 +182,25 @@ CASES = [
                                           "--set", "data.val_path=" + _write(d / "v.jsonl", GOOD_LINE.replace("1", "2"))],
      "v.jsonl: label 2 is not a class of the training file (classes: 0..1)"),
     ("train-a-directory-without-config", lambda d: ["train", str(d)], "a directory without config.yaml"),
+    # --- language models on prepared token shards (issue 12)
+    ("prepared-missing-index", lambda d: _lm(d, str(d)), "no index.json, so not a prepared dataset directory"),
+    ("prepared-missing-dir", lambda d: _lm(d, str(d / "nope")), "nope: no such prepared dataset directory; create "
+                                                                 "it with `strata data prepare`"),
+    ("prepared-truncated-shard", lambda d: _damaged(d, "truncate"), "train-00001.bin: 10 bytes, the index says 1994"),
+    ("prepared-corrupted-shard", lambda d: _damaged(d, "flip"),
+     "train-00001.bin: sha256 differs from the index: the shard is corrupted"),
+    ("prepared-other-tokenizer", _other_tokenizer, "other.model (data.tokenizer) (sha256"),
+    ("prepared-empty-val-split", lambda d: _lm(d, _prepared(d, val_fraction=0.0)), "the val split is empty (0 tokens)"),
+    ("prepared-smaller-than-a-batch", lambda d: _lm(d, _prepared(d), "--set", "data.batch_size=4096"),
+     "fewer than one global batch of 4096"),
+    ("lm-on-builtin-data", lambda d: ["train", LM, "--set", "data.source=builtin", "--set", "data.prepared_path=null"],
+     "model.kind lm trains on prepared token shards; set data.source=prepared"),
+    ("lm-tied-pipeline", lambda d: ["train", LM, "--set", "distribution.pipeline={stages: 2, micro_batches: 2}"],
+     "set model.tie_embeddings=false to pipeline this model"),
+    ("generate-negative-temperature", lambda d: ["generate", str(d), "--temperature", "-1", "hello"],
+     "argument --temperature: must be >= 0.0"),
+    ("evaluate-lm-test-split", lambda d: ["evaluate", _fake_lm_run(d), "--split", "test"],
+     "prepared data has train and val splits only; evaluate with --split val"),
 ]
 
 

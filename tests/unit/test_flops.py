@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import peak
-from trainer.config import ClassifierModel, SummarizerModel, TransformerModel, config_from_dict
+from trainer.config import ClassifierModel, LMModel, SummarizerModel, TransformerModel, config_from_dict
 from trainer.errors import ConfigError
 from trainer.flops import FORMULAS, dense, mfu, training_flops
 from trainer.loop import call_length
@@ -29,6 +29,9 @@ CASES = {  # (model section, classes): widths that differ, so a swapped term cha
     "summarizer": (SummarizerModel(embed_dim=8, hidden_dim=12, encoder_layers=2, dropout=0.1), 2),
     "transformer": (TransformerModel(d_model=16, num_heads=2, ff_dim=40, encoder_layers=2, decoder_layers=1,
                                      dropout=0.1), 2),
+    "lm": (LMModel(d_model=16, num_heads=2, ff_dim=40, layers=2, positions="rotary"), 2),
+    "lm-untied-learned": (LMModel(d_model=16, num_heads=2, ff_dim=40, layers=1, positions="learned",
+                                  tie_embeddings=False), 2),
 }
 
 
@@ -82,6 +85,8 @@ def _inputs(kind: str) -> dict[str, tf.Tensor]:
     doc[1, MAX_LEN // 2:] = 0  # padding, as the data pipeline makes it
     if kind.startswith("classifier"):
         return {"tokens": tf.constant(doc), "label": tf.constant(np.arange(BATCH) % 2, tf.float32)}
+    if kind.startswith("lm"):  # prepared sequences: targets are the tokens shifted by one
+        return {"tokens": tf.constant(doc), "targets": tf.constant(np.roll(doc, -1, axis=1))}
     summary = rng.integers(4, VOCAB, (BATCH, SUMMARY_LEN + 1)).astype(np.int32)
     summary[:, 0] = BOS_ID
     return {"document": tf.constant(doc), "summary_in": tf.constant(summary[:, :-1]),

@@ -17,9 +17,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("command", [["evaluate"], ["classify"], ["summarize"], ["export"]])
+@pytest.mark.parametrize("command", [["evaluate"], ["classify"], ["summarize"], ["generate"], ["export"]])
 def test_a_missing_run_dir_is_reported_before_tensorflow_loads(tmp_path, command):
-    texts = ["some text"] if command[0] in ("classify", "summarize") else []
+    texts = ["some text"] if command[0] in ("classify", "summarize", "generate") else []
     argv = [*command, str(tmp_path / "nonexistent"), *texts]
     done = subprocess.run([sys.executable, "-c", _WITHOUT_TF, *argv], capture_output=True, text=True, timeout=60,
                           env=child_env())

@@ -97,7 +97,7 @@ def carve(examples: list[dict], fraction: float, seed: int = CARVE_SEED, *, sour
     return train, val
 
 
-def load_splits(data_cfg: DataConfig, task: Task) -> Splits:
+def load_splits(data_cfg: DataConfig, task: Task, *, verify: bool = False) -> Splits:
     """Examples of the train, validation and test splits of `data_cfg.source`.
 
     * builtin: generated from `data_cfg.builtin`, each split with its own seed derived from
@@ -107,9 +107,17 @@ def load_splits(data_cfg: DataConfig, task: Task) -> Splits:
       split stays missing (`Splits.test` is None: evaluating "test" is refused, see `check_split`).
     * tfds: the dataset's "train", "validation" and "test" splits from the local `tfds_data_dir`.
 
+    * prepared: no examples in memory: the directory is checked (trainer/data/prepared.py; shard
+      checksums too with `verify`) and described in the note.
+
     A labelled task's labels are checked across the files and turned into class ids (`label_set`).
     """
     source = data_cfg.source
+    if source == "prepared":
+        from trainer.data.prepared import check_prepared
+
+        directory, note = check_prepared(data_cfg, verify=verify)  # streamed later: no examples in memory
+        return Splits(train=[], val=[], test=None, origin={"prepared": directory}, note=note)
     if source == "builtin":
         return _builtin_splits(data_cfg, task)
     if source in ("jsonl", "csv", "tsv"):
@@ -203,6 +211,8 @@ def to_class_ids(examples: list[dict], labels: LabelSet, source: str) -> list[di
 
 def describe_splits(splits: Splits) -> str:
     """The start-up line's data facts: examples per split and where each came from."""
+    if "prepared" in splits.origin:  # streamed token shards: no examples in memory, the note says it all
+        return "data: " + splits.note
     parts = [f"{name} {len(examples)} ({splits.origin.get(name, '?')})"
              for name in ("train", "val", "test") if (examples := getattr(splits, name)) is not None]
     if splits.test is None:
@@ -215,6 +225,8 @@ def describe_splits(splits: Splits) -> str:
 
 def check_split(data_cfg: DataConfig, split: str, run_dir: str) -> None:
     """Refuse to evaluate a split the run does not have (only `test`, when no test file was given)."""
+    if split == "test" and data_cfg.source == "prepared":
+        raise DataError(f"{run_dir}: prepared data has train and val splits only; evaluate with --split val")
     if split == "test" and data_cfg.source in ("jsonl", "csv", "tsv") and not data_cfg.test_path:
         raise DataError(
             f"{run_dir}: this run has no test split (trained without data.test_path), and validation scores are "

@@ -31,6 +31,9 @@ from trainer.data.shards import PreparedData, SplitShards
 from trainer.errors import DataError
 
 _M64 = (1 << 64) - 1
+# A DataError raised inside tf.data reaches Python as a TensorFlow error whose text holds the original
+# message after this mark (`data_error_in` finds it), so training can still end with one line.
+DATA_ERROR_MARK = "strata data error: "
 _ROUNDS = 6
 
 
@@ -133,7 +136,7 @@ class TokenStream:
         if self.num_sequences < global_batch:
             raise DataError(f"{data.directory}: the {split} split has {self.tokens:,} tokens = {self.num_sequences} "
                             f"sequences of {seq_len}+1 tokens, fewer than one global batch of {global_batch}; "
-                            "use more data, a smaller batch or shorter sequences")
+                            "use more data, a smaller batch (data.batch_size) or shorter sequences (data.seq_len)")
         self._reader = _Reader(shards, data.dtype, data.vocab_size)
 
     @classmethod
@@ -168,7 +171,10 @@ class TokenStream:
 
     def rows(self, step: int, rank: int = 0, num_ranks: int = 1) -> np.ndarray:
         """int32 [global_batch / num_ranks, seq_len + 1]: the token rows of (step, rank), read from the shards."""
-        ids = self.sequence_ids(step, rank, num_ranks)
+        return self.sequences(self.sequence_ids(step, rank, num_ranks))
+
+    def sequences(self, ids) -> np.ndarray:
+        """int32 [len(ids), seq_len + 1]: sequences `ids` (indices into [0, num_sequences)), read from the shards."""
         width = self.seq_len + 1
         out = np.empty((len(ids), width), dtype=np.int32)
         for row, i in enumerate(ids):
@@ -184,7 +190,7 @@ class TokenStream:
         shape = [hi - lo, self.seq_len + 1]
 
         def fetch(step):
-            return self.rows(int(step), rank, num_ranks)
+            return marked(self.rows, int(step), rank, num_ranks)
 
         def example(step):
             rows = tf.ensure_shape(tf.numpy_function(fetch, [step], tf.int32, stateful=False), shape)
@@ -195,5 +201,38 @@ class TokenStream:
         ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE)
 
+    def eval_dataset(self, *, batch_size: int, rank: int = 0, num_ranks: int = 1):
+        """tf.data.Dataset of {"tokens", "targets"}: every sequence of the split once, in order, this rank's
+        share (sequences rank, rank + num_ranks, ...), in batches of `batch_size` (the last may be smaller)."""
+        import tensorflow as tf
+
+        def fetch(ids):
+            return marked(self.sequences, ids)
+
+        def batch(ids):
+            rows = tf.numpy_function(fetch, [ids], tf.int32, stateful=False)
+            rows = tf.ensure_shape(rows, [None, self.seq_len + 1])
+            return {"tokens": rows[:, :-1], "targets": rows[:, 1:]}
+
+        ds = tf.data.Dataset.range(rank, self.num_sequences, num_ranks).batch(batch_size)
+        return ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
     def close(self) -> None:
         self._reader.close()
+
+
+def marked(fn, *args):
+    """`fn(*args)`, a DataError re-raised with DATA_ERROR_MARK in front (for code run inside tf.data)."""
+    try:
+        return fn(*args)
+    except DataError as err:
+        raise ValueError(f"{DATA_ERROR_MARK}{err}\n") from None
+
+
+def data_error_in(err: BaseException) -> DataError | None:
+    """The DataError a TensorFlow error carries from inside tf.data (see `marked`), or None."""
+    text = str(err)
+    at = text.find(DATA_ERROR_MARK)
+    if at < 0:
+        return None
+    return DataError(text[at + len(DATA_ERROR_MARK):].splitlines()[0])

@@ -197,12 +197,17 @@ def _module_classes() -> tuple[type, type]:
 
 
 def tf_encoder(vocab: Vocabulary, max_len: int, *, add_bos: bool = False, add_eos: bool = False) -> Callable:
-    """A tf.Module: `enc(tf.string [B]) -> tf.int32 [B, max_len]`, traceable and SavedModel-safe."""
+    """A tf.Module: `enc(tf.string [B]) -> tf.int32 [B, max_len]`, traceable and SavedModel-safe (a subword
+    vocabulary brings its own: trainer/data/subword_vocab.py)."""
+    if hasattr(vocab, "tf_encoder"):
+        return vocab.tf_encoder(max_len, add_bos=add_bos, add_eos=add_eos)
     encoder_cls, _ = _module_classes()
     return encoder_cls(vocab.tokens, max_len, add_bos, add_eos)
 
 
 def tf_decoder(vocab: Vocabulary) -> Callable:
     """A tf.Module: `dec(int [B, T]) -> tf.string [B]` (stops at EOS, skips PAD/BOS, joins with spaces)."""
+    if hasattr(vocab, "tf_decoder"):
+        return vocab.tf_decoder()
     _, decoder_cls = _module_classes()
     return decoder_cls(vocab.tokens)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from trainer.tasks.base import Task
 from trainer.tasks.classification import ClassificationTask
+from trainer.tasks.lm import LanguageModelTask
 from trainer.tasks.summarization import SummarizationTask
 
 
@@ -28,11 +29,12 @@ class Workload:
         return getattr(importlib.import_module(module), function)
 
 
-CLASSIFICATION, SUMMARIZATION = ClassificationTask(), SummarizationTask()
+CLASSIFICATION, SUMMARIZATION, LANGUAGE_MODELING = ClassificationTask(), SummarizationTask(), LanguageModelTask()
 WORKLOADS: dict[str, Workload] = {
     "classifier": Workload(CLASSIFICATION, "trainer.models.classifier:build_classifier"),
     "summarizer": Workload(SUMMARIZATION, "trainer.models.summarizer:build_summarizer"),
     "transformer": Workload(SUMMARIZATION, "trainer.models.transformer:build_transformer"),
+    "lm": Workload(LANGUAGE_MODELING, "trainer.models.lm:build_lm"),
 }
 TASKS: dict[str, Task] = {w.task.name: w.task for w in WORKLOADS.values()}
 
@@ -68,5 +70,6 @@ def resolve(task: str | Task) -> Task:
     return TASKS[task]
 
 
-__all__ = ["CLASSIFICATION", "SUMMARIZATION", "TASKS", "WORKLOADS", "Task", "Workload", "build_model", "resolve",
+__all__ = ["CLASSIFICATION", "LANGUAGE_MODELING", "SUMMARIZATION", "TASKS", "WORKLOADS", "Task", "Workload",
+           "build_model", "resolve",
            "task_for", "workload"]

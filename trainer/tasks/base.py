@@ -46,6 +46,8 @@ class Task:
     counts: ClassVar[tuple[str, ...]]  # the additive evaluation counts (see `eval_counts`)
     metrics: ClassVar[tuple[str, ...]]  # validation metrics (early stopping may watch any, as val_<name>)
     reads_tfds: ClassVar[bool] = False  # whether data.source tfds can feed it
+    reads_prepared: ClassVar[bool] = False  # trains on prepared token shards (data.source prepared) only
+    command_options: ClassVar[tuple[str, ...]] = ()  # extra options of its command, passed to `answer`
     command: ClassVar[str]  # `strata <command> RUN TEXT...` runs the trained model on raw text
     command_help: ClassVar[str]  # what that command takes, for --help
 
