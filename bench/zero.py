@@ -101,7 +101,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, __file__, "--worker", "--steps", str(steps), "--size", size, "--out", out]
         argv = horovodrun_argv(np=2, hosts=parse_hosts("localhost:2"), controller=args.controller,
-                               as_root=os.geteuid() == 0, command=command)
+                               as_root=os.geteuid() == 0, command=command,
+                               program=str(Path(sys.executable).parent / "horovodrun"))
         env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
         began = time.perf_counter()
         done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800)
