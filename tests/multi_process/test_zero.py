@@ -66,7 +66,8 @@ def _curve(run_dir: Path) -> dict[int, float]:
 
 def _weights(run_dir: Path) -> dict[str, np.ndarray]:
     reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
-    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map() if n.startswith(("model/", "optimizer/"))}
+    names = reader.get_variable_to_shape_map()
+    return {n: reader.get_tensor(n) for n in names if n.startswith(("model/", "optimizer/"))}
 
 
 def _ok(done) -> str:

@@ -161,7 +161,8 @@ def format_zero_report(shape: ModelShape, ranks: int, chosen: int, *, slots: int
     for zero 0..3 (the chosen stage marked), and with `memory` the largest depth that fits for each."""
     params, _ = shape.scaled(1)
     lines = [f"memory per rank ({count(params)} parameters, {ranks} data-parallel rank(s), {slots} optimizer "
-             f"slot(s) per parameter; activations of one micro-batch, all levels kept for the backward):",
+             f"slot(s) per parameter; activations: an upper bound for one micro-batch, all levels kept for the "
+             "backward):",
              "  zero  params      grads       optimizer   activations  total" + ("       largest that fits"
                                                                                if memory and shape.block_params
                                                                                else "")]
