@@ -12,7 +12,7 @@ Each rank checks, against the zero 0 run of the same case in this process: the l
 1e-5 relative), the final weights (within 1e-3), the optimizer state it really holds (slot elements = 1/N of
 the replicated optimizer's, +-1%); the chief also reads both final checkpoints back and checks they hold the
 same variables in the same (replicated) format, equal within 1e-3. Prints `zero_check: ...` lines and, last,
-one JSON line; exits 1 on the first failure.
+one JSON line (also written to OUT_DIR/summary-rank<R>.json); exits 1 if any check failed.
 """
 from __future__ import annotations
 
@@ -115,7 +115,9 @@ def main() -> int:
             summary[f"{case}-zero{zero}"] = "ok" if not found else found
     for problem in problems:
         print(f"zero_check: FAILED {problem}", flush=True)
-    print(json.dumps({"rank": strategy.rank, "ranks": strategy.world_size, "cases": summary}), flush=True)
+    result = json.dumps({"rank": strategy.rank, "ranks": strategy.world_size, "cases": summary})
+    (out / f"summary-rank{strategy.rank}.json").write_text(result)  # mpirun may interleave the ranks' lines
+    print(result, flush=True)
     return 1 if problems else 0
 
 
