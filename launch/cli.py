@@ -45,14 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     tb.add_argument("--port", type=int, default=6006)
     sub.add_parser("doctor", help="what is installed and usable here")
-    pl = sub.add_parser("plan", help="show ranks -> hosts -> devices -> stages -> levels, memory and schedule")
-    pl.add_argument("config")
-    pl.add_argument("-np", type=int, default=1, dest="np", help="number of data-parallel replicas (ranks)")
-    pl.add_argument("-H", dest="hosts", default=None, help="hosts and slots, e.g. node1:4,node2:4")
-    pl.add_argument("--hostfile", default=None, help="file of `host slots=N` lines")
-    pl.add_argument("--dry-run", action="store_true",
-                    help="also build the model, measure each level and run one pipelined step (no training)")
-    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _plan_parser(sub)
     la = sub.add_parser("launch", help="start N data-parallel workers (Horovod or MultiWorkerMirrored)")
     la.add_argument("-np", type=int, required=True, dest="np", help="number of worker processes (ranks)")
     la.add_argument("-H", dest="hosts", default=None, help="hosts and slots, e.g. node1:4,node2:4 (default localhost:NP)")
@@ -96,6 +89,20 @@ def _inference_parsers(sub) -> None:
     g.add_argument("--temperature", default=None, help="0 (default): greedy; > 0: sample from softmax(logits / T)")
     g.add_argument("--top-k", dest="top_k", default=None, help="sample among the K most likely tokens (default: all)")
     g.add_argument("--seed", default=None, help="seed of the sampling (default 0)")
+
+
+def _plan_parser(sub) -> None:
+    pl = sub.add_parser("plan", help="show ranks -> hosts -> devices -> stages -> levels, memory and schedule")
+    pl.add_argument("config")
+    pl.add_argument("-np", type=int, default=1, dest="np", help="number of data-parallel replicas (ranks)")
+    pl.add_argument("-H", dest="hosts", default=None, help="hosts and slots, e.g. node1:4,node2:4")
+    pl.add_argument("--hostfile", default=None, help="file of `host slots=N` lines")
+    pl.add_argument("--dry-run", action="store_true",
+                    help="also build the model, measure each level and run one pipelined step (no training)")
+    pl.add_argument("--device-memory", default=None, metavar="SIZE",
+                    help="memory per device, e.g. 80GB: refuse a run that does not fit (zero 0..3 shown), and show "
+                         "the largest depth that fits")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
 def _slurm_parser(sub) -> None:
@@ -175,6 +182,7 @@ def trainer_argv(args: argparse.Namespace) -> list[str]:
     if args.command == "plan":
         argv = trainer_command(python, "plan", args.config, "--ranks", ",".join(args.placement),
                                overrides=args.overrides)
+        argv += ["--device-memory", args.device_memory] if args.device_memory is not None else []
         return argv + (["--dry-run"] if args.dry_run else [])
     if args.command == "export":
         return trainer_command(python, "export", args.run_dir, *(["--out", args.out] if args.out else []))

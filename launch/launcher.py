@@ -151,7 +151,9 @@ def check_launch(*, np: int, hosts_spec: str | None, hostfile: str | None, backe
     else:
         hosts = parse_hosts(hosts_spec) if hosts_spec else parse_hostfile(hostfile) if hostfile else [Host("localhost", max(np, 1))]
         assign_ranks(hosts, np)  # -np >= 1 and within the slots
-    resolved, _ = validate_config(config, overrides)
+    # First only the backend the config names. Its ZeRO rules wait for the backend chosen here (zero with a
+    # `single` config is what `strata launch --backend horovod` is for), in the full check below.
+    resolved, _ = validate_config(config, [*overrides, "distribution.zero=0"])
     chosen = backend or (resolved["distribution"]["backend"] if resolved["distribution"]["backend"] in
                          ("horovod", "multi_worker") else "horovod")
     if mpi and chosen != "horovod":

@@ -10,6 +10,10 @@ rename; only then is the `checkpoint` index updated and are old checkpoints dele
 moment leaves the previous checkpoint intact and committed. Restoring walks the committed checkpoints newest
 first, skips (and says so) any whose files no longer match their manifest or that TensorFlow cannot load,
 and uses the first good one. Only the chief writes; every rank restores.
+
+The format does not depend on the parallel layout: with ZeRO (`sharded`, trainer/strategy/zero.py) the
+optimizer state is gathered into the replicated optimizer's form to save, and each rank keeps its slice of
+it on restore, so a run resumes sharded or replicated, on any number of ranks.
 """
 from __future__ import annotations
 
@@ -48,12 +52,10 @@ class Checkpointer:
     `skipped` lists (checkpoint name, reason) for every checkpoint the last restore had to pass over.
     """
 
-    def __init__(self, directory: Path, *, keep: int, write: bool, **trackables):
+    def __init__(self, directory: Path, *, keep: int, write: bool, sharded=None, **trackables):
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self.checkpoint = tf.train.Checkpoint(step=self.step, **trackables)
-        # `write` (unlike `save`) does not create the save counter, but `restore` does and then finds it
-        # unmatched; creating it here keeps both sides, and checkpoints of earlier versions, matching.
-        _ = self.checkpoint.save_counter
+        self.trackables, self.sharded = trackables, sharded
+        self.checkpoint = self._checkpoint(None) if sharded is None else None
         self.directory = Path(directory)
         self.keep = keep
         self.write = write  # only the chief writes; every rank restores
@@ -95,6 +97,16 @@ class Checkpointer:
         steps = files.committed_steps(self.directory) or files.indexed_steps(self.directory)
         return [files.checkpoint_name(s) for s in steps]
 
+    def _checkpoint(self, optimizer) -> tf.train.Checkpoint:
+        """The object graph saved: step and the trackables, with `optimizer` (if given) replacing theirs: the
+        replicated form of a sharded optimizer's state."""
+        trackables = self.trackables if optimizer is None else {**self.trackables, "optimizer": optimizer}
+        checkpoint = tf.train.Checkpoint(step=self.step, **trackables)
+        # `write` (unlike `save`) does not create the save counter, but `restore` does and then finds it
+        # unmatched; creating it here keeps both sides, and checkpoints of earlier versions, matching.
+        _ = checkpoint.save_counter
+        return checkpoint
+
     def _try_restore(self, name: str) -> str | None:
         """Load checkpoint `name` into the trackables; return why not, or None on success."""
         if files.manifest_path(self.directory, name).is_file():
@@ -103,11 +115,15 @@ class Checkpointer:
                 return problem
         elif not (self.directory / f"{name}.index").is_file():
             return f"{name}.index is missing"
+        full = self.sharded.full_optimizer() if self.sharded is not None else None  # ZeRO: this restore only
         try:
-            self.checkpoint.restore(str(self.directory / name)).assert_existing_objects_matched()
+            checkpoint = self.checkpoint if full is None else self._checkpoint(full)
+            checkpoint.restore(str(self.directory / name)).assert_existing_objects_matched()
         except (tf.errors.OpError, AssertionError, ValueError) as err:
             first_line = (getattr(err, "message", None) or str(err)).strip().splitlines()
             return f"TensorFlow cannot load it ({type(err).__name__}: {first_line[0] if first_line else ''})"
+        if full is not None:
+            self.sharded.load(full)  # this rank's slices of the replicated state
         return None
 
     # --------------------------------------------------------------------------------------- save
@@ -118,13 +134,22 @@ class Checkpointer:
         is then removed, and the previous one stays the latest for Strata and TensorFlow's index alike.
         """
         self.step.assign(step)
+        if self.sharded is not None:  # every rank takes part in gathering the optimizer state
+            with self.sharded.gathered(write=self.write) as full:
+                return self._write(step, self._checkpoint(full) if self.write else None)
+        return self._write(step, self.checkpoint)
+
+    def _write(self, step: int, checkpoint: tf.train.Checkpoint | None) -> str | None:
+        """The chief's part of `save`: write, commit, index, sweep. The other ranks only record the step: every
+        rank must agree on the latest one (a ZeRO save is a collective: a rank saving again alone would hang)."""
         if not self.write:
+            self._latest = step
             return None
         name = files.checkpoint_name(step)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             files.discard(self.directory, name)  # an older, failed save of this step must not be vouched for
-            self.checkpoint.write(str(self.directory / name))
+            checkpoint.write(str(self.directory / name))
             files.commit(self.directory, name, step)
             kept = [files.checkpoint_name(s) for s in files.committed_steps(self.directory)[: self.keep]]
             files.write_index(self.directory, kept[::-1])

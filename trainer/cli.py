@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     with_overrides(pl)
     pl.add_argument("--ranks", default="localhost:0", help="host:local_rank of every rank, comma-separated")
     pl.add_argument("--dry-run", action="store_true", help="measure levels and run one pipelined step")
+    pl.add_argument("--device-memory", default=None, metavar="SIZE",
+                    help="memory per device, e.g. 80GB: refuse a run that does not fit, show the largest that does")
     e = sub.add_parser("evaluate", help="metrics of a trained run on a split")
     e.add_argument("run_dir")
     e.add_argument("--split", choices=["val", "test"], default="test")
@@ -120,7 +122,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from trainer.plan import parse_ranks, run_plan
 
         cfg = load_config(args.config, args.overrides)
-        return run_plan(cfg, parse_ranks(args.ranks), dry_run=args.dry_run)
+        return run_plan(cfg, parse_ranks(args.ranks), dry_run=args.dry_run, device_memory=args.device_memory)
     if args.command == "train":
         cfg = load_config(args.config, args.overrides)
         if args.stop_after is not None and args.stop_after < 1:

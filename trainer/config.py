@@ -372,6 +372,9 @@ class DistributionConfig(_Strict):
     devices: PositiveInt | None = None  # mirrored: replicas in this process (default: all GPUs, or 1 CPU)
     horovod: HorovodOptions = HorovodOptions()
     pipeline: PipelineConfig | None = None  # absent: no pipeline (one stage, the whole model per replica)
+    # Sharded data parallel (ZeRO, backend horovod): 0 replicated; 1 optimizer state sharded over the ranks;
+    # 2 gradients too (reduce-scatter). Rules: trainer/parallel/layout.py; how: trainer/strategy/zero.py.
+    zero: Literal[0, 1, 2, 3] = 0
 
 
 def effective_warmup(warmup_steps: int, total_steps: int) -> tuple[int, str | None]:

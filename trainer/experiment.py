@@ -183,7 +183,8 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
             check_free_space(run_dir, per_checkpoint=per_checkpoint, keep=cfg.checkpoint.keep)
         write_run_files(cfg, run_dir, vocab, labels if cfg.task.labelled else None)
     checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
-                                write=training and strategy.is_chief, model=model, optimizer=optimizer, rng=rng)
+                                write=training and strategy.is_chief, sharded=strategy.zero_state if training else None,
+                                model=model, optimizer=optimizer, rng=rng)
     return Experiment(cfg, run_dir, splits, vocab, arrays, model, optimizer, checkpointer, layout, replica.engine,
                       labels, prepared)
 

@@ -15,6 +15,8 @@ from trainer.config import ExperimentConfig
 from trainer.errors import ConfigError
 from trainer.parallel.layout import Layout, LayoutError, layout_for, stage_device_names
 from trainer.parallel.report import format_report
+from trainer.parallel.units import nbytes
+from trainer.parallel.zero import ModelShape, format_zero_report, parse_memory, rank_bytes
 
 
 def parse_ranks(text: str) -> list[tuple[str, int]]:
@@ -34,11 +36,14 @@ def device_label(pipe, stage: int, local_rank: int, gpus_here: int) -> str:
     return name if pipe.devices is not None or gpus_here else f"{name} (logical)"
 
 
-def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bool) -> int:
-    """Print the plan; with `dry_run`, measure and run one pipelined step. Raises ConfigError if it cannot run."""
+def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bool,
+             device_memory: str | None = None) -> int:
+    """Print the plan; with `dry_run`, measure and run one pipelined step. Raises ConfigError if it cannot run
+    (with `device_memory`, e.g. `80GB`: if the run's training state and activations do not fit in it)."""
     try:
         layout = layout_for(cfg, len(ranks), "-np ({n})")
-    except LayoutError as err:
+        memory = parse_memory(device_memory) if device_memory is not None else None
+    except (LayoutError, ValueError) as err:
         raise ConfigError(f"{cfg.name}: {err}") from None
     from trainer.data.splits import load_splits
 
@@ -57,6 +62,7 @@ def run_plan(cfg: ExperimentConfig, ranks: list[tuple[str, int]], *, dry_run: bo
         print(size)
     if pipe is None:
         print("no pipeline (distribution.pipeline is not set): every replica holds the whole model")
+        _print_zero(cfg, layout, splits, memory, device_memory)
         return 0
     _print_pipeline(cfg, layout, splits, gpus_here, dry_run=dry_run)
     return 0
@@ -91,6 +97,51 @@ def _print_ranks(cfg: ExperimentConfig, layout: Layout, ranks: list[tuple[str, i
         else:
             shown = ", ".join(f"stage {s} {device_label(pipe, s, local, gpus_here)}" for s in range(stages))
             print(f"  rank {rank}  host {host}  local rank {local}  {shown}")
+
+
+def _print_zero(cfg: ExperimentConfig, layout: Layout, splits, memory: float | None, asked: str | None) -> None:
+    """The per-rank memory of zero 0..3 (trainer/parallel/zero.py), measured on the built model's levels;
+    refuses (ConfigError) a run whose chosen stage does not fit in `memory`."""
+    import tensorflow as tf
+
+    from trainer.data.splits import encode_splits, training_texts
+    from trainer.data.tokenizer import Vocabulary
+    from trainer.experiment import configure_runtime
+    from trainer.strategy.pipeline import profile
+    from trainer.tasks import build_model
+
+    configure_runtime(cfg)
+    vocab = Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
+    arrays = encode_splits(splits, vocab, cfg.data, cfg.task)["train"]
+    model = build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len, summary_len=cfg.data.summary_len,
+                        num_classes=splits.labels.num_classes if splits.labels else 2)
+    costs = profile.static_costs(model, {k: tf.constant(v[:layout.micro_batch_size]) for k, v in arrays.items()})
+    blocks = [c for c in costs if "_block_" in c.name or c.name.startswith("encoder_")]  # what depth repeats
+    fixed = [c for c in costs if c not in blocks]
+    shape = ModelShape(sum(c.params for c in fixed), sum(c.params for c in blocks),
+                       sum(c.activation_bytes for c in fixed), sum(c.activation_bytes for c in blocks))
+    slots = {"sgd": 1 if cfg.optimizer.momentum else 0}.get(cfg.optimizer.name, 2)
+    zero = cfg.distribution.zero
+    print(format_zero_report(shape, layout.data_parallel, zero, slots=slots, memory=memory,
+                             depth_of=" and ".join(_depth_fields(cfg))))
+    if memory is not None:
+        state, activations = rank_bytes(shape, layout.data_parallel, zero, slots=slots)
+        if state.total + activations > memory:
+            fits = [z for z in range(4) if _total(rank_bytes(shape, layout.data_parallel, z, slots=slots)) <= memory]
+            fix = f"use distribution.zero={fits[0]}" + (" (planned, not implemented yet)" if fits[0] == 3 else "") \
+                if fits else "use more ranks or a smaller model"
+            raise ConfigError(
+                f"{cfg.name}: needs {nbytes(state.total + activations)} per rank with distribution.zero={zero} over "
+                f"{layout.data_parallel} rank(s): does not fit in {asked} (--device-memory); {fix}")
+
+
+def _depth_fields(cfg: ExperimentConfig) -> list[str]:
+    return [f for f in ("encoder_layers", "decoder_layers") if hasattr(cfg.model, f)]
+
+
+def _total(bytes_and_activations) -> float:
+    state, activations = bytes_and_activations
+    return state.total + activations
 
 
 def _print_pipeline(cfg: ExperimentConfig, layout: Layout, splits, gpus_here: int, *, dry_run: bool) -> None:

@@ -201,6 +201,21 @@ CASES = [
      "argument --temperature: must be >= 0.0"),
     ("evaluate-lm-test-split", lambda d: ["evaluate", _fake_lm_run(d), "--split", "test"],
      "prepared data has train and val splits only; evaluate with --split val"),
+    # --- sharded data parallel (ZeRO, issue 13): refused by the config check, before any process starts
+    ("zero-single", lambda d: ["train", CLASSIFIER, "--set", "distribution.zero=2"],
+     "distribution.zero (2) shards state over Horovod ranks but distribution.backend is single"),
+    ("zero-mirrored", lambda d: ["train", CLASSIFIER, "--set", "distribution.backend=mirrored",
+                                 "--set", "distribution.zero=1"], "backend is mirrored; use backend horovod"),
+    ("zero-multi-worker", lambda d: ["launch", "-np", "2", "--backend", "multi_worker", CLASSIFIER,
+                                     "--set", "distribution.zero=1"], "implemented for backend horovod only"),
+    ("zero-level", lambda d: ["train", CLASSIFIER, "--set", "distribution.zero=4"], "distribution.zero"),
+    ("zero-float16", lambda d: ["launch", "-np", "2", "--backend", "horovod", CLASSIFIER, "--set",
+                                "distribution.zero=2", "--set", "train.mixed_precision=float16"],
+     "float16 (loss scaling) is not supported with distribution.zero; use bfloat16"),
+    ("plan-device-memory-unreadable", lambda d: ["plan", CLASSIFIER, "--device-memory", "lots"],
+     "--device-memory 'lots': expected a positive size such as 80GB"),
+    ("plan-does-not-fit", lambda d: ["plan", str(CONFIGS / "transformer_small.yaml"), "--device-memory", "1MB"],
+     "per rank with distribution.zero=0 over 1 rank(s): does not fit in 1MB (--device-memory)"),
 ]
 
 

@@ -10,8 +10,8 @@ Axes, outermost first:
                      replica's batch flows through them as `micro_batches` (trainer/strategy/pipeline/).
   * grad_accum       micro-steps one replica accumulates before the update (without a pipeline; with one,
                      micro-batches already accumulate and grad_accum stays 1).
-  * zero             sharding of optimizer state (1), gradients (2) and parameters (3) over the
-                     data-parallel replicas; 0 = replicated. Reserved: only 0 exists today.
+  * zero             sharding of optimizer state (1) and gradients (2) over the data-parallel replicas
+                     (Horovod ranks); 0 = replicated. 3 (parameters too) is reserved: refused today.
   * tensor_parallel  devices that split each layer; reserved: only 1 exists today.
 
 Every process reads the rows of the global batch that belong to its data-parallel index (`data_shard`),
@@ -86,7 +86,7 @@ def layout_for(cfg: "ExperimentConfig", replicas: int = 1, replicas_as: str | No
 
     `replicas_as` says how the user asked for that many replicas, for the messages: a template where `{n}`
     is the count, e.g. `-np ({n})`; default `replicas ({n})`. `pipeline=False` lays the run out without its
-    pipeline (evaluation and serving run the whole model on one device).
+    pipeline and without ZeRO (evaluation and serving run the whole model on one device).
     """
     pipe = cfg.distribution.pipeline if pipeline else None
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
@@ -94,9 +94,12 @@ def layout_for(cfg: "ExperimentConfig", replicas: int = 1, replicas_as: str | No
     if pipe is not None:
         _check_stages(cfg)
         _check_combinations(cfg)
+    zero = cfg.distribution.zero if pipeline else 0  # evaluation and serving: the whole model, unsharded
+    if zero:
+        _check_zero(cfg, zero)
     layout = Layout(global_batch=cfg.data.batch_size, data_parallel=replicas,
                     pipeline_stages=pipe.stages if pipe else 1, micro_batches=pipe.micro_batches if pipe else 1,
-                    grad_accum=cfg.train.grad_accum, schedule=pipe.schedule if pipe else None)
+                    grad_accum=cfg.train.grad_accum, schedule=pipe.schedule if pipe else None, zero=zero)
     field = "distribution.pipeline.micro_batches" if pipe else "train.grad_accum"
     _check_batch_split(layout, field, (replicas_as or "replicas ({n})").replace("{n}", str(replicas)))
     return layout
@@ -153,6 +156,30 @@ def _check_combinations(cfg: "ExperimentConfig") -> None:
         raise LayoutError(
             "train.mixed_precision float16 (loss scaling) is not supported with distribution.pipeline; "
             "use bfloat16")
+
+
+def _check_zero(cfg: "ExperimentConfig", zero: int) -> None:
+    """What sharded data parallel (ZeRO) runs on and combines with."""
+    dist = cfg.distribution
+    if dist.backend in ("single", "mirrored"):
+        raise LayoutError(
+            f"distribution.zero ({zero}) shards state over Horovod ranks but distribution.backend is {dist.backend}; "
+            "use backend horovod (strata launch -np N --backend horovod) or distribution.zero=0")
+    if dist.backend == "multi_worker":
+        raise LayoutError(
+            f"distribution.zero ({zero}) is implemented for backend horovod only (it needs a reduce-scatter and "
+            "an all-gather of flat buckets); use strata launch --backend horovod, or distribution.zero=0")
+    if zero == 3:
+        raise LayoutError(
+            "distribution.zero 3 (sharded parameters) is not implemented yet; use distribution.zero=2 "
+            "(optimizer state and gradients sharded)")
+    if dist.pipeline is not None:
+        raise LayoutError(
+            f"distribution.zero ({zero}) does not combine with distribution.pipeline yet (the pipeline's variables "
+            "live on several devices); remove one of them")
+    if cfg.train.mixed_precision == "float16":
+        raise LayoutError(
+            "train.mixed_precision float16 (loss scaling) is not supported with distribution.zero; use bfloat16")
 
 
 def _check_batch_split(layout: Layout, field: str, replicas: str) -> None:

@@ -32,6 +32,8 @@ class Strategy(abc.ABC):
     """How replicas are formed, fed, and kept in sync."""
 
     name: str = "base"
+    # The sharded optimizer (ZeRO, trainer/strategy/zero.py) of the replica built last; None: replicated.
+    zero_state: Any = None
 
     @property
     def num_replicas(self) -> int:
@@ -78,6 +80,12 @@ class Strategy(abc.ABC):
                     loss_scaling: bool) -> "OptimizerUpdate":
         """What the step does with one replica's gradients: sum them over replicas, apply them if ok."""
         return OptimizerUpdate(self, optimizer, variables, merge_rows=clip_norm is not None, loss_scaling=loss_scaling)
+
+    def shard_optimizer(self, variables: list, new_optimizer: Callable[[], Any], *, stage: int,
+                        clip_norm: float | None) -> Any:
+        """ZeRO `stage`: this rank's slices of `variables` and an optimizer (`new_optimizer()`) over them,
+        which `make_update` then uses. Only Horovod shards (the layout refuses zero elsewhere)."""
+        raise NotImplementedError(f"distribution.zero needs backend horovod, not {self.name}")
 
     def replica_sum(self, value: tf.Tensor) -> tf.Tensor:
         """Inside the compiled step: `value` summed over every replica (the same result on each)."""

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config import DistributionConfig
-from trainer.strategy.base import Strategy
+from trainer.strategy.base import OptimizerUpdate, Strategy
 
 
 def horovod_env(dist: DistributionConfig) -> dict[str, str]:
@@ -94,6 +94,24 @@ class Horovod(Strategy):
                                    name="host_sum")
         return dict(zip(keys, np.asarray(total).tolist()))
 
+    def make_update(self, optimizer: Any, variables: list, *, clip_norm: float | None,
+                    loss_scaling: bool) -> "OptimizerUpdate | Any":
+        """Replicated: all-reduce and apply (base.py); ZeRO: the sharded optimizer's update (zero.py)."""
+        if self.zero_state is not None:
+            return self.zero_state
+        return super().make_update(optimizer, variables, clip_norm=clip_norm, loss_scaling=loss_scaling)
+
+    def shard_optimizer(self, variables: list, new_optimizer: Callable[[], Any], *, stage: int,
+                        clip_norm: float | None) -> Any:
+        from trainer.strategy.zero import ShardedOptimizer
+
+        self.zero_state = ShardedOptimizer(self.hvd, variables, new_optimizer, stage=stage, clip_norm=clip_norm)
+        return self.zero_state
+
     def broadcast_initial_state(self, variables: list) -> None:
-        # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable.
-        self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
+        # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable. A rank's ZeRO slices
+        # are its own (never broadcast); they are re-cut from the broadcast weights.
+        own = {id(v) for v in self.zero_state.owned_variables()} if self.zero_state is not None else set()
+        self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables if id(v) not in own], root_rank=0)
+        if self.zero_state is not None:
+            self.zero_state.refresh()

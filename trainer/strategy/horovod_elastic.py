@@ -31,6 +31,12 @@ def horovod(cfg: Any) -> Horovod:
     """distribution.backend horovod (trainer/strategy/__init__.py BACKENDS): under `horovodrun --min-np/--max-np`
     (HOROVOD_ELASTIC=1) the elastic variant below, whose workers may come and go."""
     if os.environ.get("HOROVOD_ELASTIC") == "1":
+        if cfg.distribution.zero:  # a lost rank takes its shard of the optimizer state with it
+            from trainer.errors import ConfigError
+
+            raise ConfigError(f"distribution.zero ({cfg.distribution.zero}) does not combine with elastic Horovod "
+                              "(strata launch --elastic): a lost rank loses its shard; run without --elastic "
+                              "(a restart resumes from the last checkpoint, on any number of ranks)")
         return ElasticHorovod(cfg.distribution)
     return Horovod(cfg.distribution)
 

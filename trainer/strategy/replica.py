@@ -43,11 +43,30 @@ def build_replica(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, new
         else:
             model = new_model()
             model({k: tf.constant(v[:2]) for k, v in cfg.task.model_inputs(train_arrays).items()})  # variables
-        optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.train.steps, num_replicas=strategy.num_replicas,
-                                    mixed_precision=cfg.train.mixed_precision)
-        optimizer.build(model.trainable_variables)
+        strategy.zero_state = None
+        if layout.zero:  # each rank builds the optimizer over its slices only (trainer/strategy/zero.py)
+            optimizer = _sharded_optimizer(cfg, layout, strategy, model)
+        else:
+            optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.train.steps,
+                                        num_replicas=strategy.num_replicas, mixed_precision=cfg.train.mixed_precision)
+            optimizer.build(model.trainable_variables)
     if engine is None:
         scale = optimizer.scale_loss if uses_loss_scaling(optimizer, cfg.train.mixed_precision) else None
         engine = AccumulatingEngine(model, cfg.task, global_batch=layout.global_batch, grad_accum=layout.grad_accum,
                                     scale_loss=scale)
     return Replica(model, optimizer, engine)
+
+
+def _sharded_optimizer(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, model: LevelModel):
+    """ZeRO: the strategy's sharded optimizer over the model's trainable variables; its Keras optimizer
+    (over this rank's slices) is the run's optimizer. The global norm is clipped by the sharded update, not by
+    Keras (which would see only this rank's slices)."""
+    unclipped = cfg.optimizer.model_copy(update={"clip_norm": None})
+
+    def new_optimizer():
+        return build_optimizer(unclipped, total_steps=cfg.train.steps, num_replicas=strategy.num_replicas,
+                               mixed_precision=cfg.train.mixed_precision)
+
+    state = strategy.shard_optimizer(model.trainable_variables, new_optimizer, stage=layout.zero,
+                                     clip_norm=cfg.optimizer.clip_norm)
+    return state.optimizer

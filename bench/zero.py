@@ -1,0 +1,126 @@
+"""ZeRO step time and bytes moved: zero 1 and 2 against replicated data parallel (zero 0), 2 Horovod ranks.
+
+    .venv/bin/python bench/zero.py [--quick] [--steps 20] [--controller gloo]
+
+One horovodrun launch (2 ranks on this host); inside it every rank trains the transformer through the real
+training step (trainer.loop.make_train_step) at zero 0, 1 and 2 in turn, from the same weights, and times
+`--steps` steps after 3 warm-up steps (the median step, rank 0's clock). The stages alternate in rounds
+(0, 1, 2, 0, 1, 2, ...) so a load change on a shared machine hits them alike.
+
+Bytes moved: each rank's `wchar` from /proc/self/io (bytes its write/send system calls passed on, which with
+Gloo's TCP transport is what it sent to the other rank) per step, against the analytic figure for ring
+collectives over N ranks and P float32 parameters (4P bytes):
+  zero 0   all-reduce of the gradients                        2(N-1)/N x 4P
+  zero 1   all-reduce of the gradient buckets + all-gather     3(N-1)/N x 4P
+  zero 2   reduce-scatter + all-gather                         2(N-1)/N x 4P
+(plus a few bytes of flags and metrics). Only meaningful with Gloo (MPI on one host uses shared memory,
+which no system call counts). --quick: a small transformer and 8 steps. Prints a table and one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZES = {"quick": ["model.d_model=64", "model.ff_dim=128", "model.encoder_layers=2", "model.decoder_layers=2"],
+         "full": ["model.d_model=256", "model.ff_dim=1024", "model.encoder_layers=4", "model.decoder_layers=4",
+                  "model.num_heads=8"]}
+COMMON = ["model.dropout=0.0", "data.builtin.train_examples=800", "data.builtin.val_examples=40",
+          "data.builtin.test_examples=40", "data.batch_size=16", "logging.progress_bar=false",
+          "distribution.backend=horovod", "optimizer.warmup_steps=0"]
+
+
+def wchar() -> int:
+    with open("/proc/self/io", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Every rank: each stage's prepared step, then rounds of timed steps."""
+    from trainer.config import load_config
+    from trainer.experiment import configure_runtime, prepare
+    from trainer.loop import _batches, make_train_step
+    from trainer.strategy import make_strategy
+
+    overrides = [*COMMON, *SIZES[args.size]]
+    strategy = make_strategy(load_config(REPO / "configs" / "transformer_small.yaml", overrides))
+    out, steps = Path(args.out), {}
+    for zero in (0, 1, 2):
+        cfg = load_config(REPO / "configs" / "transformer_small.yaml",
+                          [*overrides, f"distribution.zero={zero}", f"run_dir={out / f'zero{zero}'}"])
+        configure_runtime(cfg)
+        exp = prepare(cfg, strategy, training=True)
+        strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
+        step, iterator = make_train_step(exp, strategy), _batches(exp, strategy, 0)
+        for _ in range(3):
+            float(step(iterator)["loss"])  # trace and warm up
+        steps[zero] = (step, iterator, sum(int(v.shape.num_elements()) for v in exp.model.trainable_variables))
+    times: dict[int, list[float]] = {z: [] for z in steps}
+    sent: dict[int, list[int]] = {z: [] for z in steps}
+    for _ in range(args.steps):
+        for zero, (step, iterator, _) in steps.items():
+            began, wrote = time.perf_counter(), wchar()
+            float(step(iterator)["loss"])
+            times[zero].append(time.perf_counter() - began)
+            sent[zero].append(wchar() - wrote)
+    if strategy.is_chief:
+        params, n = steps[0][2], strategy.world_size
+        factor = {0: 2, 1: 3, 2: 2}
+        print("RESULT " + json.dumps({
+            "ranks": n, "params": params, "steps": args.steps,
+            "step_ms": {z: 1e3 * statistics.median(t) for z, t in times.items()},
+            "sent_bytes": {z: statistics.median(b) for z, b in sent.items()},
+            "analytic_bytes": {z: factor[z] * (n - 1) / n * 4 * params for z in steps}}), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small transformer, 8 steps")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--controller", choices=["gloo", "mpi"], default="gloo")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    from launch.horovod import horovodrun_argv
+    from launch.hosts import parse_hosts
+
+    steps, size = (8, "quick") if args.quick else (args.steps, "full")
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, __file__, "--worker", "--steps", str(steps), "--size", size, "--out", out]
+        argv = horovodrun_argv(np=2, hosts=parse_hosts("localhost:2"), controller=args.controller,
+                               as_root=os.geteuid() == 0, command=command,
+                               program=str(Path(sys.executable).parent / "horovodrun"))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        began = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if "RESULT " in line]
+    if done.returncode or not lines:
+        print((done.stdout + done.stderr)[-4000:], file=sys.stderr)
+        return 1
+    result = json.loads(lines[-1].split("RESULT ", 1)[1])
+    base = result["step_ms"]["0"]
+    print(f"bench/zero.py: transformer ({size}) {result['params']:,} parameters, {result['ranks']} ranks "
+          f"({args.controller}), median of {steps} steps, {time.perf_counter() - began:.0f} s in all")
+    print("zero  step ms  vs zero 0  sent/rank/step  analytic   (sent: /proc/self/io wchar; Gloo only)")
+    for z in ("0", "1", "2"):
+        print(f"{z:<5} {result['step_ms'][z]:7.1f}  {result['step_ms'][z] / base:8.3f}x  "
+              f"{result['sent_bytes'][z] / 2**20:10.2f} MiB  {result['analytic_bytes'][z] / 2**20:7.2f} MiB")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

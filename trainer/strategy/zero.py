@@ -1,0 +1,164 @@
+"""Sharded data parallel (ZeRO 1 and 2) on Horovod: each rank keeps the optimizer state of 1/N of the model.
+
+The plan is pure (trainer/parallel/zero.py): the trainable variables flattened into padded buckets, rank r
+owning slice r of each. Here, per rank:
+
+  * `shards`: one fp32 variable per bucket holding this rank's slice of the parameters (the master copy
+    that the optimizer updates), and `optimizer`, a Keras optimizer of the configured kind built over them,
+    so its slots (Adam's moments, SGD's momentum) hold 1/N of the replicated figure;
+  * the update (`__call__`, inside the compiled step): the gradients flattened into the buckets and summed
+    over the ranks, by an all-reduce of which each rank keeps its slice (zero 1) or by a reduce-scatter that
+    only ever gives it its slice (zero 2); clipped by the global norm (the sum of the slices' squared norms,
+    all-reduced); applied to the shards (or skipped on every rank, as the NaN/Inf guard agreed); then the
+    updated slices all-gathered and cut back into the model's variables, identical on every rank.
+
+Checkpoints stay in the replicated format (layout-free: a ZeRO run resumes replicated and the other way
+round, on any number of ranks): saving all-gathers the slots bucket by bucket into a throwaway optimizer of
+the configured kind built over the model's variables, which the chief writes; restoring reads into such an
+optimizer and keeps this rank's slice of each slot (`Checkpointer(sharded=...)`, trainer/checkpoint.py).
+That optimizer lives only for the save or restore: the transient cost is the replicated optimizer state.
+
+Not here yet, ZeRO 3 (refused by the layout): parameters sharded too. The design this module is shaped for:
+the buckets become one per level (trainer/models/levels.py), the shards are the only parameter storage, and
+each level runs under `keras.StatelessScope(state_mapping=...)` with its weights replaced by the all-gathered
+bucket just before its forward, and again before its backward (a per-level recompute, like the pipeline
+engine's), freed after; the gradients w.r.t. those tensors are reduce-scattered into the shards, and
+checkpoints are written a level at a time. Its open questions (deferred allocation of Keras variables under a
+StatelessScope with the TensorFlow backend; identical initial values without materialising the model) need a
+spike first.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.parallel.zero import BUCKET_ELEMENTS, Bucket, plan_buckets
+
+# Where Keras 3's optimizers keep their per-variable slots (one list entry per built variable, in order).
+SLOT_LISTS = ("_momentums", "_velocities", "_velocity_hats", "momentums")
+
+
+def optimizer_slots(optimizer: Any) -> dict[str, list]:
+    """The optimizer's slot lists by attribute name (Adam: moments and velocities; SGD: momentums if any)."""
+    return {name: list(getattr(optimizer, name)) for name in SLOT_LISTS
+            if isinstance(getattr(optimizer, name, None), list) and getattr(optimizer, name)}
+
+
+class ShardedOptimizer:
+    """This rank's slices of the buckets and the optimizer over them; `__call__` is the step's update
+    (the interface of trainer/strategy/base.py `OptimizerUpdate`)."""
+
+    def __init__(self, hvd: Any, variables: list, new_optimizer: Callable[[], Any], *, stage: int,
+                 clip_norm: float | None, cap: int = BUCKET_ELEMENTS) -> None:
+        self.hvd, self.variables, self.new_optimizer = hvd, list(variables), new_optimizer
+        self.stage, self.clip_norm = stage, clip_norm
+        self.rank, self.ranks = hvd.rank(), hvd.size()
+        self.buckets: tuple[Bucket, ...] = plan_buckets([int(np.prod(v.shape)) for v in self.variables],
+                                                        self.ranks, cap)
+        self.shards = [keras.Variable(np.zeros(b.shard, np.float32), dtype="float32", trainable=True,
+                                      name=f"zero_shard_{i}") for i, b in enumerate(self.buckets)]
+        self.optimizer = new_optimizer()  # configured without global_clipnorm: the norm is global here
+        self.optimizer.build(self.shards)
+        self.refresh()
+
+    # ---------------------------------------------------------------------------- host side
+    def owned_variables(self) -> list:
+        """Variables whose values differ by rank (never broadcast): the shards and their slots."""
+        return [*self.shards, *(s for slots in optimizer_slots(self.optimizer).values() for s in slots)]
+
+    def refresh(self) -> None:
+        """Copy this rank's slices of the model's variables into the shards (after init, restore, broadcast)."""
+        for bucket, shard in zip(self.buckets, self.shards):
+            shard.assign(self._mine(self._flatten([v.value for v in self.variables], bucket), bucket))
+
+    def full_optimizer(self) -> Any:
+        """A throwaway optimizer of the configured kind over the model's variables: the checkpoint format."""
+        full = self.new_optimizer()
+        full.build(self.variables)
+        return full
+
+    @contextlib.contextmanager
+    def gathered(self, *, write: bool) -> Iterator[Any]:
+        """Every rank: all-gather the slots bucket by bucket; the writer (`write`) gets them in a replicated
+        optimizer to save, the others None."""
+        full = self.full_optimizer() if write else None
+        full_slots = optimizer_slots(full) if write else {}
+        for name, slots in optimizer_slots(self.optimizer).items():
+            for i, (bucket, slot) in enumerate(zip(self.buckets, slots)):
+                whole = self.hvd.allgather(slot.value, name=f"zero_save_{name}_{i}")
+                if write:
+                    for piece, part in self._unflatten(whole, bucket):
+                        full_slots[name][piece.index].assign(part)
+        if write:
+            full.iterations.assign(self.optimizer.iterations)
+        yield full
+
+    def load(self, full: Any) -> None:
+        """Take this rank's slices of a replicated optimizer's slots (restored from a checkpoint)."""
+        full_slots = optimizer_slots(full)
+        for name, slots in optimizer_slots(self.optimizer).items():
+            for bucket, slot in zip(self.buckets, slots):
+                slot.assign(self._mine(self._flatten([s.value for s in full_slots[name]], bucket), bucket))
+        self.optimizer.iterations.assign(full.iterations)
+
+    # ------------------------------------------------------------------------ the step's update
+    def __call__(self, grads: list, ok: tf.Tensor) -> None:
+        """Sum the replica's gradients over the ranks into this rank's slices, clip, apply if `ok`, gather."""
+        dense = [_dense(g, v) for g, v in zip(grads, self.variables)]
+        mine = []
+        for i, bucket in enumerate(self.buckets):
+            flat = self._flatten(dense, bucket)
+            if self.stage >= 2:  # only this rank's slice of the sum ever exists here
+                mine.append(self.hvd.reducescatter(flat, op=self.hvd.Sum, name=f"zero_rs_{i}"))
+            else:
+                mine.append(self._mine(self.hvd.allreduce(flat, op=self.hvd.Sum, name=f"zero_ar_{i}"), bucket))
+        if self.clip_norm is not None:
+            mine = self._clip(mine)
+        tf.cond(ok, lambda: self._apply(mine), lambda: None)  # ok agrees on every rank: all gather, or none
+
+    def _clip(self, mine: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Clip by the global norm of the whole summed gradient: the slices' squared sums, all-reduced
+        (Keras' `global_clipnorm` formula, so replicated and sharded runs scale alike)."""
+        squares = self.hvd.allreduce(tf.add_n([tf.reduce_sum(tf.square(g)) for g in mine]), op=self.hvd.Sum,
+                                     name="zero_norm")
+        norm = tf.sqrt(squares)
+        scale = self.clip_norm * tf.minimum(1.0 / norm, 1.0 / self.clip_norm)
+        return [g * scale for g in mine]
+
+    def _apply(self, mine: list[tf.Tensor]) -> None:
+        self.optimizer.apply_gradients(zip(mine, self.shards))
+        for i, (bucket, shard) in enumerate(zip(self.buckets, self.shards)):
+            whole = self.hvd.allgather(shard.value, name=f"zero_ag_{i}")
+            for piece, part in self._unflatten(whole, bucket):
+                self.variables[piece.index].assign(part)
+
+    # ---------------------------------------------------------------------------- buckets
+    def _flatten(self, tensors: list, bucket: Bucket) -> tf.Tensor:
+        """The bucket's variables' values (or gradients) end to end, zero-padded to its padded size."""
+        parts = [tf.reshape(tf.cast(tensors[p.index], tf.float32), [-1]) for p in bucket.pieces]
+        if bucket.padded > bucket.size:
+            parts.append(tf.zeros([bucket.padded - bucket.size], tf.float32))
+        return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+
+    def _mine(self, flat: tf.Tensor, bucket: Bucket) -> tf.Tensor:
+        start, stop = bucket.owned(self.rank)
+        return flat[start:stop]
+
+    def _unflatten(self, flat: tf.Tensor, bucket: Bucket) -> list[tuple[Any, tf.Tensor]]:
+        """(piece, its values shaped as its variable) for every variable of the bucket; padding dropped."""
+        return [(p, tf.cast(tf.reshape(flat[p.offset:p.offset + p.size], self.variables[p.index].shape),
+                            self.variables[p.index].dtype)) for p in bucket.pieces]
+
+
+def _dense(grad: Any, variable: Any) -> tf.Tensor:
+    """A variable's gradient as a dense float32 tensor: zeros where the loss does not depend on it, an
+    embedding's IndexedSlices summed per row (what the replicated update's dense equivalent is)."""
+    if grad is None:
+        return tf.zeros(variable.shape, tf.float32)
+    if isinstance(grad, tf.IndexedSlices):
+        grad = tf.math.unsorted_segment_sum(grad.values, grad.indices, variable.shape[0])
+    return tf.cast(grad, tf.float32)
