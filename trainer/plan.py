@@ -102,24 +102,10 @@ def _print_ranks(cfg: ExperimentConfig, layout: Layout, ranks: list[tuple[str, i
 def _print_zero(cfg: ExperimentConfig, layout: Layout, splits, memory: float | None, asked: str | None) -> None:
     """The per-rank memory of zero 0..3 (trainer/parallel/zero.py), measured on the built model's levels;
     refuses (ConfigError) a run whose chosen stage does not fit in `memory`."""
-    import tensorflow as tf
-
-    from trainer.data.splits import encode_splits, training_texts
-    from trainer.data.tokenizer import Vocabulary
     from trainer.experiment import configure_runtime
-    from trainer.strategy.pipeline import profile
-    from trainer.tasks import build_model
 
     configure_runtime(cfg)
-    vocab = Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
-    arrays = encode_splits(splits, vocab, cfg.data, cfg.task)["train"]
-    model = build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len, summary_len=cfg.data.summary_len,
-                        num_classes=splits.labels.num_classes if splits.labels else 2)
-    costs = profile.static_costs(model, {k: tf.constant(v[:layout.micro_batch_size]) for k, v in arrays.items()})
-    blocks = [c for c in costs if "_block_" in c.name or c.name.startswith("encoder_")]  # what depth repeats
-    fixed = [c for c in costs if c not in blocks]
-    shape = ModelShape(sum(c.params for c in fixed), sum(c.params for c in blocks),
-                       sum(c.activation_bytes for c in fixed), sum(c.activation_bytes for c in blocks))
+    shape = _model_shape(cfg, layout, splits)
     slots = {"sgd": 1 if cfg.optimizer.momentum else 0}.get(cfg.optimizer.name, 2)
     zero = cfg.distribution.zero
     print(format_zero_report(shape, layout.data_parallel, zero, slots=slots, memory=memory,
@@ -135,8 +121,45 @@ def _print_zero(cfg: ExperimentConfig, layout: Layout, splits, memory: float | N
                 f"{layout.data_parallel} rank(s): does not fit in {asked} (--device-memory); {fix}")
 
 
+def _model_shape(cfg: ExperimentConfig, layout: Layout, splits) -> ModelShape:
+    """Parameters and (traced, upper-bound) activation bytes of the model's fixed levels and repeated blocks.
+    A model that counts its own parameters (lm, on prepared data) is built with ONE block at its real width,
+    vocabulary and sequence length, and its blocks are scaled by depth: the plan of a 1B model must not need
+    the memory of one."""
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.data.splits import encode_splits, training_texts
+    from trainer.data.tokenizer import Vocabulary
+    from trainer.strategy.pipeline import profile
+    from trainer.tasks import build_model
+
+    depth, rows, per_row = 1, layout.micro_batch_size, 1
+    if getattr(cfg.model, "parameter_count", None) is not None and cfg.data.source == "prepared":
+        from trainer.data.shards import read_index
+
+        vocab_size, depth = int(read_index(cfg.data.prepared_path)["vocab_size"]), cfg.model.layers
+        model = build_model(cfg.model.model_copy(update={"layers": 1}), vocab_size=vocab_size,
+                            max_len=cfg.data.model_len, summary_len=cfg.data.summary_len)
+        # Building runs the levels once: one row, its activations scaled to the micro-batch (they are per row).
+        arrays = {"tokens": np.zeros((1, cfg.data.model_len), np.int32)}
+        rows, per_row = 1, layout.micro_batch_size
+    else:
+        vocab = Vocabulary.build(training_texts(splits, cfg.task), cfg.data.vocab_size)
+        arrays = encode_splits(splits, vocab, cfg.data, cfg.task)["train"]
+        model = build_model(cfg.model, vocab_size=vocab.size, max_len=cfg.data.max_len,
+                            summary_len=cfg.data.summary_len,
+                            num_classes=splits.labels.num_classes if splits.labels else 2)
+    costs = profile.static_costs(model, {k: tf.constant(v[:rows]) for k, v in arrays.items()})
+    blocks = [c for c in costs if "_block_" in c.name or c.name.startswith(("encoder_", "block_"))]  # repeated
+    fixed = [c for c in costs if c not in blocks]
+    return ModelShape(sum(c.params for c in fixed), depth * sum(c.params for c in blocks),
+                      per_row * sum(c.activation_bytes for c in fixed),
+                      per_row * depth * sum(c.activation_bytes for c in blocks))
+
+
 def _depth_fields(cfg: ExperimentConfig) -> list[str]:
-    return [f for f in ("encoder_layers", "decoder_layers") if hasattr(cfg.model, f)]
+    return [f for f in ("encoder_layers", "decoder_layers", "layers") if hasattr(cfg.model, f)]
 
 
 def _total(bytes_and_activations) -> float:
