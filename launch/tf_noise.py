@@ -2,7 +2,7 @@
 
 horovodrun imports TensorFlow in the launcher process itself, so its own stderr carries the lines a worker's
 filter removes (trainer/output.py): absl lines of level I and W, and known-benign E lines. The launcher
-cannot import the trainer; this is the same rule for text lines, and a unit test checks that both agree.
+cannot import the trainer; this module holds the rule, for text lines; trainer/output.py applies it to bytes.
 STRATA_TF_LOGS=1 shows them (`shown()`).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 
 from launch.contract import ENV_TF_LOGS
 
-_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 _ABSL_LINE = re.compile(r"([IWEF])\d{4} \d+:\d+:\d+(?:\.\d+)?\s+\d+\s+[^\s\]]+:\d+\] ?(.*)", re.DOTALL)
 BENIGN_ERRORS = (
     "oneDNN supports ",
@@ -21,7 +21,7 @@ BENIGN_ERRORS = (
     "Unable to register cuBLAS factory",
     "computation placer already registered",
 )
-_CONTINUATIONS = ("To enable the following instructions:",)  # the second line of cpu_feature_guard.cc's
+CONTINUATIONS = ("To enable the following instructions:",)  # the second line of cpu_feature_guard.cc's
 
 
 def shown(environ=os.environ) -> bool:
@@ -32,7 +32,7 @@ def shown(environ=os.environ) -> bool:
 def is_tf_noise(line: str) -> bool:
     """Whether one line is TensorFlow log noise: an absl I/W line, the absl preamble, a benign E line."""
     text = line.rstrip("\r\n")
-    if text == _ABSL_PREAMBLE:
+    if text == ABSL_PREAMBLE:
         return True
     m = _ABSL_LINE.fullmatch(text)
     if m is None:
@@ -48,6 +48,6 @@ class NoiseLines:
         self.after_noise = False
 
     def drop(self, line: str) -> bool:
-        noise = is_tf_noise(line) or (self.after_noise and line.startswith(_CONTINUATIONS))
+        noise = is_tf_noise(line) or (self.after_noise and line.startswith(CONTINUATIONS))
         self.after_noise = noise
         return noise

@@ -8,7 +8,7 @@ them, so `install()` puts a filter on the worker's fd 2 itself, before TensorFlo
     worker fd 2 -> pipe -> filter process -> the original stderr
 
 The filter process is forked from the worker while it still has a single thread. It drops absl lines of
-level I and W, and E lines on a short list of known-benign messages (BENIGN_ERRORS); everything else
+level I and W, and E lines on a short list of known-benign messages (launch/tf_noise.py); everything else
 (Strata's lines, Python tracebacks, TensorFlow's F lines and other E lines) passes untouched and in order.
 It ignores the signals a worker is stopped with (SIGINT, SIGTERM, SIGUSR1, ...) and exits only at end of
 file, once every writer is gone: a worker killed by SIGKILL still has its last lines printed. At a normal
@@ -24,41 +24,25 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import select
 import signal
 import sys
 import time
 
+from launch import tf_noise
 from launch.contract import ENV_OUTPUT_PREFIX, ENV_TF_LOGS
 
-_ABSL_PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-# `E0000 00:00:1796038999.654535    7292 util.cc:131] message` (the clock reads oddly before InitializeLog).
-_ABSL_LINE = re.compile(rb"([IWEF])\d{4} \d+:\d+:\d+(?:\.\d+)?\s+\d+\s+[^\s\]]+:\d+\] ?(.*)", re.DOTALL)
-# E lines that report no problem of the run (a shared library's registration noise, a CPU feature note).
-BENIGN_ERRORS = (
-    b"oneDNN supports ",  # "oneDNN supports DT_BOOL only on platforms with AVX-512. Falling back to ..."
-    b"Unable to register cuDNN factory",
-    b"Unable to register cuFFT factory",
-    b"Unable to register cuBLAS factory",
-    b"computation placer already registered",
-)
-# Lines that continue the log line before them (a message with a line break in it), dropped with it.
-_CONTINUATIONS = (b"To enable the following instructions:",)  # cpu_feature_guard.cc's second line
+# The rule of what is TensorFlow's noise is launch/tf_noise.py's (the launcher filters horovodrun's own output
+# with it); this module applies it to bytes.
+_ABSL_PREAMBLE = tf_noise.ABSL_PREAMBLE.encode()
+_CONTINUATIONS = tuple(c.encode() for c in tf_noise.CONTINUATIONS)
 _IGNORED_IN_FILTER = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGPIPE")
 _EXIT_WAIT_S = 2.0  # at exit, how long the worker waits for the filter to print what is left
 
 
 def is_tf_noise(line: bytes) -> bool:
     """Whether one complete line (with or without its newline) is TensorFlow log noise to drop (pure)."""
-    text = line.rstrip(b"\r\n")
-    if text == _ABSL_PREAMBLE:
-        return True
-    m = _ABSL_LINE.fullmatch(text)
-    if m is None:
-        return False
-    level, message = m.group(1), m.group(2)
-    return level in (b"I", b"W") or (level == b"E" and any(b in message for b in BENIGN_ERRORS))
+    return tf_noise.is_tf_noise(line.decode("utf-8", "replace"))
 
 
 def _is_continuation(line: bytes) -> bool:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorboard.backend.event_processing import event_accumulator
 
 from tests.conftest import CONFIGS, strata
+from tests.readback import loss_curve, trainable_weights
 from tests.textdata import documents, prepare_small
 
 pytestmark = pytest.mark.multi_process
@@ -38,16 +37,10 @@ def _run(run_dir: Path, prepared: Path, *command: str, extra: tuple[str, ...] = 
 
 
 def _curve(run_dir: Path) -> np.ndarray:
-    acc = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
-    acc.Reload()
-    events = acc.Tensors("train/loss")
-    assert [e.step for e in events] == list(range(1, STEPS + 1))
-    return np.array([tf.make_ndarray(e.tensor_proto) for e in events], dtype=np.float64)
+    return loss_curve(run_dir, STEPS)
 
 
-def _weights(run_dir: Path) -> dict[str, np.ndarray]:
-    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
-    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map() if "_trainable_variables/" in n}
+_weights = trainable_weights
 
 
 @pytest.fixture(scope="module")
