@@ -77,6 +77,8 @@ class Heartbeat:
     def close(self) -> None:
         self.set(self.step, "exited")
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * WRITE_EVERY_S)
         self.write()
 
     def _run(self) -> None:
@@ -119,6 +121,16 @@ def phase(name: str) -> Iterator[None]:
         yield
     finally:
         beat.set(beat.step, previous)
+
+
+def stop_current() -> None:
+    """The training loop has returned: this rank's heartbeat says "exited" and its watchdog thread stops. A
+    process that goes on after `train()` (a test, a benchmark, a notebook) must not be aborted by the
+    watchdog of a loop that has finished."""
+    global _current
+    if _current is not None:
+        _current.close()
+        _current = None
 
 
 class HeartbeatHook(Hook):

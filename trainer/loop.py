@@ -12,7 +12,7 @@ from trainer.experiment import Experiment
 from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopState, ProfilerHook, TensorBoardHook
 from trainer.faults import fault_hooks, step_fault
 from trainer.flops import mfu, run_training_flops
-from trainer.heartbeat import heartbeat_hooks, phase
+from trainer.heartbeat import heartbeat_hooks, phase, stop_current as stop_heartbeat
 from trainer.preemption import VOTES, preemption_hooks, votes_variable
 from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags
 from trainer.optim import current_lr, uses_loss_scaling
@@ -233,6 +233,7 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
         hook.on_train_end(state)
     if strategy.world_size > 1:
         check_replicas_in_sync(exp, strategy)
+    stop_heartbeat()  # the finishing phase is over: nothing of this loop may be watched any longer
     return state
 
 

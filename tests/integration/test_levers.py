@@ -4,6 +4,7 @@ backward pass to XLA; `train.steps_per_call` runs several steps per compiled cal
 evaluates, checkpoints and injects/guards non-finite steps at exactly their steps."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,8 @@ def _train(run_dir: Path, per_call: int) -> tuple[_Record, list]:
     exp = prepare(cfg, strategy, training=True)
     record = _Record()
     train(exp, strategy, extra_hooks=[record])
+    # train() returned: its watchdog must not outlive it (it once aborted this test process 10 minutes later).
+    assert not [t for t in threading.enumerate() if t.name == "strata-heartbeat"]
     return record, [v.numpy() for v in exp.model.trainable_variables]
 
 
