@@ -6,9 +6,12 @@ A tiny untied LM is built twice with the same seed: replicated (every variable m
 (no variable allocated), whose levels are then sharded over the ranks one level at a time. Checks, per rank:
   * every variable of the sharded model is still deferred (no storage) before and after training;
   * the all-gathered initial parameters equal the replicated model's exactly;
-  * 20 steps of plain SGD and of AdamW on the same global batches: the level-by-level step (all-gather,
-    stateless forward, all-gather + recompute backward, reduce-scatter) gives the replicated loss curve within
-    1e-5 relative and the final weights within 1e-3;
+  * 20 steps on the same global batches, the level-by-level step (all-gather, stateless forward, all-gather +
+    recompute backward, reduce-scatter) against the replicated one: plain SGD; SGD clipped by the global norm
+    (0.5; the norm of the sharded gradient is an all-reduce of the slices' squared sums); AdamW with weight
+    decay, clipping (1.0), 2 accumulated micro-steps and, at step 7, a NaN loss on rank 1 only, which the
+    NaN/Inf guard (finite flags summed over the ranks) must skip on both ranks as the replicated run skips it.
+    Loss curves within 1e-5 relative (the poisoned step aside), final weights within 1e-3;
   * parameter elements held by the rank <= 1/N of the model + its two largest levels.
 Writes OUT_DIR/zero3-rank<R>.json and exits 1 if a check failed.
 
@@ -52,41 +55,60 @@ def batches() -> list[dict]:
     return out
 
 
-def train_replicated(model, task, optimizer, data) -> list[float]:
+def train_replicated(model, task, optimizer, data, skip: int | None) -> list[float]:
+    """Every rank alone on the whole global batch; step `skip` (the poisoned one) applies nothing."""
     import tensorflow as tf
 
     variables = model.trainable_variables
 
     @tf.function
-    def step(batch):
+    def step(batch, apply):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(task.per_example_loss(batch, model({"tokens": batch["tokens"]}, training=True))) / BATCH
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
-        optimizer.apply_gradients(zip(grads, variables))
+        tf.cond(apply, lambda: _none(optimizer.apply_gradients(zip(grads, variables))), lambda: None)
         return loss
 
-    return [float(step(b)) for b in data]
+    return [float(step(b, tf.constant(i != skip))) for i, b in enumerate(data)]
 
 
-def train_sharded(sharded, hvd, task, optimizer, data) -> list[float]:
+def _none(_):
+    return None
+
+
+def train_sharded(sharded, hvd, task, optimizer, data, *, accum: int, clip: float | None, skip: int | None):
+    """Each rank its rows of the global batch in `accum` micro-steps; at step `skip` rank 1's loss is
+    multiplied by NaN, which the guard (finite flags summed over the ranks) must turn into a skip everywhere."""
     import tensorflow as tf
 
     shards = [s for s in sharded.shards if s is not None]
     rows = BATCH // hvd.size()
-    lo = hvd.rank() * rows
+    lo, micro = hvd.rank() * rows, rows // accum
 
     @tf.function
-    def step(batch):
-        mine = {k: v[lo:lo + rows] for k, v in batch.items()}
-        loss, grads = sharded.loss_and_grads(
-            {"tokens": mine["tokens"]}, lambda out: tf.reduce_sum(task.per_example_loss(mine, out)) / BATCH)
-        optimizer.apply_gradients(zip([g for g in grads if g is not None], shards))
-        return hvd.allreduce(loss, op=hvd.Sum, name="zero3_loss")
+    def step(batch, poison):
+        total, grads = tf.constant(0.0), None
+        for m in range(accum):
+            part = {k: v[lo + m * micro:lo + (m + 1) * micro] for k, v in batch.items()}
+            loss, got = sharded.loss_and_grads(
+                {"tokens": part["tokens"]},
+                lambda out, part=part: poison * tf.reduce_sum(task.per_example_loss(part, out)) / BATCH)
+            grads = got if grads is None else [None if a is None else a + b for a, b in zip(grads, got)]
+            total += loss
+        grads = [g for g in grads if g is not None]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]) & tf.math.is_finite(total)
+        bad = hvd.allreduce(1.0 - tf.cast(finite, tf.float32), op=hvd.Sum, name="zero3_flags")
+        if clip is not None:
+            grads = sharded.clip(grads, clip)
+        tf.cond(bad == 0.0, lambda: _none(optimizer.apply_gradients(zip(grads, shards))), lambda: None)
+        return hvd.allreduce(total, op=hvd.Sum, name="zero3_loss")
 
-    return [float(step(b)) for b in data]
+    nan = float("nan")
+    return [float(step(b, tf.constant(nan if i == skip and hvd.rank() == 1 else 1.0))) for i, b in enumerate(data)]
 
 
-def run_case(cfg, hvd, name: str, make_optimizer) -> dict:
+def run_case(cfg, hvd, name: str, make_optimizer, *, accum: int = 1, clip: float | None = None,
+             skip: int | None = None) -> dict:
     from trainer.strategy.zero3 import ShardedLevels, build_deferred, is_deferred
     from trainer.tasks import task_for
 
@@ -98,9 +120,11 @@ def run_case(cfg, hvd, name: str, make_optimizer) -> dict:
     sharded = ShardedLevels(hvd, model)
     want0 = [v.numpy() for vs in sharded_order(ref) for v in vs]
     init_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(sharded.full_values(), want0))
-    want = train_replicated(ref, task, make_optimizer(), data)
-    got = train_sharded(sharded, hvd, task, make_optimizer(), data)
-    rel = float(np.max(np.abs(np.array(got) - np.array(want)) / np.abs(np.array(want))))
+    want = np.array(train_replicated(ref, task, make_optimizer(clip), data, skip))
+    got = np.array(train_sharded(sharded, hvd, task, make_optimizer(None), data, accum=accum, clip=clip, skip=skip))
+    kept = np.arange(STEPS) != (skip if skip is not None else -1)
+    rel = float(np.max(np.abs(got[kept] - want[kept]) / np.abs(want[kept])))
+    skipped = bool(np.isnan(got[skip])) if skip is not None else True
     weights = max(float(np.max(np.abs(a - b.numpy()))) for a, b in
                   zip(sharded.full_values(), [v for vs in sharded_order(ref) for v in vs]))
     held = sum(int(np.prod(s.shape)) for s in sharded.shards if s is not None)
@@ -108,7 +132,7 @@ def run_case(cfg, hvd, name: str, make_optimizer) -> dict:
     bound = sum(sizes) / hvd.size() + sum(sizes[:2])
     return {"case": name, "deferred": deferred_before and all(is_deferred(v) for v in model.variables),
             "init_max_diff": init_diff, "loss_rel": rel, "weights_max_diff": weights, "held": held,
-            "params": sum(sizes), "bound": bound, "losses": got[:3]}
+            "params": sum(sizes), "bound": bound, "losses": got[:3].tolist(), "poisoned_step_nan": skipped}
 
 
 def sharded_order(model) -> list[list]:
@@ -125,6 +149,8 @@ def problems_of(r: dict) -> list[str]:
         p.append(f"loss curve differs by {r['loss_rel']:.3g} relative")
     if not r["weights_max_diff"] <= 1e-3:
         p.append(f"weights differ by {r['weights_max_diff']:.3g}")
+    if not r["poisoned_step_nan"]:
+        p.append("the poisoned step's loss is not NaN (the guard case tested nothing)")
     if not r["held"] <= r["bound"]:
         p.append(f"holds {r['held']} parameters > bound {r['bound']}")
     return [f"{r['case']}: {x}" for x in p]
@@ -163,8 +189,11 @@ def main() -> int:
     cfg = load_config(REPO / "configs" / "lm_small.yaml", TINY)
     strategy = make_strategy(cfg)
     hvd = strategy.hvd
-    results = [run_case(cfg, hvd, "sgd", lambda: keras.optimizers.SGD(0.5)),
-               run_case(cfg, hvd, "adamw", lambda: keras.optimizers.AdamW(0.01, weight_decay=0.01))]
+    results = [run_case(cfg, hvd, "sgd", lambda clip: keras.optimizers.SGD(0.5)),
+               run_case(cfg, hvd, "sgd-clip", lambda clip: keras.optimizers.SGD(0.5, global_clipnorm=clip), clip=0.5),
+               run_case(cfg, hvd, "adamw", lambda clip: keras.optimizers.AdamW(0.01, weight_decay=0.01,
+                                                                                 global_clipnorm=clip),
+                        accum=2, clip=1.0, skip=7)]
     problems = [p for r in results for p in problems_of(r)]
     summary = {"rank": hvd.rank(), "ranks": hvd.size(), "results": results, "problems": problems}
     out.mkdir(parents=True, exist_ok=True)

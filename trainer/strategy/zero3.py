@@ -141,6 +141,15 @@ class ShardedLevels:
                                                 name=f"zero3_rs_{i}")
         return dict(zip(ins, in_grads)), shard_grad
 
+    def clip(self, grads: list, clip_norm: float) -> list:
+        """Clip the slices by the global norm of the whole summed gradient: the slices' squared sums,
+        all-reduced (Keras' `global_clipnorm` formula, as the zero 1/2 update does)."""
+        mine = [g for g in grads if g is not None]
+        squares = self.hvd.allreduce(tf.add_n([tf.reduce_sum(tf.square(g)) for g in mine]), op=self.hvd.Sum,
+                                     name="zero3_norm")
+        scale = clip_norm * tf.minimum(1.0 / tf.sqrt(squares), 1.0 / clip_norm)
+        return [None if g is None else g * scale for g in grads]
+
     def full_values(self) -> list[np.ndarray]:
         """Every parameter, whole, in `model.trainable_variables`-per-level order (gathered level by level:
         a test and checkpoint helper)."""
