@@ -16,6 +16,8 @@ A tiny untied LM is built twice with the same seed: replicated (every variable m
 Writes OUT_DIR/zero3-rank<R>.json and exits 1 if a check failed.
 
     python tests/scripts/zero3_spike.py --rss WIDTH LAYERS    (one process: peak RSS of a deferred build)
+    horovodrun -np 2 ... tests/scripts/zero3_spike.py --memory replicated|zero3 WIDTH LAYERS
+                                                (each rank's peak RSS over 3 AdamW steps)
 """
 from __future__ import annotations
 
@@ -177,9 +179,54 @@ def rss(width: int, layers: int) -> None:
                       "all_deferred": all(is_deferred(v) for v in model.variables)}))
 
 
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def memory(mode: str, width: int, layers: int) -> None:
+    """Each rank's peak RSS over 3 AdamW steps of an untied LM, `replicated` (every rank the whole model, no
+    communication: its memory is what matters) or `zero3` (this module), under horovodrun -np 2."""
+    import keras
+    import tensorflow as tf
+    from trainer.config import load_config
+    from trainer.strategy import make_strategy
+    from trainer.strategy.zero3 import ShardedLevels, build_deferred
+    from trainer.tasks import task_for
+
+    cfg = load_config(REPO / "configs" / "lm_small.yaml",
+                      [*TINY, f"model.d_model={width}", f"model.ff_dim={4 * width}", f"model.layers={layers}",
+                       "model.num_heads=8", "data.batch_size=2"])
+    hvd = make_strategy(cfg).hvd
+    base, task = peak_gib(), task_for("lm")
+    data = [{k: v[:2] for k, v in b.items()} for b in batches()[:3]]
+    global BATCH
+    BATCH = 2
+    model = new_model(cfg)
+    if mode == "zero3":
+        build_deferred(model, example(1))
+        sharded = ShardedLevels(hvd, model)
+        built = peak_gib()
+        losses = train_sharded(sharded, hvd, task, keras.optimizers.AdamW(1e-3), data, accum=1, clip=1.0, skip=None)
+        held = sum(int(np.prod(s.shape)) for s in sharded.shards if s is not None)
+    else:
+        model.build_from_inputs(example(1))
+        built = peak_gib()
+        losses = train_replicated(model, task, keras.optimizers.AdamW(1e-3, global_clipnorm=1.0), data, None)
+        held = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    print(json.dumps({"mode": mode, "rank": hvd.rank(), "params": params, "params_held": held,
+                      "fp32_params_GiB": round(params * 4 / 2**30, 3), "peak_rss_GiB_imports": round(base, 3),
+                      "peak_rss_GiB_built": round(built, 3), "peak_rss_GiB_after_steps": round(peak_gib(), 3),
+                      "losses": [round(x, 4) for x in losses]}), flush=True)
+    del tf
+
+
 def main() -> int:
     if sys.argv[1] == "--rss":
         rss(int(sys.argv[2]), int(sys.argv[3]))
+        return 0
+    if sys.argv[1] == "--memory":
+        memory(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return 0
     import keras
     from trainer.config import load_config
