@@ -11,7 +11,9 @@ A tiny untied LM is built twice with the same seed: replicated (every variable m
     (0.5; the norm of the sharded gradient is an all-reduce of the slices' squared sums); AdamW with weight
     decay, clipping (1.0), 2 accumulated micro-steps and, at step 7, a NaN loss on rank 1 only, which the
     NaN/Inf guard (finite flags summed over the ranks) must skip on both ranks as the replicated run skips it.
-    Loss curves within 1e-5 relative (the poisoned step aside), final weights within 1e-3;
+    and plain SGD again under mixed_bfloat16. The replicated reference differentiates each rank's rows apart
+    and sums the gradients in float32, as 2-rank data parallel does (bfloat16 rounding depends on the rows per
+    matmul). Loss curves within 1e-5 relative (the poisoned step aside), final weights within 1e-3;
   * parameter elements held by the rank <= 1/N of the model + its two largest levels.
 Writes OUT_DIR/zero3-rank<R>.json and exits 1 if a check failed.
 
@@ -57,17 +59,26 @@ def batches() -> list[dict]:
     return out
 
 
-def train_replicated(model, task, optimizer, data, skip: int | None) -> list[float]:
-    """Every rank alone on the whole global batch; step `skip` (the poisoned one) applies nothing."""
+def train_replicated(model, task, optimizer, data, skip: int | None, replicas: int = 2) -> list[float]:
+    """Replicated data parallel over `replicas`, emulated by every rank alone: each replica's rows of the global
+    batch differentiated apart and their gradients summed in float32 (what the all-reduce does: under bfloat16
+    the rounding depends on the rows per matmul); step `skip` (the poisoned one) applies nothing."""
     import tensorflow as tf
 
     variables = model.trainable_variables
+    rows = BATCH // replicas
 
     @tf.function
     def step(batch, apply):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(task.per_example_loss(batch, model({"tokens": batch["tokens"]}, training=True))) / BATCH
-        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+        loss, grads = tf.constant(0.0), None
+        for r in range(replicas):
+            part = {k: v[r * rows:(r + 1) * rows] for k, v in batch.items()}
+            with tf.GradientTape() as tape:
+                outputs = model({"tokens": part["tokens"]}, training=True)
+                mine = tf.reduce_sum(task.per_example_loss(part, outputs)) / BATCH
+            got = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g in tape.gradient(mine, variables)]
+            grads = got if grads is None else [a + b for a, b in zip(grads, got)]
+            loss += mine
         tf.cond(apply, lambda: _none(optimizer.apply_gradients(zip(grads, variables))), lambda: None)
         return loss
 
@@ -110,7 +121,17 @@ def train_sharded(sharded, hvd, task, optimizer, data, *, accum: int, clip: floa
 
 
 def run_case(cfg, hvd, name: str, make_optimizer, *, accum: int = 1, clip: float | None = None,
-             skip: int | None = None) -> dict:
+             skip: int | None = None, policy: str = "float32") -> dict:
+    import keras
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return _run_case(cfg, hvd, name, make_optimizer, accum=accum, clip=clip, skip=skip)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _run_case(cfg, hvd, name: str, make_optimizer, *, accum: int, clip: float | None, skip: int | None) -> dict:
     from trainer.strategy.zero3 import ShardedLevels, build_deferred, is_deferred
     from trainer.tasks import task_for
 
@@ -160,7 +181,6 @@ def problems_of(r: dict) -> list[str]:
 
 def rss(width: int, layers: int) -> None:
     """Peak RSS of building an untied LM of this size deferred, then replicated, in one process."""
-    import keras  # noqa: F401
     from trainer.config import load_config
     from trainer.strategy.zero3 import build_deferred, is_deferred
 
@@ -211,7 +231,8 @@ def memory(mode: str, width: int, layers: int) -> None:
     else:
         model.build_from_inputs(example(1))
         built = peak_gib()
-        losses = train_replicated(model, task, keras.optimizers.AdamW(1e-3, global_clipnorm=1.0), data, None)
+        losses = train_replicated(model, task, keras.optimizers.AdamW(1e-3, global_clipnorm=1.0), data, None,
+                                  replicas=1)
         held = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     print(json.dumps({"mode": mode, "rank": hvd.rank(), "params": params, "params_held": held,
@@ -240,7 +261,8 @@ def main() -> int:
                run_case(cfg, hvd, "sgd-clip", lambda clip: keras.optimizers.SGD(0.5, global_clipnorm=clip), clip=0.5),
                run_case(cfg, hvd, "adamw", lambda clip: keras.optimizers.AdamW(0.01, weight_decay=0.01,
                                                                                  global_clipnorm=clip),
-                        accum=2, clip=1.0, skip=7)]
+                        accum=2, clip=1.0, skip=7),
+               run_case(cfg, hvd, "sgd-bf16", lambda clip: keras.optimizers.SGD(0.5), policy="mixed_bfloat16")]
     problems = [p for r in results for p in problems_of(r)]
     summary = {"rank": hvd.rank(), "ranks": hvd.size(), "results": results, "problems": problems}
     out.mkdir(parents=True, exist_ok=True)
