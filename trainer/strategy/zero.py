@@ -23,9 +23,11 @@ the buckets become one per level (trainer/models/levels.py), the shards are the 
 each level runs under `keras.StatelessScope(state_mapping=...)` with its weights replaced by the all-gathered
 bucket just before its forward, and again before its backward (a per-level recompute, like the pipeline
 engine's), freed after; the gradients w.r.t. those tensors are reduce-scattered into the shards, and
-checkpoints are written a level at a time. Its open questions (deferred allocation of Keras variables under a
-StatelessScope with the TensorFlow backend; identical initial values without materialising the model) need a
-spike first.
+checkpoints are written a level at a time. The spike (trainer/strategy/zero3.py, tests/scripts/zero3_spike.py)
+answered its open questions: Keras variables created under `StatelessScope(initialize_variables=False)` with
+the TensorFlow backend allocate nothing, their initializers give the replicated model's exact values one level
+at a time, and the level-by-level step trains like replicated data parallel; what is left is wiring it into the
+loop, evaluation and checkpoints (see that module).
 """
 from __future__ import annotations
 

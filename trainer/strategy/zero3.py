@@ -1,0 +1,169 @@
+"""ZeRO-3 mechanism (feasibility spike, not wired into the training loop): parameters sharded by level.
+
+No rank holds the whole model. The model's variables are created *deferred* (Keras 3: a variable created
+under a `StatelessScope` with a callable initializer keeps only its shape, dtype and initializer; nothing is
+allocated), then, one level at a time, each variable's initializer is run, the level's values are flattened
+into one padded bucket (trainer/parallel/zero.py) and only this rank's slice is kept, in a real variable
+(`shards[i]`). The initializers carry the seeds drawn when the layers were constructed, so the values equal
+the replicated model's with the same seed, and at most one level is ever whole on a rank.
+
+`loss_and_grads` runs one step's forward and backward level by level, inside a compiled step:
+  forward:  for each level, all-gather its bucket, run the level under
+            `StatelessScope(state_mapping={variable: gathered tensor})`, keep only the output carry
+            (the gathered weights are dead after the level);
+  backward: for each level in reverse, all-gather again and recompute the level under a tape (a per-level
+            recompute, like the pipeline engine's `recompute`), get the gradients w.r.t. its input carry and
+            its gathered weights, and reduce-scatter (Sum) the flattened weight gradients into this rank's
+            slice: the full gradient of one level is a transient, the stored gradient is 1/N.
+
+Limits found by the spike (each a one-line refusal in a full implementation): variables shared by two levels
+(tied embeddings) and non-trainable variables are not supported; randomness inside a level (dropout) would
+draw the same mask in the forward and in the recompute (a StatelessScope records the seed generator's
+update instead of applying it), but the seed state is not advanced across steps here.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.backend.common import global_state
+
+from trainer.parallel.zero import Bucket, plan_buckets
+
+NO_CAP = 1 << 62  # one bucket per level, however large
+
+
+def build_deferred(model: Any, inputs: Mapping[str, Any]) -> None:
+    """Create every variable of `model` by one call, allocating none of them (the call reads each weight
+    through its initializer, one transient at a time). `initialize_variables=False`: by default leaving
+    the outermost StatelessScope initialises every deferred variable, i.e. materialises the whole model."""
+    with keras.StatelessScope(initialize_variables=False):
+        model(dict(inputs), training=False)
+    global_state.set_global_attribute("uninitialized_variables", [])  # no later scope may materialise them
+
+
+def is_deferred(variable: Any) -> bool:
+    """True while a Keras variable has no storage (created under a StatelessScope, never initialised)."""
+    return getattr(variable, "_value", None) is None
+
+
+class ShardedLevels:
+    """This rank's slice of each level's parameters, and the level-by-level step over them."""
+
+    def __init__(self, hvd: Any, model: Any) -> None:
+        self.hvd, self.model = hvd, model
+        self.rank, self.ranks = hvd.rank(), hvd.size()
+        self.level_vars = [list(level.trainable_variables) for level in model.levels]
+        self._check(model)
+        self.buckets: list[Bucket | None] = [
+            plan_buckets([int(np.prod(v.shape)) for v in vs], self.ranks, NO_CAP)[0] if vs else None
+            for vs in self.level_vars]
+        self.shards = [self._init_shard(i) for i in range(len(self.level_vars))]
+
+    def _check(self, model: Any) -> None:
+        seen: set[int] = set()
+        for level, variables in zip(model.levels, self.level_vars):
+            if level.non_trainable_variables:
+                raise ValueError(f"level {level.name} has non-trainable variables: not supported by zero 3 yet")
+            shared = [v.path for v in variables if id(v) in seen]
+            if shared:
+                raise ValueError(f"level {level.name} shares {shared} with an earlier level (tied embeddings): "
+                                 "not supported by zero 3; set model.tie_embeddings=false")
+            seen |= {id(v) for v in variables}
+
+    def _init_shard(self, i: int) -> Any:
+        """Run the level's initializers (the whole level, once, transiently) and keep this rank's slice."""
+        bucket = self.buckets[i]
+        if bucket is None:
+            return None
+        values = [v._initializer(v.shape, dtype=v.dtype) if is_deferred(v) else v.value for v in self.level_vars[i]]
+        start, stop = bucket.owned(self.rank)
+        # A copy: a contiguous slice of an eager tensor can share its buffer, and the variable would then keep
+        # the whole level alive (measured: a sharded 200M-parameter model held the whole model's bytes).
+        mine = np.array(_flatten(values, bucket)[start:stop], copy=True)
+        return keras.Variable(mine, dtype="float32", trainable=True, name=f"zero3_shard_{i}")
+
+    # ------------------------------------------------------------------------------- collectives
+    def gather(self, i: int, after: Any = None) -> list[tf.Tensor]:
+        """Level i's parameters, whole, from every rank's slice (one all-gather of its bucket), issued only
+        once the tensors `after` exist. In a compiled step nothing else orders the gathers (they depend on the
+        shards only): without it TensorFlow may run every level's gather first and hold the whole model."""
+        bucket, variables = self.buckets[i], self.level_vars[i]
+        with tf.control_dependencies(tf.nest.flatten(after) if after is not None else None):
+            shard = tf.identity(self.shards[i].value)
+        whole = self.hvd.allgather(shard, name=f"zero3_ag_{i}")
+        return [tf.cast(tf.reshape(whole[p.offset:p.offset + p.size], variables[p.index].shape),
+                        variables[p.index].dtype) for p in bucket.pieces]
+
+    def _run(self, i: int, params: list, carry: dict, training: bool) -> dict:
+        mapping = list(zip(self.level_vars[i], params))
+        with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
+            return self.model.levels[i](carry, training=training)
+
+    # ----------------------------------------------------------------------------------- the step
+    def loss_and_grads(self, inputs: Mapping[str, tf.Tensor], loss_fn: Callable[[dict], tf.Tensor],
+                       training: bool = True) -> tuple[tf.Tensor, list]:
+        """(loss, one reduce-scattered gradient slice per level: None for a level without parameters)."""
+        # carries[j]: the input of level j. Level i's gather waits for level i-2's output (carries[i-1]): at
+        # most two levels are whole at a time, the one running and the next one's prefetch.
+        carries = [{k: tf.convert_to_tensor(v) for k, v in inputs.items()}]
+        for i in range(len(self.level_vars)):  # forward: each level's weights live only during its call
+            params = self.gather(i, carries[i - 1] if i >= 2 else None) if self.buckets[i] is not None else []
+            carries.append(self._run(i, params, carries[-1], training))
+        last = carries[-1]
+        floats = [k for k, v in last.items() if v.dtype.is_floating]
+        with tf.GradientTape() as tape:
+            tape.watch([last[k] for k in floats])
+            loss = loss_fn(last)
+        upstream = dict(zip(floats, tape.gradient(loss, [last[k] for k in floats])))
+        grads: list = [None] * len(self.level_vars)
+        done = [upstream]  # done[-2]: the gradient out of the backward of level i+2 (ordering, as above)
+        for i in reversed(range(len(self.level_vars))):  # backward: gather again, recompute, reduce-scatter
+            upstream, grads[i] = self._backward(i, carries[i], upstream, training, done[-2] if len(done) > 1 else None)
+            done.append(upstream)
+        return loss, grads
+
+    def _backward(self, i: int, carry: dict, upstream: dict, training: bool, after: Any) -> tuple[dict, Any]:
+        params = self.gather(i, after) if self.buckets[i] is not None else []
+        ins = [k for k, v in carry.items() if v.dtype.is_floating]
+        with tf.GradientTape() as tape:
+            tape.watch(params + [carry[k] for k in ins])
+            out = self._run(i, params, carry, training)
+        keys = [k for k in out if upstream.get(k) is not None]
+        got = tape.gradient([out[k] for k in keys], params + [carry[k] for k in ins],
+                            output_gradients=[upstream[k] for k in keys])
+        param_grads, in_grads = got[:len(params)], got[len(params):]
+        shard_grad = None
+        if self.buckets[i] is not None:
+            dense = [tf.zeros(v.shape, tf.float32) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
+                     for g, v in zip(param_grads, self.level_vars[i])]
+            shard_grad = self.hvd.reducescatter(_flatten(dense, self.buckets[i]), op=self.hvd.Sum,
+                                                name=f"zero3_rs_{i}")
+        return dict(zip(ins, in_grads)), shard_grad
+
+    def clip(self, grads: list, clip_norm: float) -> list:
+        """Clip the slices by the global norm of the whole summed gradient: the slices' squared sums,
+        all-reduced (Keras' `global_clipnorm` formula, as the zero 1/2 update does)."""
+        mine = [g for g in grads if g is not None]
+        squares = self.hvd.allreduce(tf.add_n([tf.reduce_sum(tf.square(g)) for g in mine]), op=self.hvd.Sum,
+                                     name="zero3_norm")
+        scale = clip_norm * tf.minimum(1.0 / tf.sqrt(squares), 1.0 / clip_norm)
+        return [None if g is None else g * scale for g in grads]
+
+    def full_values(self) -> list[np.ndarray]:
+        """Every parameter, whole, in `model.trainable_variables`-per-level order (gathered level by level:
+        a test and checkpoint helper)."""
+        out = []
+        for i in range(len(self.level_vars)):
+            if self.buckets[i] is not None:
+                out += [t.numpy() for t in self.gather(i)]
+        return out
+
+
+def _flatten(tensors: list, bucket: Bucket) -> tf.Tensor:
+    parts = [tf.reshape(tf.cast(tensors[p.index], tf.float32), [-1]) for p in bucket.pieces]
+    if bucket.padded > bucket.size:
+        parts.append(tf.zeros([bucket.padded - bucket.size], tf.float32))
+    return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
