@@ -84,6 +84,12 @@ class SummarizerModel(_Strict):
         return ["embed", *encoders, "decoder", "attention", "output"]
 
 
+def _check_heads(d_model: int, num_heads: int) -> None:
+    """Attention splits d_model over its heads: the width must divide (transformer and lm)."""
+    if d_model % num_heads:
+        raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+
+
 class TransformerModel(_Strict):
     """Transformer encoder-decoder summarizer; depth, width, heads and lengths scale by config."""
 
@@ -103,10 +109,7 @@ class TransformerModel(_Strict):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "TransformerModel":
-        if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
-            )
+        _check_heads(self.d_model, self.num_heads)
         return self
 
 
@@ -139,8 +142,7 @@ class LMModel(_Strict):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "LMModel":
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        _check_heads(self.d_model, self.num_heads)
         if self.positions == "rotary" and (self.d_model // self.num_heads) % 2:
             raise ValueError(f"rotary positions need an even head width; d_model / num_heads is "
                              f"{self.d_model // self.num_heads}: change num_heads or set model.positions=learned")

@@ -15,6 +15,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from tests.conftest import CONFIGS, run_cmd, strata
+from tests.readback import trainable_weights
 from tests.textdata import UNICODE_DOC, documents, prepare_small
 from trainer.data.stream import TokenStream
 from trainer.data.subword import UNK_ID, SubwordTokenizer
@@ -54,9 +55,7 @@ def _scalars(run_dir: Path, tag: str) -> list[float]:
     return [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
 
 
-def _weights(run_dir: Path) -> dict[str, np.ndarray]:
-    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
-    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map() if "_trainable_variables/" in n}
+_weights = trainable_weights  # the run's trainable weights, from its newest checkpoint
 
 
 def test_tiny_lm_learns_and_reports_perplexity_and_tokens_per_second(trained, prepared):

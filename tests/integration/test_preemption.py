@@ -16,6 +16,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from tests.conftest import CONFIGS, STRATA, TINY_CLASSIFIER, child_env, run_cmd, strata
+from tests.readback import trainable_weights
 
 pytestmark = pytest.mark.slow
 CONFIG = str(CONFIGS / "classifier.yaml")
@@ -27,9 +28,7 @@ def _saved_step(run_dir: Path) -> int:
     return int(tf.train.load_checkpoint(str(run_dir / "checkpoints")).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
-def _weights(run_dir: Path) -> dict[str, np.ndarray]:
-    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
-    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map() if "_trainable_variables/" in n}
+_weights = trainable_weights  # the run's trainable weights, from its newest checkpoint
 
 
 def _tb_steps(run_dir: Path) -> list[int]:

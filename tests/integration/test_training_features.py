@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import CONFIGS, STRATA, TINY_CLASSIFIER, child_env, strata
+from tests.readback import trainable_weights
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +23,7 @@ def _train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return done
 
 
-def _weights(run_dir: Path) -> dict[str, np.ndarray]:
-    """The model's weights in the latest checkpoint (TF files each variable under its shortest path, which
-    for trainable weights is the optimizer's list of the variables it updates)."""
-    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
-    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map() if "_trainable_variables/" in n}
+_weights = trainable_weights  # the run's trainable weights, from its newest checkpoint
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path):

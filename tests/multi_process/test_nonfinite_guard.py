@@ -14,6 +14,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from tests.conftest import CONFIGS, STRATA, TINY_CLASSIFIER, run_cmd
+from tests.readback import trainable_weights
 
 CONFIG = str(CONFIGS / "classifier.yaml")
 STEPS = 10
@@ -30,9 +31,7 @@ def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
 
 
-def _weights(run_dir: Path) -> dict[str, np.ndarray]:
-    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
-    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map() if "_trainable_variables/" in n}
+_weights = trainable_weights  # the run's trainable weights, from its newest checkpoint
 
 
 @pytest.mark.multi_process
