@@ -14,6 +14,11 @@ from trainer.data.tokenizer import PAD as PAD_ID  # 0 in the word vocabulary and
 from trainer.tasks.base import Task, tf
 
 
+def _per_sequence(losses, mask):
+    """Each sequence's mean token loss over its non-pad targets."""
+    return tf.reduce_sum(losses, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+
+
 class LanguageModelTask(Task):
     name = "language_modeling"
     record_keys = ("text",)
@@ -38,12 +43,11 @@ class LanguageModelTask(Task):
 
     def per_example_loss(self, batch: dict, outputs: dict):
         """Mean next-token cross-entropy of each sequence's non-pad targets."""
-        losses, mask = self._token_losses(batch, outputs)
-        return tf.reduce_sum(losses, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+        return _per_sequence(*self._token_losses(batch, outputs))
 
     def eval_counts(self, batch: dict, outputs: dict) -> dict:
         losses, mask = self._token_losses(batch, outputs)
-        per_example = tf.reduce_sum(losses, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+        per_example = _per_sequence(losses, mask)
         return {"loss_sum": tf.reduce_sum(tf.cast(per_example, tf.float64)),
                 "examples": tf.cast(tf.size(per_example), tf.float64),
                 "token_loss_sum": tf.reduce_sum(tf.cast(losses, tf.float64)),
