@@ -13,7 +13,8 @@ and uses the first good one. Only the chief writes; every rank restores.
 
 The format does not depend on the parallel layout: with ZeRO (`sharded`, trainer/strategy/zero.py) the
 optimizer state is gathered into the replicated optimizer's form to save, and each rank keeps its slice of
-it on restore, so a run resumes sharded or replicated, on any number of ranks.
+it on restore, so a run resumes sharded or replicated, on any number of ranks. With ZeRO 3 (parameters
+sharded too) the same format is written and read a level at a time (trainer/checkpoint_zero3.py).
 """
 from __future__ import annotations
 
@@ -115,6 +116,8 @@ class Checkpointer:
                 return problem
         elif not (self.directory / f"{name}.index").is_file():
             return f"{name}.index is missing"
+        if self._levelwise:
+            return self._try_restore_levelwise(name)
         full = self.sharded.full_optimizer() if self.sharded is not None else None  # ZeRO: this restore only
         try:
             checkpoint = self.checkpoint if full is None else self._checkpoint(full)
@@ -126,6 +129,21 @@ class Checkpointer:
             self.sharded.load(full)  # this rank's slices of the replicated state
         return None
 
+    @property
+    def _levelwise(self) -> bool:
+        """ZeRO 3: no rank holds the whole model; checkpoints go a level at a time (trainer/checkpoint_zero3.py)."""
+        return getattr(self.sharded, "levelwise", False)
+
+    def _try_restore_levelwise(self, name: str) -> str | None:
+        from trainer import checkpoint_zero3
+
+        try:
+            return checkpoint_zero3.restore(self.sharded, self._checkpoint(self.sharded.full_optimizer()),
+                                            str(self.directory / name))
+        except (tf.errors.OpError, ValueError) as err:
+            first_line = (getattr(err, "message", None) or str(err)).strip().splitlines()
+            return f"TensorFlow cannot load it ({type(err).__name__}: {first_line[0] if first_line else ''})"
+
     # --------------------------------------------------------------------------------------- save
     def save(self, step: int) -> str | None:
         """Record `step` (the number of optimizer steps done) and write a checkpoint (chief only).
@@ -134,12 +152,18 @@ class Checkpointer:
         is then removed, and the previous one stays the latest for Strata and TensorFlow's index alike.
         """
         self.step.assign(step)
+        if self._levelwise:  # every rank gathers each level; the chief writes it as a part, then merges
+            from trainer.checkpoint_zero3 import Zero3Writer
+
+            writer = Zero3Writer(self.sharded, self._checkpoint(self.sharded.full_optimizer()))
+            writer.write_parts(self.directory, files.checkpoint_name(step), chief=self.write)
+            return self._write(step, writer if self.write else None, parts_written=True)
         if self.sharded is not None:  # every rank takes part in gathering the optimizer state
             with self.sharded.gathered(write=self.write) as full:
                 return self._write(step, self._checkpoint(full) if self.write else None)
         return self._write(step, self.checkpoint)
 
-    def _write(self, step: int, checkpoint: tf.train.Checkpoint | None) -> str | None:
+    def _write(self, step: int, checkpoint: tf.train.Checkpoint | None, parts_written: bool = False) -> str | None:
         """The chief's part of `save`: write, commit, index, sweep. The other ranks only record the step: every
         rank must agree on the latest one (a ZeRO save is a collective: a rank saving again alone would hang)."""
         if not self.write:
@@ -148,7 +172,8 @@ class Checkpointer:
         name = files.checkpoint_name(step)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            files.discard(self.directory, name)  # an older, failed save of this step must not be vouched for
+            if not parts_written:  # (ZeRO 3's writer discarded it before writing its parts)
+                files.discard(self.directory, name)  # an older, failed save of this step must not be vouched for
             checkpoint.write(str(self.directory / name))
             files.commit(self.directory, name, step)
             kept = [files.checkpoint_name(s) for s in files.committed_steps(self.directory)[: self.keep]]

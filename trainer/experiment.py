@@ -179,7 +179,9 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
     rng = random_state(model)
     if training and strategy.is_chief:  # the run directory appears only now that every check has passed
         if cfg.checkpoint.check_free_space:
-            per_checkpoint = checkpoint_bytes([*model.variables, *optimizer.variables, *rng.states])
+            # ZeRO: this rank's optimizer holds 1/N of the checkpoint's optimizer state
+            shards = strategy.world_size if strategy.zero_state is not None else 1
+            per_checkpoint = checkpoint_bytes([*model.variables, *rng.states]) + shards * checkpoint_bytes(optimizer.variables)
             check_free_space(run_dir, per_checkpoint=per_checkpoint, keep=cfg.checkpoint.keep)
         write_run_files(cfg, run_dir, vocab, labels if cfg.task.labelled else None)
     checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep,

@@ -121,6 +121,8 @@ def make_eval_step(exp: Experiment):
     """A compiled forward pass returning additive counts. Evaluation runs per process on its own shard
     (no collective inside), and the counts are summed over processes afterwards."""
     model, task = exp.model, exp.task
+    # ZeRO 3: the model's variables hold no storage; its engine runs the levels through gathered weights.
+    forward = getattr(exp.engine, "forward", None) or (lambda inputs: model(inputs, training=False))
     # One trace for every batch size: a split's last batch is smaller, and each new shape would trace the
     # step again (TensorFlow warns about it when a process evaluates several runs, as bench/overhead.py does).
     spec = (exp.prepared.eval_dataset("val", batch_size=1) if exp.prepared else
@@ -128,7 +130,7 @@ def make_eval_step(exp: Experiment):
 
     @tf.function(input_signature=[spec])
     def eval_step(batch: dict) -> dict:
-        outputs = model(task.model_inputs(batch), training=False)
+        outputs = forward(task.model_inputs(batch))
         return task.eval_counts(batch, outputs)
 
     return eval_step
@@ -147,12 +149,28 @@ def evaluate(exp: Experiment, strategy: Strategy, *, split: str = "val", eval_st
     if cfg.eval.max_batches:
         dataset = dataset.take(cfg.eval.max_batches)
     totals = {key: 0.0 for key in exp.task.count_keys(exp.labels.num_classes)}
-    for batch in dataset:
-        for key, value in eval_step(batch).items():
-            totals[key] += float(value)
+    sharded = getattr(exp.engine, "forward", None) is not None  # ZeRO 3: collectives in every eval step
+    for batch, counted in (_same_count(dataset, strategy) if sharded else ((b, True) for b in dataset)):
+        counts = eval_step(batch)
+        for key, value in counts.items():
+            totals[key] += float(value) if counted else 0.0
     metrics = exp.task.metrics_from_counts(strategy.all_reduce_sum(totals))
-    metrics.update(exp.task.extra_metrics(exp, split))  # e.g. ROUGE of decoded summaries
+    if not sharded:  # ZeRO 3: omitted, said once at the start (strategy/replica.py)
+        metrics.update(exp.task.extra_metrics(exp, split))  # e.g. ROUGE of decoded summaries
     return metrics
+
+
+def _same_count(dataset, strategy: Strategy):
+    """(batch, counted): this process's batches, then repeats of its last one (not counted) until it has run
+    as many steps as the process with the most: a ZeRO-3 forward all-gathers, so every rank must take part."""
+    mine = int(sum(1 for _ in dataset))
+    counts = strategy.all_reduce_sum({f"rank{r}": float(mine if r == strategy.rank else 0)
+                                      for r in range(strategy.world_size)})
+    batch = None
+    for batch in dataset:
+        yield batch, True
+    for _ in range(int(max(counts.values())) - mine):
+        yield batch, False
 
 
 def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[Hook]:
@@ -165,7 +183,7 @@ def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[
         TensorBoardHook(tb),
         CheckpointHook(exp.checkpointer, cfg.checkpoint.every),
         NonFiniteGuard(rank=strategy.rank, max_bad_steps=cfg.train.max_bad_steps, tb=tb,
-                       variable_paths=[v.path for v in exp.model.trainable_variables],
+                       variable_paths=_gradient_paths(exp),
                        level_names=exp.model.level_names),
         ProfilerHook(str(tb.logdir), cfg.logging.profile_steps, strategy.is_chief),
     ]
@@ -173,6 +191,13 @@ def default_hooks(exp: Experiment, strategy: Strategy, tb: TensorBoard) -> list[
         es = cfg.train.early_stopping
         hooks.append(EarlyStopping(es.metric, es.mode, es.patience))
     return hooks + fault_hooks(strategy.rank) + preemption_hooks(strategy, exp.checkpointer)
+
+
+def _gradient_paths(exp: Experiment) -> list[str]:
+    """A name per gradient of the engine (the NaN/Inf guard's message): the model's variables, or under ZeRO 3
+    its levels' slices."""
+    state = getattr(getattr(exp.engine, "state", None), "gradient_paths", None)
+    return state() if state is not None else [v.path for v in exp.model.trainable_variables]
 
 
 def last_step(start: int, total_steps: int, stop_after: int | None) -> int:
@@ -328,7 +353,8 @@ def weights_digest(variables) -> tuple[str, float]:
 
 def check_replicas_in_sync(exp: Experiment, strategy: Strategy) -> None:
     """Every process must end with the chief's weights; a silent divergence is an error, not a warning."""
-    digest, f = weights_digest(exp.model.trainable_variables)
+    gathered = getattr(strategy.zero_state, "gathered_weights", None)  # ZeRO 3: level by level, all ranks
+    digest, f = weights_digest(gathered() if gathered is not None else exp.model.trainable_variables)
     print(f"strata: rank {strategy.rank} weights sha256 {digest}", flush=True)
     sums = strategy.all_reduce_sum({"f": f, "f2": f * f})
     n = strategy.world_size
@@ -342,7 +368,7 @@ def check_replicas_in_sync(exp: Experiment, strategy: Strategy) -> None:
 def run_eval(exp, strategy, state, hooks, tb, eval_step) -> None:
     with phase("eval"):
         state.eval_metrics = evaluate(exp, strategy, eval_step=eval_step)
-    if strategy.is_chief:
+    if strategy.is_chief and getattr(exp.engine, "forward", None) is None:  # ZeRO 3: no whole model to run
         exp.task.eval_summaries(exp, tb, state.step)  # e.g. the attention image
     for hook in hooks:
         hook.on_eval(state)

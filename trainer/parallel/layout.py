@@ -11,7 +11,7 @@ Axes, outermost first:
   * grad_accum       micro-steps one replica accumulates before the update (without a pipeline; with one,
                      micro-batches already accumulate and grad_accum stays 1).
   * zero             sharding of optimizer state (1) and gradients (2) over the data-parallel replicas
-                     (Horovod ranks); 0 = replicated. 3 (parameters too) is reserved: refused today.
+                     (Horovod ranks), and parameters too (3, level by level); 0 = replicated.
   * tensor_parallel  devices that split each layer; reserved: only 1 exists today.
 
 Every process reads the rows of the global batch that belong to its data-parallel index (`data_shard`),
@@ -169,10 +169,6 @@ def _check_zero(cfg: "ExperimentConfig", zero: int) -> None:
         raise LayoutError(
             f"distribution.zero ({zero}) is implemented for backend horovod only (it needs a reduce-scatter and "
             "an all-gather of flat buckets); use strata launch --backend horovod, or distribution.zero=0")
-    if zero == 3:
-        raise LayoutError(
-            "distribution.zero 3 (sharded parameters) is not implemented yet; use distribution.zero=2 "
-            "(optimizer state and gradients sharded)")
     if dist.pipeline is not None:
         raise LayoutError(
             f"distribution.zero ({zero}) does not combine with distribution.pipeline yet (the pipeline's variables "
@@ -180,6 +176,24 @@ def _check_zero(cfg: "ExperimentConfig", zero: int) -> None:
     if cfg.train.mixed_precision == "float16":
         raise LayoutError(
             "train.mixed_precision float16 (loss scaling) is not supported with distribution.zero; use bfloat16")
+    if zero == 3:
+        _check_zero3(cfg)
+
+
+def _check_zero3(cfg: "ExperimentConfig") -> None:
+    """What sharded parameters (trainer/strategy/zero3.py) do not combine with yet."""
+    if getattr(cfg.model, "tie_embeddings", False):
+        raise LayoutError(
+            "distribution.zero 3 shards each level's parameters apart, but model.tie_embeddings shares one matrix "
+            "between levels embed and head; set model.tie_embeddings=false or distribution.zero=2")
+    if getattr(cfg.model, "dropout", 0.0) > 0:
+        raise LayoutError(
+            f"distribution.zero 3 recomputes each level's forward in the backward, which needs a deterministic "
+            f"forward, but model.dropout is {cfg.model.dropout}; set model.dropout=0.0 or distribution.zero=2")
+    if cfg.train.jit_compile:
+        raise LayoutError(
+            "train.jit_compile does not combine with distribution.zero 3 (its forward and backward all-gather "
+            "and reduce-scatter inside, and Horovod's ops have no XLA kernels); set train.jit_compile=false")
 
 
 def _check_batch_split(layout: Layout, field: str, replicas: str) -> None:

@@ -87,6 +87,11 @@ class Strategy(abc.ABC):
         which `make_update` then uses. Only Horovod shards (the layout refuses zero elsewhere)."""
         raise NotImplementedError(f"distribution.zero needs backend horovod, not {self.name}")
 
+    def shard_levels(self, model: Any, new_optimizer: Callable[[], Any], *, clip_norm: float | None) -> Any:
+        """ZeRO 3: this rank's slice of each level of the deferred `model` and an optimizer over them
+        (trainer/strategy/zero3.py `Zero3State`), which `make_update` then uses. Horovod only."""
+        raise NotImplementedError(f"distribution.zero 3 needs backend horovod, not {self.name}")
+
     def replica_sum(self, value: tf.Tensor) -> tf.Tensor:
         """Inside the compiled step: `value` summed over every replica (the same result on each)."""
         return value

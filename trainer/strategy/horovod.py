@@ -108,6 +108,12 @@ class Horovod(Strategy):
         self.zero_state = ShardedOptimizer(self.hvd, variables, new_optimizer, stage=stage, clip_norm=clip_norm)
         return self.zero_state
 
+    def shard_levels(self, model: Any, new_optimizer: Callable[[], Any], *, clip_norm: float | None) -> Any:
+        from trainer.strategy.zero3 import Zero3State
+
+        self.zero_state = Zero3State(self.hvd, model, new_optimizer, clip_norm=clip_norm)
+        return self.zero_state
+
     def broadcast_initial_state(self, variables: list) -> None:
         # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable. A rank's ZeRO slices
         # are its own (never broadcast); they are re-cut from the broadcast weights.

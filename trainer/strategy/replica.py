@@ -40,6 +40,8 @@ def build_replica(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, new
             from trainer.strategy.pipeline.setup import build_pipeline  # TensorFlow-heavy: only when used
 
             model, engine = build_pipeline(cfg, layout, strategy, new_model, train_arrays)
+        elif layout.zero == 3:  # no rank ever holds the whole model (trainer/strategy/zero3.py)
+            return _zero3_replica(cfg, layout, strategy, new_model, train_arrays)
         else:
             model = new_model()
             model({k: tf.constant(v[:2]) for k, v in cfg.task.model_inputs(train_arrays).items()})  # variables
@@ -57,16 +59,50 @@ def build_replica(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, new
     return Replica(model, optimizer, engine)
 
 
-def _sharded_optimizer(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, model: LevelModel):
-    """ZeRO: the strategy's sharded optimizer over the model's trainable variables; its Keras optimizer
-    (over this rank's slices) is the run's optimizer. The global norm is clipped by the sharded update, not by
-    Keras (which would see only this rank's slices)."""
+def _unclipped_optimizer(cfg: ExperimentConfig, strategy: Strategy) -> Callable[[], keras.optimizers.Optimizer]:
+    """A factory of the configured optimizer without global_clipnorm: a sharded update clips by the global
+    norm itself (Keras would see only this rank's slices)."""
     unclipped = cfg.optimizer.model_copy(update={"clip_norm": None})
 
     def new_optimizer():
         return build_optimizer(unclipped, total_steps=cfg.train.steps, num_replicas=strategy.num_replicas,
                                mixed_precision=cfg.train.mixed_precision)
 
+    return new_optimizer
+
+
+def _zero3_replica(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, new_model: Callable[[], LevelModel],
+                   train_arrays: Mapping[str, np.ndarray]) -> Replica:
+    """ZeRO 3: the model built deferred (no variable allocated), each level's parameters initialised once and
+    cut to this rank's slice; the optimizer over the slices; the level-by-level engine."""
+    from trainer.errors import ConfigError
+    from trainer.strategy.zero3 import Zero3Engine, build_deferred
+
+    model = new_model()
+    build_deferred(model, {k: tf.constant(v[:2]) for k, v in cfg.task.model_inputs(train_arrays).items()})
+    try:
+        state = strategy.shard_levels(model, _unclipped_optimizer(cfg, strategy), clip_norm=cfg.optimizer.clip_norm)
+    except ValueError as err:  # a level the mechanism cannot shard (shared or non-trainable variables)
+        raise ConfigError(f"distribution.zero 3: {err}") from None
+    engine = Zero3Engine(state, cfg.task, global_batch=layout.global_batch, grad_accum=layout.grad_accum)
+    if strategy.is_chief and _generates(cfg):
+        print("strata: note: distribution.zero 3: evaluation during training omits what decodes text or draws "
+              "from the whole model (ROUGE, the attention image); `strata evaluate RUN_DIR` computes them", flush=True)
+    return Replica(model, state.optimizer, engine)
+
+
+def _generates(cfg: ExperimentConfig) -> bool:
+    """Whether the task's evaluation has parts beyond batch counts (which need the whole model at once)."""
+    from trainer.tasks.base import Task
+
+    kind = type(cfg.task)
+    return kind.extra_metrics is not Task.extra_metrics or kind.eval_summaries is not Task.eval_summaries
+
+
+def _sharded_optimizer(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, model: LevelModel):
+    """ZeRO 1/2: the strategy's sharded optimizer over the model's trainable variables; its Keras optimizer
+    (over this rank's slices) is the run's optimizer."""
+    new_optimizer = _unclipped_optimizer(cfg, strategy)
     state = strategy.shard_optimizer(model.trainable_variables, new_optimizer, stage=layout.zero,
                                      clip_norm=cfg.optimizer.clip_norm)
     return state.optimizer

@@ -1,4 +1,4 @@
-"""ZeRO-3 mechanism (feasibility spike, not wired into the training loop): parameters sharded by level.
+"""ZeRO-3 on Horovod: parameters, gradients and optimizer state sharded by level (`distribution.zero: 3`).
 
 No rank holds the whole model. The model's variables are created *deferred* (Keras 3: a variable created
 under a `StatelessScope` with a callable initializer keeps only its shape, dtype and initializer; nothing is
@@ -16,10 +16,14 @@ the replicated model's with the same seed, and at most one level is ever whole o
             its gathered weights, and reduce-scatter (Sum) the flattened weight gradients into this rank's
             slice: the full gradient of one level is a transient, the stored gradient is 1/N.
 
-Limits found by the spike (each a one-line refusal in a full implementation): variables shared by two levels
-(tied embeddings) and non-trainable variables are not supported; randomness inside a level (dropout) would
-draw the same mask in the forward and in the recompute (a StatelessScope records the seed generator's
-update instead of applying it), but the seed state is not advanced across steps here.
+Wired into training by `Zero3State` (the run's update and its shards' optimizer) and `Zero3Engine` (the
+step's gradients: one reduce-scattered slice per level with parameters), built by `build_replica`
+(trainer/strategy/replica.py); checkpoints are written level by level (trainer/checkpoint_zero3.py).
+
+Limits, each a one-line refusal in trainer/parallel/layout.py: variables shared by two levels (tied
+embeddings) and non-trainable variables are not supported; randomness inside a level (dropout) would draw
+the same mask in the forward and in the recompute (a StatelessScope records the seed generator's update
+instead of applying it), but the seed state would not advance across steps.
 """
 from __future__ import annotations
 
@@ -91,7 +95,8 @@ class ShardedLevels:
         once the tensors `after` exist. In a compiled step nothing else orders the gathers (they depend on the
         shards only): without it TensorFlow may run every level's gather first and hold the whole model."""
         bucket, variables = self.buckets[i], self.level_vars[i]
-        with tf.control_dependencies(tf.nest.flatten(after) if after is not None else None):
+        deps = [t for t in tf.nest.flatten(after) if t is not None] if after is not None else []
+        with tf.control_dependencies(deps or None):  # (a gradient that does not exist orders nothing)
             shard = tf.identity(self.shards[i].value)
         whole = self.hvd.allgather(shard, name=f"zero3_ag_{i}")
         return [tf.cast(tf.reshape(whole[p.offset:p.offset + p.size], variables[p.index].shape),
@@ -101,6 +106,14 @@ class ShardedLevels:
         mapping = list(zip(self.level_vars[i], params))
         with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
             return self.model.levels[i](carry, training=training)
+
+    def forward(self, inputs: Mapping[str, tf.Tensor], training: bool = False) -> dict:
+        """The model's output carry, level by level through gathered weights (evaluation: no tape)."""
+        carries = [{k: tf.convert_to_tensor(v) for k, v in inputs.items()}]
+        for i in range(len(self.level_vars)):
+            params = self.gather(i, carries[i - 1] if i >= 2 else None) if self.buckets[i] is not None else []
+            carries.append(self._run(i, params, carries[-1], training))
+        return carries[-1]
 
     # ----------------------------------------------------------------------------------- the step
     def loss_and_grads(self, inputs: Mapping[str, tf.Tensor], loss_fn: Callable[[dict], tf.Tensor],
@@ -167,3 +180,146 @@ def _flatten(tensors: list, bucket: Bucket) -> tf.Tensor:
     if bucket.padded > bucket.size:
         parts.append(tf.zeros([bucket.padded - bucket.size], tf.float32))
     return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+
+
+class Zero3State:
+    """One rank's ZeRO-3 state: the level shards (`levels`), the run's Keras optimizer built over them (its
+    slots hold 1/N of the replicated optimizer state), and the step's update (`__call__`, the interface of
+    trainer/strategy/base.py `OptimizerUpdate`): clip the slices by the global norm, apply them to the
+    shards when the agreed `ok` holds. Parameters stay sharded: nothing is gathered after the update."""
+
+    def __init__(self, hvd: Any, model: Any, new_optimizer: Callable[[], Any], *, clip_norm: float | None) -> None:
+        self.hvd, self.model, self.new_optimizer, self.clip_norm = hvd, model, new_optimizer, clip_norm
+        self.levels = ShardedLevels(hvd, model)
+        self.shards = [s for s in self.levels.shards if s is not None]
+        # level -> its position in `shards` (and in the optimizer's slot lists); None: no parameters
+        positions = iter(range(len(self.shards)))
+        self.position = [None if s is None else next(positions) for s in self.levels.shards]
+        self.optimizer = new_optimizer()  # configured without global_clipnorm: the norm is global here
+        self.optimizer.build(self.shards)
+
+    def owned_variables(self) -> list:
+        """Variables never broadcast: the deferred model variables (no storage), the shards and their slots
+        (each rank's own; the initialisers agree by seed, restores read each rank's slice)."""
+        from trainer.strategy.zero import optimizer_slots
+
+        slots = [s for group in optimizer_slots(self.optimizer).values() for s in group]
+        return [*(v for v in self.model.variables if is_deferred(v)), *self.shards, *slots]
+
+    def refresh(self) -> None:
+        """Nothing to re-cut: the shards are the only parameter storage (ZeRO 1/2 re-cut theirs here)."""
+
+    def held_elements(self) -> int:
+        """Parameter elements this rank stores: its shards and any model variable with storage."""
+        own = sum(int(np.prod(s.shape)) for s in self.shards)
+        return own + sum(int(np.prod(v.shape)) for v in self.model.variables if not is_deferred(v))
+
+    def gradient_paths(self) -> list[str]:
+        """One name per gradient the engine returns (a level's slice), for the NaN/Inf guard's message."""
+        return [f"{level.name}/zero3_shard" for level, b in zip(self.model.levels, self.levels.buckets)
+                if b is not None]
+
+    # ------------------------------------------------------------------ checkpoints, level by level
+    levelwise = True  # trainer/checkpoint.py: saved and restored a level at a time (trainer/checkpoint_zero3.py)
+
+    def full_optimizer(self) -> Any:
+        """An optimizer of the configured kind built over the model's (deferred) variables, its slots deferred
+        too: it allocates nothing and gives the replicated checkpoint's object graph (cached)."""
+        if getattr(self, "_full", None) is None:
+            self._full = self.new_optimizer()
+            # Keras' TensorFlow optimizer keys a variable by its tf.Variable, which a deferred one lacks; this
+            # optimizer never applies anything, so any unique key does.
+            self._full._var_key = id
+            with keras.StatelessScope(initialize_variables=False):
+                self._full.build(self.model.trainable_variables)
+            global_state.set_global_attribute("uninitialized_variables", [])
+        return self._full
+
+    def level_count(self) -> int:
+        return len(self.levels.level_vars)
+
+    def gather_level(self, i: int) -> list[tuple[Any, dict[str | None, tf.Tensor]]]:
+        """Every rank: level i whole, as (model variable, {None: its value, slot name: the slot's value}), one
+        all-gather of its parameter bucket and one per slot kind. Empty for a level without parameters."""
+        from trainer.strategy.zero import optimizer_slots
+
+        bucket = self.levels.buckets[i]
+        if bucket is None:
+            return []
+        k = self.position[i]
+        out = [(self.levels.level_vars[i][p.index], {None: t}) for p, t in zip(bucket.pieces, self.levels.gather(i))]
+        for name, slots in optimizer_slots(self.optimizer).items():
+            whole = self.hvd.allgather(slots[k].value, name=f"zero3_save_{name}_{i}")
+            for (p, (_, parts)) in zip(bucket.pieces, out):
+                parts[name] = tf.reshape(whole[p.offset:p.offset + p.size], self.levels.level_vars[i][p.index].shape)
+        return out
+
+    def load_level(self, i: int, read: Callable[[Any, str | None], np.ndarray]) -> None:
+        """Take this rank's slice of level i's parameters and slots from `read(variable, slot name or None)`
+        (whole tensors from a checkpoint, read one at a time; at most one level is whole at once)."""
+        from trainer.strategy.zero import optimizer_slots
+
+        bucket = self.levels.buckets[i]
+        if bucket is None:
+            return
+        variables, k = self.levels.level_vars[i], self.position[i]
+        start, stop = bucket.owned(self.hvd.rank())
+        targets = {None: self.shards[k], **{n: s[k] for n, s in optimizer_slots(self.optimizer).items()}}
+        for name, target in targets.items():
+            flat = _flatten([read(v, name) for v in variables], bucket)
+            target.assign(np.array(flat[start:stop], copy=True))
+
+    def gathered_weights(self):
+        """Every parameter, whole, level by level (a generator: at most one level at a time; every rank)."""
+        for i in range(self.level_count()):
+            if self.levels.buckets[i] is not None:
+                yield from (t.numpy() for t in self.levels.gather(i))
+
+    def __call__(self, grads: list, ok: tf.Tensor) -> None:
+        """Clip this rank's slices by the global norm, then apply them to its shards (all ranks, or none)."""
+        if self.clip_norm is not None:
+            grads = self.levels.clip(grads, self.clip_norm)
+        tf.cond(ok, lambda: _none(self.optimizer.apply_gradients(zip(grads, self.shards))), lambda: None)
+
+
+class Zero3Engine:
+    """The GradientEngine of a ZeRO-3 replica (trainer/strategy/engine.py): the replica's batch in
+    `grad_accum` micro-steps through `ShardedLevels.loss_and_grads`; the gradients are this rank's
+    reduce-scattered slices (already summed over the ranks), one per level with parameters, summed over
+    the micro-steps. `forward` is evaluation's level-by-level forward."""
+
+    reported: tuple[str, ...] = ()
+
+    def __init__(self, state: Zero3State, task: Any, *, global_batch: int, grad_accum: int = 1) -> None:
+        self.state, self.levels, self.task = state, state.levels, task
+        self.global_batch, self.grad_accum = global_batch, grad_accum
+        self.specs = dict(state.model.input_specs)
+
+    def _inputs(self, batch: dict) -> dict:
+        inputs = self.task.model_inputs(batch)
+        return {k: tf.cast(inputs[k], spec.dtype) for k, spec in self.specs.items()}  # as LevelModel.call
+
+    def gradients(self, batch: dict) -> tuple[tf.Tensor, list, dict[str, tf.Tensor]]:
+        micro = tf.shape(next(iter(batch.values())))[0] // self.grad_accum
+        grads, loss = None, tf.constant(0.0)
+        for i in range(self.grad_accum):  # unrolled; each micro-step reduce-scatters its own slices
+            part = {k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}
+            part_loss, got = self.levels.loss_and_grads(
+                self._inputs(part),
+                lambda out, part=part: tf.reduce_sum(self.task.per_example_loss(part, out)) / self.global_batch)
+            got = [g for g in got if g is not None]
+            grads = got if grads is None else [a + b for a, b in zip(grads, got)]
+            loss += part_loss
+        return loss, grads, {}
+
+    def forward(self, inputs: dict) -> dict:
+        """The model's outputs for `inputs` (a task's model inputs), level by level (collectives inside:
+        every rank must call it the same number of times)."""
+        return self.levels.forward({k: tf.cast(inputs[k], spec.dtype) for k, spec in self.specs.items()})
+
+    def logs(self, outputs: dict, replicas: int) -> dict[str, float]:
+        return {}
+
+
+def _none(_result: Any) -> None:
+    return None
