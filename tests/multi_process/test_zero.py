@@ -1,11 +1,13 @@
-"""Sharded data parallel (ZeRO 1 and 2, issue 13) on real Horovod jobs.
+"""Sharded data parallel (ZeRO 1, 2 and 3, issue 13) on real Horovod jobs.
 
 Equivalence: one process pair per controller (Gloo, MPI) runs tests/scripts/zero_check.py, which trains the
-tiny transformer through the training loop at zero 0, 1 and 2 (AdamW with clipping and accumulation; plain
-SGD) and checks loss curves, weights, the optimizer state each rank holds and the checkpoints.
+tiny transformer through the training loop at zero 0, 1, 2 and 3 (AdamW with clipping and accumulation; plain
+SGD) and checks loss curves, weights, the optimizer state (zero 3: and the parameters) each rank holds and the
+checkpoints.
 
-Layout-free checkpoints, each start a fresh process: a zero-2 run on 2 ranks resumes replicated on 1 rank,
-and a replicated run resumes as zero 2 on 2 ranks; both follow the uninterrupted 1-rank run's loss curve."""
+Layout-free checkpoints, each start a fresh process: a zero-2 (zero-3) run on 2 ranks resumes replicated on 1
+rank, and a replicated run resumes as zero 2 (zero 3) on 2 ranks; all follow the uninterrupted 1-rank run's loss
+curve. The zero-3 run is first stopped (--stop-after) and resumed under zero 3 on the way."""
 from __future__ import annotations
 
 import json
@@ -26,14 +28,16 @@ pytestmark = pytest.mark.multi_process
 CONFIG = str(CONFIGS / "transformer_small.yaml")
 
 
-# Gloo runs every case; MPI (the same code over another transport) the scale-sensitive one, to keep CI short.
-CASES = {"gloo": {"adamw-zero1", "adamw-zero2", "sgd-zero1", "sgd-zero2", "sgd-clip-zero2"},
-         "mpi": {"sgd-zero1", "sgd-zero2"}}
+# Gloo runs every case; MPI (the same code over another transport) the scale-sensitive one, and AdamW at zero 3
+# (its accumulation and clipping are zero 3's own code), to keep CI short.
+CASES = {"gloo": {"adamw-zero1", "adamw-zero2", "adamw-zero3", "sgd-zero1", "sgd-zero2", "sgd-zero3",
+                  "sgd-clip-zero2", "sgd-clip-zero3"},
+         "mpi": {"sgd-zero1", "sgd-zero2", "sgd-zero3", "adamw-zero3"}}
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
-def test_zero_1_and_2_train_like_replicated(tmp_path: Path, controller: str):
-    cases = sorted({c.rsplit("-zero", 1)[0] for c in CASES[controller]})
+def test_zero_1_2_and_3_train_like_replicated(tmp_path: Path, controller: str):
+    cases = sorted(CASES[controller])
     argv = horovodrun_argv(np=2, hosts=parse_hosts("localhost:2"), controller=controller, as_root=True,
                            program=str(Path(sys.executable).parent / "horovodrun"),
                            command=[sys.executable, str(REPO / "tests" / "scripts" / "zero_check.py"), str(tmp_path),
@@ -55,7 +59,7 @@ TINY = ["--set", "model.d_model=32", "--set", "model.num_heads=2", "--set", "mod
         "--set", "train.log_every=1", "--set", "eval.every=100", "--set", "eval.max_batches=1",
         "--set", "eval.rouge_examples=2", "--set", "logging.progress_bar=false", "--set", f"checkpoint.every={HALF}",
         "--set", "optimizer.schedule=constant", "--set", "optimizer.warmup_steps=0"]
-ZERO2 = ["--set", "distribution.zero=2"]
+ZERO = {2: ["--set", "distribution.zero=2"], 3: ["--set", "distribution.zero=3"]}
 
 
 def _curve(run_dir: Path) -> dict[int, float]:
@@ -75,22 +79,28 @@ def _ok(done) -> str:
     return done.stdout
 
 
-def test_checkpoints_do_not_depend_on_the_layout(tmp_path: Path):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_checkpoints_do_not_depend_on_the_layout(tmp_path: Path, zero: int):
     reference = tmp_path / "reference"  # 1 rank, replicated, 12 steps; checkpoints at 6 and 12
     _ok(strata("train", CONFIG, *TINY, "--set", f"train.steps={STEPS}", "--set", f"run_dir={reference}"))
     expected = _curve(reference)
     assert sorted(expected) == list(range(1, STEPS + 1))
 
-    there = tmp_path / "zero2-then-replicated"  # zero 2 on 2 ranks to step 6, then replicated on 1 rank
-    _ok(strata("launch", "-np", "2", "--backend", "horovod", CONFIG, *TINY, *ZERO2, "--set", f"train.steps={HALF}",
-               "--set", f"run_dir={there}", timeout=400))
+    there = tmp_path / f"zero{zero}-then-replicated"  # zero 2/3 on 2 ranks to step 6, then replicated on 1 rank
+    sharded = ["launch", "-np", "2", "--backend", "horovod", CONFIG, *TINY, *ZERO[zero], "--set", f"train.steps={HALF}",
+               "--set", f"run_dir={there}"]
+    if zero == 3:  # stopped at step 4 (its checkpoint: that step), resumed under zero 3 to step 6
+        _ok(strata(*sharded[:5], "--stop-after", "4", *sharded[5:], timeout=400))
+        assert "resuming from step 4" in _ok(strata(*sharded, timeout=400))
+    else:
+        _ok(strata(*sharded, timeout=400))
     out = _ok(strata("train", str(there), "--set", f"train.steps={STEPS}", "--set", "distribution.backend=single",
                      "--set", "distribution.zero=0"))
     assert f"resuming from step {HALF}" in out
 
-    back = tmp_path / "replicated-then-zero2"  # the reference's step-6 checkpoint, resumed as zero 2 on 2 ranks
+    back = tmp_path / f"replicated-then-zero{zero}"  # the reference's step-6 checkpoint, resumed as zero 2/3 on 2 ranks
     shutil.copytree(reference, back, ignore=shutil.ignore_patterns("tensorboard", "ckpt-12*"))
-    out = _ok(strata("launch", "-np", "2", "--backend", "horovod", str(back), *ZERO2, timeout=400))
+    out = _ok(strata("launch", "-np", "2", "--backend", "horovod", str(back), *ZERO[zero], timeout=400))
     assert f"resuming from step {HALF}" in out
 
     for run in (there, back):

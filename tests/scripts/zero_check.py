@@ -1,17 +1,19 @@
 """ZeRO equivalence check, run by every rank of one Horovod job (horovodrun --gloo / --mpi, 2 ranks):
 
-    horovodrun -np 2 -H localhost:2 --gloo python tests/scripts/zero_check.py OUT_DIR [CASE,CASE...]
+    horovodrun -np 2 -H localhost:2 --gloo python tests/scripts/zero_check.py OUT_DIR [CASE-zeroN,...]
 
 One process pair trains the tiny transformer through the real training loop (trainer.loop.train: the compiled
-step, NaN/Inf flags and stop votes, checkpoint hook) once per case, zero 0, 1 and 2, from the same initial
-weights:
-  * adamw    : AdamW with weight decay, clipping by the global norm (1.0), grad_accum 2 (zero 1 and 2);
-  * sgd      : plain SGD (no momentum: a wrong gradient scale moves every step), lr 0.5 (zero 1 and 2);
-  * sgd-clip : the same with clipping by the global norm (0.5), which SGD does not hide (zero 2).
+step, NaN/Inf flags and stop votes, checkpoint hook, evaluation) once per case at zero 0 and at the ZeRO levels
+asked for (default: every entry of CASES), from the same initial weights:
+  * adamw    : AdamW with weight decay, clipping by the global norm (1.0), grad_accum 2 (zero 1, 2 and 3);
+  * sgd      : plain SGD (no momentum: a wrong gradient scale moves every step), lr 0.5 (zero 1, 2 and 3);
+  * sgd-clip : the same with clipping by the global norm (0.5), which SGD does not hide (zero 2 and 3).
 Each rank checks, against the zero 0 run of the same case in this process: the loss curve (20 steps, within
-1e-5 relative), the final weights (within 1e-3), the optimizer state it really holds (slot elements = 1/N of
-the replicated optimizer's, +-1%); the chief also reads both final checkpoints back and checks they hold the
-same variables in the same (replicated) format, equal within 1e-3. Prints `zero_check: ...` lines and, last,
+1e-5 relative), the final weights (within 1e-3; zero 3: all-gathered level by level), the optimizer state it
+really holds (slot elements = 1/N of the replicated optimizer's, +-1%); with zero 3 also the parameters it
+really holds (its shards + any model variable with storage) <= 1/N of the model + its two largest levels; the
+chief also reads both final checkpoints back and checks they hold the same variables in the same (replicated)
+format, equal within 1e-3. Prints `zero_check: ...` lines and, last,
 one JSON line (also written to OUT_DIR/summary-rank<R>.json); exits 1 if any check failed.
 """
 from __future__ import annotations
@@ -34,9 +36,9 @@ TINY = ["model.d_model=32", "model.num_heads=2", "model.ff_dim=64", "model.encod
 SGD = ["optimizer.name=sgd", "optimizer.lr=0.5", "optimizer.weight_decay=0.0", "optimizer.schedule=constant"]
 # case -> (overrides, ZeRO levels compared with its zero 0 run)
 CASES = {
-    "adamw": (["train.grad_accum=2"], (1, 2)),  # the config's AdamW: weight decay 0.01, clip_norm 1.0, cosine
-    "sgd": ([*SGD, "optimizer.clip_norm=null"], (1, 2)),  # plain SGD: a wrong gradient scale moves every step
-    "sgd-clip": ([*SGD, "optimizer.clip_norm=0.5"], (2,)),  # SGD shows a wrong global norm (Adam hides most)
+    "adamw": (["train.grad_accum=2"], (1, 2, 3)),  # the config's AdamW: weight decay 0.01, clip_norm 1.0, cosine
+    "sgd": ([*SGD, "optimizer.clip_norm=null"], (1, 2, 3)),  # plain SGD: a wrong gradient scale moves every step
+    "sgd-clip": ([*SGD, "optimizer.clip_norm=0.5"], (2, 3)),  # SGD shows a wrong global norm (Adam hides most)
 }
 
 
@@ -60,8 +62,15 @@ def run_case(out: Path, case: str, zero: int, strategy) -> dict:
 
     train(exp, strategy, extra_hooks=[Losses()])
     slots = sum(int(np.prod(s.shape)) for v in optimizer_slots(exp.optimizer).values() for s in v)
-    return {"losses": np.array(losses), "weights": [v.numpy() for v in exp.model.trainable_variables],
-            "slots": slots, "checkpoints": exp.run_dir / "checkpoints"}
+    levels = [[int(np.prod(v.shape)) for v in level.trainable_variables] for level in exp.model.levels]
+    if zero == 3:  # no variable of the model has storage: gather each level in turn (every rank)
+        weights, held = list(strategy.zero_state.gathered_weights()), strategy.zero_state.held_elements()
+    else:  # per level, in the order zero 3 gathers them
+        weights = [v.numpy() for level in exp.model.levels for v in level.trainable_variables]
+        held = sum(map(sum, levels))
+    sizes = sorted(map(sum, levels), reverse=True)
+    return {"losses": np.array(losses), "weights": weights, "slots": slots, "held": held,
+            "bound": sum(sizes) / strategy.world_size + sum(sizes[:2]), "checkpoints": exp.run_dir / "checkpoints"}
 
 
 def compare(case: str, zero: int, got: dict, ref: dict, ranks: int, chief: bool) -> list[str]:
@@ -78,10 +87,13 @@ def compare(case: str, zero: int, got: dict, ref: dict, ranks: int, chief: bool)
     ratio = got["slots"] / (ref["slots"] / ranks) if ref["slots"] else float(got["slots"] == 0)  # plain SGD: none
     if not abs(ratio - 1) <= 0.01:
         problems.append(f"optimizer slots {got['slots']} elements on this rank, not 1/{ranks} of {ref['slots']}")
+    if zero == 3 and not got["held"] <= got["bound"]:
+        problems.append(f"holds {got['held']} parameter elements > 1/{ranks} + two largest levels = {got['bound']}")
     if chief:
         problems += compare_checkpoints(got["checkpoints"], ref["checkpoints"])
+    held = f", parameters held {got['held']} <= {got['bound']:.0f}" if zero == 3 else ""
     print(f"zero_check: {case} zero {zero}: loss rel diff {rel:.2e}, weights max diff {worst:.2e}, "
-          f"slots {got['slots']} = {ratio:.4f} x 1/{ranks} of {ref['slots']}", flush=True)
+          f"slots {got['slots']} = {ratio:.4f} x 1/{ranks} of {ref['slots']}{held}", flush=True)
     return [f"{case} zero {zero}: {p}" for p in problems]
 
 
@@ -100,13 +112,15 @@ def compare_checkpoints(got: Path, ref: Path) -> list[str]:
 
 def main() -> int:
     out = Path(sys.argv[1])
-    chosen = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES)  # e.g. `sgd,sgd-clip`
+    wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else [f"{c}-zero{z}" for c, (_, zs) in CASES.items() for z in zs]
+    chosen = {c: tuple(int(w.rsplit("-zero", 1)[1]) for w in wanted if w.rsplit("-zero", 1)[0] == c)
+              for c in CASES if any(w.rsplit("-zero", 1)[0] == c for w in wanted)}  # e.g. `sgd-zero3`
     from trainer.config import load_config
     from trainer.strategy import make_strategy
 
     strategy = make_strategy(load_config(REPO / "configs" / "transformer_small.yaml", TINY))  # hvd.init, once
     problems, summary = [], {}
-    for case, (_, levels) in ((c, CASES[c]) for c in chosen):
+    for case, levels in chosen.items():
         ref = run_case(out, case, 0, strategy)
         for zero in levels:
             got = run_case(out, case, zero, strategy)
