@@ -40,7 +40,9 @@ def test_shard_bytes_are_the_textbook_fractions():
     (["distribution.zero=1"], "backend is single"),
     (["distribution.zero=2", "distribution.backend=mirrored"], "backend is mirrored"),
     (["distribution.zero=2", "distribution.backend=multi_worker"], "backend horovod only"),
-    (["distribution.zero=3", "distribution.backend=horovod"], "not implemented yet"),
+    (["distribution.zero=3", "distribution.backend=horovod", "train.jit_compile=true"],
+     "train.jit_compile does not combine with distribution.zero 3"),
+    (["distribution.zero=3", "distribution.backend=horovod", "model.dropout=0.1"], "set model.dropout=0.0"),
     (["distribution.zero=1", "distribution.backend=horovod", "train.mixed_precision=float16"], "use bfloat16"),
     (["distribution.zero=1", "distribution.backend=horovod", "distribution.pipeline={stages: 2}"],
      "does not combine with distribution.pipeline"),
@@ -48,6 +50,14 @@ def test_shard_bytes_are_the_textbook_fractions():
 def test_zero_refused_where_it_cannot_run(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(CONFIGS / "summarizer.yaml", overrides)
+
+
+def test_zero3_refuses_tied_embeddings_and_lays_out_untied():
+    tied = ["distribution.zero=3", "distribution.backend=horovod"]
+    with pytest.raises(ConfigError, match="model.tie_embeddings shares one matrix between levels embed and head"):
+        load_config(CONFIGS / "lm_small.yaml", tied)
+    cfg = load_config(CONFIGS / "lm_small.yaml", [*tied, "model.tie_embeddings=false", "data.batch_size=8"])
+    assert layout_for(cfg, 2).zero == 3 and layout_for(cfg, 2, pipeline=False).zero == 0
 
 
 def test_zero_on_horovod_lays_out_and_evaluation_runs_unsharded():
