@@ -9,7 +9,7 @@ asked for (default: every entry of CASES), from the same initial weights:
   * sgd      : plain SGD (no momentum: a wrong gradient scale moves every step), lr 0.5 (zero 1, 2 and 3);
   * sgd-clip : the same with clipping by the global norm (0.5), which SGD does not hide (zero 2 and 3).
 Each rank checks, against the zero 0 run of the same case in this process: the loss curve (20 steps, within
-1e-5 relative), the final weights (within 1e-3; zero 3: all-gathered level by level), the optimizer state it
+1e-5 relative) and the final evaluation's loss (1e-5 relative), the final weights (within 1e-3; zero 3: all-gathered level by level), the optimizer state it
 really holds (slot elements = 1/N of the replicated optimizer's, +-1%); with zero 3 also the parameters it
 really holds (its shards + any model variable with storage) <= 1/N of the model + its two largest levels; the
 chief also reads both final checkpoints back and checks they hold the same variables in the same (replicated)
@@ -55,10 +55,14 @@ def run_case(out: Path, case: str, zero: int, strategy) -> dict:
     configure_runtime(cfg)
     exp = prepare(cfg, strategy, training=True)
     losses: list[float] = []
+    evaluated: list[float] = []
 
     class Losses(Hook):
         def on_log(self, state) -> None:
             losses.append(state.train_logs["loss"])
+
+        def on_eval(self, state) -> None:  # zero 3: the forward runs level by level through gathered weights
+            evaluated.append(state.eval_metrics["loss"])
 
     train(exp, strategy, extra_hooks=[Losses()])
     slots = sum(int(np.prod(s.shape)) for v in optimizer_slots(exp.optimizer).values() for s in v)
@@ -69,7 +73,7 @@ def run_case(out: Path, case: str, zero: int, strategy) -> dict:
         weights = [v.numpy() for level in exp.model.levels for v in level.trainable_variables]
         held = sum(map(sum, levels))
     sizes = sorted(map(sum, levels), reverse=True)
-    return {"losses": np.array(losses), "weights": weights, "slots": slots, "held": held,
+    return {"losses": np.array(losses), "val_loss": evaluated, "weights": weights, "slots": slots, "held": held,
             "bound": sum(sizes) / strategy.world_size + sum(sizes[:2]), "checkpoints": exp.run_dir / "checkpoints"}
 
 
@@ -81,6 +85,8 @@ def compare(case: str, zero: int, got: dict, ref: dict, ranks: int, chief: bool)
     rel = np.max(np.abs(got["losses"] - ref["losses"]) / np.abs(ref["losses"]))
     if not rel <= 1e-5:
         problems.append(f"loss curve differs by {rel:.3g} relative (> 1e-5): {got['losses']} vs {ref['losses']}")
+    if len(got["val_loss"]) != 1 or not np.allclose(got["val_loss"], ref["val_loss"], rtol=1e-5, atol=0):
+        problems.append(f"validation loss {got['val_loss']} vs replicated {ref['val_loss']} (1e-5 relative)")
     worst = max(float(np.max(np.abs(a - b))) for a, b in zip(got["weights"], ref["weights"]))
     if not worst <= 1e-3:
         problems.append(f"weights differ by up to {worst:.3g} (> 1e-3)")
@@ -92,6 +98,7 @@ def compare(case: str, zero: int, got: dict, ref: dict, ranks: int, chief: bool)
     if chief:
         problems += compare_checkpoints(got["checkpoints"], ref["checkpoints"])
     held = f", parameters held {got['held']} <= {got['bound']:.0f}" if zero == 3 else ""
+    held += f", val loss {got['val_loss']} vs {ref['val_loss']}"
     print(f"zero_check: {case} zero {zero}: loss rel diff {rel:.2e}, weights max diff {worst:.2e}, "
           f"slots {got['slots']} = {ratio:.4f} x 1/{ranks} of {ref['slots']}{held}", flush=True)
     return [f"{case} zero {zero}: {p}" for p in problems]
