@@ -40,12 +40,15 @@ NO_CAP = 1 << 62  # one bucket per level, however large
 
 
 def build_deferred(model: Any, inputs: Mapping[str, Any]) -> None:
-    """Create every variable of `model` by one call, allocating none of them (the call reads each weight
+    """Create every variable of `model` by one call, allocating none of its parameters (the call reads each weight
     through its initializer, one transient at a time). `initialize_variables=False`: by default leaving
     the outermost StatelessScope initialises every deferred variable, i.e. materialises the whole model."""
     with keras.StatelessScope(initialize_variables=False):
         model(dict(inputs), training=False)
     global_state.set_global_attribute("uninitialized_variables", [])  # no later scope may materialise them
+    for variable in model.non_trainable_variables:  # a few elements each (RNN seed generators): kept whole
+        if is_deferred(variable):
+            variable._deferred_initialize()
 
 
 def is_deferred(variable: Any) -> bool:
@@ -69,8 +72,9 @@ class ShardedLevels:
     def _check(self, model: Any) -> None:
         seen: set[int] = set()
         for level, variables in zip(model.levels, self.level_vars):
-            if level.non_trainable_variables:
-                raise ValueError(f"level {level.name} has non-trainable variables: not supported by zero 3 yet")
+            state = [v.path for v in level.non_trainable_variables if "seed_generator" not in v.path]
+            if state:  # (seed generators are inert: the layout refuses dropout; `build_deferred` materialised them)
+                raise ValueError(f"level {level.name} has non-trainable variables {state}: not supported by zero 3 yet")
             shared = [v.path for v in variables if id(v) in seen]
             if shared:
                 raise ValueError(f"level {level.name} shares {shared} with an earlier level (tied embeddings): "
