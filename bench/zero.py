@@ -15,6 +15,14 @@ collectives over N ranks and P float32 parameters (4P bytes):
   zero 2   reduce-scatter + all-gather                         2(N-1)/N x 4P
 (plus a few bytes of flags and metrics). Only meaningful with Gloo (MPI on one host uses shared memory,
 which no system call counts). --quick: a small transformer and 8 steps. Prints a table and one JSON line.
+
+    .venv/bin/python bench/zero.py --demo [--seq-len 256] [--demo-steps 3]
+
+The ZeRO-3 demonstration (issue 13): configs/lm_1b.yaml (about 1B parameters) as 2 ZeRO-3 ranks on this host,
+`--demo-steps` steps of one sequence per rank (data.batch_size 2, grad_accum 1, `--seq-len` tokens: the
+model is the config's, the batch is cut so a CPU step takes minutes, not hours), through the real training
+step; prints each step's loss and, per rank, the parameter elements it holds and its peak RSS (ru_maxrss).
+It needs most of the machine's memory: run it alone.
 """
 from __future__ import annotations
 
@@ -82,11 +90,64 @@ def worker(args: argparse.Namespace) -> None:
             "analytic_bytes": {z: factor[z] * (n - 1) / n * 4 * params for z in steps}}), flush=True)
 
 
+def demo_worker(args: argparse.Namespace) -> None:
+    """Every rank: the 1B LM built deferred and sharded (zero 3), `--demo-steps` steps, its peak RSS."""
+    import resource
+
+    from trainer.config import load_config
+    from trainer.experiment import configure_runtime, prepare
+    from trainer.loop import _batches, make_train_step
+    from trainer.strategy import make_strategy
+
+    cfg = load_config(REPO / "configs" / "lm_1b.yaml", [
+        "distribution.zero=3", "distribution.backend=horovod", "data.batch_size=2", "train.grad_accum=1",
+        f"data.seq_len={args.seq_len}", f"train.steps={args.demo_steps}", "checkpoint.check_free_space=false",
+        "optimizer.warmup_steps=0", f"run_dir={Path(args.out) / 'lm_1b_zero3'}", *args.demo_set])
+    strategy = make_strategy(cfg)
+    configure_runtime(cfg)
+    exp = prepare(cfg, strategy, training=True)
+    strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
+    step, iterator = make_train_step(exp, strategy), _batches(exp, strategy, 0)
+    params = sum(int(v.shape.num_elements()) for v in exp.model.trainable_variables)
+    for i in range(args.demo_steps):
+        began = time.perf_counter()
+        loss = float(step(iterator)["loss"])
+        if strategy.is_chief:
+            print(f"DEMO step {i + 1} loss {loss:.4f} ({time.perf_counter() - began:.0f} s)", flush=True)
+    print("RESULT " + json.dumps({
+        "rank": strategy.rank, "params": params, "params_held": strategy.zero_state.held_elements(),
+        "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}), flush=True)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Launch `demo_worker` on 2 ranks; print its lines (the losses, then each rank's RESULT)."""
+    from launch.horovod import horovodrun_argv
+    from launch.hosts import parse_hosts
+
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, __file__, "--demo-worker", "--seq-len", str(args.seq_len), "--demo-steps",
+                   str(args.demo_steps), "--out", out, *(f"--demo-set={o}" for o in args.demo_set)]
+        argv = horovodrun_argv(np=2, hosts=parse_hosts("localhost:2"), controller=args.controller,
+                               as_root=os.geteuid() == 0, command=command,
+                               program=str(Path(sys.executable).parent / "horovodrun"))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=6 * 3600)
+    lines = [line.split(">:", 1)[-1] for line in done.stdout.splitlines() if "DEMO " in line or "RESULT " in line]
+    print("\n".join(lines) if lines else (done.stdout + done.stderr)[-4000:])
+    return done.returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small transformer, 8 steps")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--controller", choices=["gloo", "mpi"], default="gloo")
+    parser.add_argument("--demo", action="store_true", help="configs/lm_1b.yaml as 2 ZeRO-3 ranks (see above)")
+    parser.add_argument("--seq-len", type=int, default=256, help="--demo: tokens per sequence")
+    parser.add_argument("--demo-steps", type=int, default=3, help="--demo: steps")
+    parser.add_argument("--demo-set", action="append", default=[], help="--demo: a config override (a smaller "
+                        "model to try the script: --demo-set model.layers=2)")
+    parser.add_argument("--demo-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="full", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -94,6 +155,11 @@ def main() -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.demo_worker:
+        demo_worker(args)
+        return 0
+    if args.demo:
+        return demo(args)
     from launch.horovod import horovodrun_argv
     from launch.hosts import parse_hosts
 

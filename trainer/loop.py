@@ -119,7 +119,8 @@ def make_call(exp: Experiment, strategy: Strategy, hooks: list[Hook], *, start: 
 
 def make_eval_step(exp: Experiment):
     """A compiled forward pass returning additive counts. Evaluation runs per process on its own shard
-    (no collective inside), and the counts are summed over processes afterwards."""
+    (no collective inside, except under ZeRO 3: see `evaluate`), and the counts are summed over processes
+    afterwards."""
     model, task = exp.model, exp.task
     # ZeRO 3: the model's variables hold no storage; its engine runs the levels through gathered weights.
     forward = getattr(exp.engine, "forward", None) or (lambda inputs: model(inputs, training=False))

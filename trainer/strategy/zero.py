@@ -18,16 +18,8 @@ the configured kind built over the model's variables, which the chief writes; re
 optimizer and keeps this rank's slice of each slot (`Checkpointer(sharded=...)`, trainer/checkpoint.py).
 That optimizer lives only for the save or restore: the transient cost is the replicated optimizer state.
 
-Not here yet, ZeRO 3 (refused by the layout): parameters sharded too. The design this module is shaped for:
-the buckets become one per level (trainer/models/levels.py), the shards are the only parameter storage, and
-each level runs under `keras.StatelessScope(state_mapping=...)` with its weights replaced by the all-gathered
-bucket just before its forward, and again before its backward (a per-level recompute, like the pipeline
-engine's), freed after; the gradients w.r.t. those tensors are reduce-scattered into the shards, and
-checkpoints are written a level at a time. The spike (trainer/strategy/zero3.py, tests/scripts/zero3_spike.py)
-answered its open questions: Keras variables created under `StatelessScope(initialize_variables=False)` with
-the TensorFlow backend allocate nothing, their initializers give the replicated model's exact values one level
-at a time, and the level-by-level step trains like replicated data parallel; what is left is wiring it into the
-loop, evaluation and checkpoints (see that module).
+ZeRO 3 (parameters sharded too, level by level) is trainer/strategy/zero3.py; it shares this module's
+`optimizer_slots` and the bucket plan of trainer/parallel/zero.py.
 """
 from __future__ import annotations
 
