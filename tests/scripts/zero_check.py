@@ -44,6 +44,7 @@ CASES = {
 
 def run_case(out: Path, case: str, zero: int, strategy) -> dict:
     """Train one case at one ZeRO level; its loss curve, final weights, slot elements and checkpoint dir."""
+    import keras
     from trainer.config import load_config
     from trainer.experiment import configure_runtime, prepare
     from trainer.hooks import Hook
@@ -52,6 +53,10 @@ def run_case(out: Path, case: str, zero: int, strategy) -> dict:
 
     overrides = [*TINY, *CASES[case][0], f"distribution.zero={zero}", f"run_dir={out / f'{case}-zero{zero}'}"]
     cfg = load_config(REPO / "configs" / "transformer_small.yaml", overrides)
+    # Each run as in a fresh process: Keras' name counters restart. Horovod names the initial broadcast's ops
+    # after the variables, and a ZeRO 1/2 save builds a throwaway optimizer on the chief only, so without this
+    # the ranks of the next run would name their optimizer's step `adam_w_3` and `adam_w_2`, and wait forever.
+    keras.backend.clear_session()
     configure_runtime(cfg)
     exp = prepare(cfg, strategy, training=True)
     losses: list[float] = []
