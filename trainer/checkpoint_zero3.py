@@ -24,8 +24,6 @@ from tensorflow.python.trackable import base
 from tensorflow.python.training.saving.saveable_object import SaveSpec
 from tensorflow.python.util import object_identity
 
-from trainer.strategy.zero3 import is_deferred
-
 PARTS = "{name}_temp"  # trainer/checkpoint_manifest.py `discard` and `leftovers` clean this folder up
 
 
@@ -46,7 +44,7 @@ class KeyMap:
         trackables, _ = view.breadth_first_traversal()
         stand_ins = object_identity.ObjectIdentityDictionary()
         for obj in trackables:
-            if isinstance(obj, keras.Variable) and is_deferred(obj):
+            if isinstance(obj, keras.Variable) and getattr(obj, "_value", None) is None:  # deferred: no storage
                 stand_ins[obj] = _Placeholder()
         serialized, _, _, proto = save_util.serialize_graph_view(view, object_map=stand_ins)
         owner = {id(stand_in): obj for obj, stand_in in stand_ins.items()}
@@ -67,10 +65,8 @@ def _slot_variable(full_slots: dict[str, list], index: dict[int, int], variable:
 
 
 def _index(state: Any) -> tuple[dict[str, list], dict[int, int]]:
-    from trainer.strategy.zero import optimizer_slots
-
-    full = state.full_optimizer()
-    return optimizer_slots(full), {id(v): j for j, v in enumerate(state.model.trainable_variables)}
+    """The full optimizer's slot lists, and each model variable's position in them."""
+    return state.full_slots(), {id(v): j for j, v in enumerate(state.model.trainable_variables)}
 
 
 class Zero3Writer:

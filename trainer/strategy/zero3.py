@@ -239,6 +239,12 @@ class Zero3State:
             global_state.set_global_attribute("uninitialized_variables", [])
         return self._full
 
+    def full_slots(self) -> dict[str, list]:
+        """`full_optimizer()`'s slot lists by name, one (deferred) entry per model variable."""
+        from trainer.strategy.zero import optimizer_slots
+
+        return optimizer_slots(self.full_optimizer())
+
     def level_count(self) -> int:
         return len(self.levels.level_vars)
 
