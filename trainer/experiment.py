@@ -181,7 +181,8 @@ def prepare(cfg: ExperimentConfig, strategy: Strategy, *, training: bool, splits
         if cfg.checkpoint.check_free_space:
             # ZeRO: this rank's optimizer holds 1/N of the checkpoint's optimizer state
             shards = strategy.world_size if strategy.zero_state is not None else 1
-            per_checkpoint = checkpoint_bytes([*model.variables, *rng.states]) + shards * checkpoint_bytes(optimizer.variables)
+            per_checkpoint = (checkpoint_bytes([*model.variables, *rng.states])
+                              + shards * checkpoint_bytes(optimizer.variables))
             check_free_space(run_dir, per_checkpoint=per_checkpoint, keep=cfg.checkpoint.keep)
         write_run_files(cfg, run_dir, vocab, labels if cfg.task.labelled else None)
     checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep,

@@ -9,12 +9,12 @@ asked for (default: every entry of CASES), from the same initial weights:
   * sgd      : plain SGD (no momentum: a wrong gradient scale moves every step), lr 0.5 (zero 1, 2 and 3);
   * sgd-clip : the same with clipping by the global norm (0.5), which SGD does not hide (zero 2 and 3).
 Each rank checks, against the zero 0 run of the same case in this process: the loss curve (20 steps, within
-1e-5 relative) and the final evaluation's loss (1e-5 relative), the final weights (within 1e-3; zero 3: all-gathered level by level), the optimizer state it
-really holds (slot elements = 1/N of the replicated optimizer's, +-1%); with zero 3 also the parameters it
-really holds (its shards + any model variable with storage) <= 1/N of the model + its two largest levels; the
-chief also reads both final checkpoints back and checks they hold the same variables in the same (replicated)
-format, equal within 1e-3. Prints `zero_check: ...` lines and, last,
-one JSON line (also written to OUT_DIR/summary-rank<R>.json); exits 1 if any check failed.
+1e-5 relative) and the final evaluation's loss (1e-5 relative), the final weights (within 1e-3; zero 3:
+all-gathered level by level), the optimizer state it really holds (slot elements = 1/N of the replicated
+optimizer's, +-1%); with zero 3 also the parameters it really holds (its shards + any model variable with
+storage) <= 1/N of the model + its two largest levels; the chief also reads both final checkpoints back and
+checks they hold the same variables in the same (replicated) format, equal within 1e-3. Prints `zero_check: ...`
+lines and, last, one JSON line (also written to OUT_DIR/summary-rank<R>.json); exits 1 if any check failed.
 """
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def compare_checkpoints(got: Path, ref: Path) -> list[str]:
 
 def main() -> int:
     out = Path(sys.argv[1])
-    wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else [f"{c}-zero{z}" for c, (_, zs) in CASES.items() for z in zs]
+    every = [f"{c}-zero{z}" for c, (_, zs) in CASES.items() for z in zs]
+    wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else every
     chosen = {c: tuple(int(w.rsplit("-zero", 1)[1]) for w in wanted if w.rsplit("-zero", 1)[0] == c)
               for c in CASES if any(w.rsplit("-zero", 1)[0] == c for w in wanted)}  # e.g. `sgd-zero3`
     from trainer.config import load_config
