@@ -15,7 +15,7 @@ from trainer.config import ExperimentConfig
 from trainer.errors import ConfigError
 from trainer.parallel.layout import Layout, LayoutError, layout_for, stage_device_names
 from trainer.parallel.report import format_report
-from trainer.parallel.units import nbytes
+from trainer.parallel.units import count, nbytes
 from trainer.parallel.zero import ModelShape, format_zero_report, parse_memory, rank_bytes
 
 
@@ -114,8 +114,11 @@ def _print_zero(cfg: ExperimentConfig, layout: Layout, splits, memory: float | N
         state, activations = rank_bytes(shape, layout.data_parallel, zero, slots=slots)
         if state.total + activations > memory:
             fits = [z for z in range(4) if _total(rank_bytes(shape, layout.data_parallel, z, slots=slots)) <= memory]
-            fix = f"use distribution.zero={fits[0]}" + (" (planned, not implemented yet)" if fits[0] == 3 else "") \
-                if fits else "use more ranks or a smaller model"
+            fix = f"use distribution.zero={fits[0]}" if fits else "use more ranks or a smaller model"
+            if zero == 3 and shape.level_bytes() > memory:  # more ranks cannot help: a level is whole while it runs
+                fix = (f"its largest level, {shape.largest_level} ({count(shape.largest_level_params)} parameters), "
+                       f"needs {nbytes(shape.level_bytes())} whole while it runs under zero 3; split it into more "
+                       "levels or use a pipeline")
             raise ConfigError(
                 f"{cfg.name}: needs {nbytes(state.total + activations)} per rank with distribution.zero={zero} over "
                 f"{layout.data_parallel} rank(s): does not fit in {asked} (--device-memory); {fix}")
@@ -153,9 +156,14 @@ def _model_shape(cfg: ExperimentConfig, layout: Layout, splits) -> ModelShape:
     costs = profile.static_costs(model, {k: tf.constant(v[:rows]) for k, v in arrays.items()})
     blocks = [c for c in costs if "_block_" in c.name or c.name.startswith(("encoder_", "block_"))]  # repeated
     fixed = [c for c in costs if c not in blocks]
+    largest = max(costs, key=lambda c: c.params)
     return ModelShape(sum(c.params for c in fixed), depth * sum(c.params for c in blocks),
                       per_row * sum(c.activation_bytes for c in fixed),
-                      per_row * depth * sum(c.activation_bytes for c in blocks))
+                      per_row * depth * sum(c.activation_bytes for c in blocks),
+                      fixed_inputs=per_row * sum(c.input_bytes for c in fixed),
+                      block_inputs=per_row * depth * sum(c.input_bytes for c in blocks),
+                      largest_level=largest.name, largest_level_params=largest.params,
+                      largest_level_activations=per_row * max(c.activation_bytes for c in costs))
 
 
 def _depth_fields(cfg: ExperimentConfig) -> list[str]:

@@ -7,7 +7,7 @@ from tests.conftest import CONFIGS
 from trainer.config import load_config
 from trainer.errors import ConfigError
 from trainer.parallel.layout import layout_for
-from trainer.parallel.zero import plan_buckets, shard_bytes
+from trainer.parallel.zero import ModelShape, plan_buckets, rank_bytes, shard_bytes
 
 
 def test_buckets_cover_every_element_once_and_split_evenly_over_ranks():
@@ -35,6 +35,22 @@ def test_shard_bytes_are_the_textbook_fractions():
     assert zero3.params == 4 * p / n and zero3.optimizer == 8 * p / n
     assert shard_bytes(p, n, 1, slots=0).optimizer == 4 * p / n  # plain SGD keeps no slots, only the master
 
+
+
+def test_zero3_rank_bytes_count_the_whole_levels_it_runs_and_only_the_carries():
+    """Zero 3 holds 1/N of the state plus two levels' parameters and one level's gradient whole, and keeps
+    the levels' inputs (not their activations) for the recomputing backward; stages 0-2 keep every level's
+    activations. A model of 4 blocks of 100 params and 20 fixed: the largest level is a block."""
+    shape = ModelShape(20, 400, 1000.0, 4000.0, fixed_inputs=10.0, block_inputs=40.0, largest_level="block_0",
+                       largest_level_params=100, largest_level_activations=1000.0)
+    state, activations = rank_bytes(shape, 4, 3, slots=2)
+    assert state.params == 4 * 420 / 4 + 2 * 4 * 100 and state.grads == 4 * 420 / 4 + 4 * 100
+    assert state.optimizer == 8 * 420 / 4 and activations == 10.0 + 40.0 + 1000.0
+    state2, activations2 = rank_bytes(shape, 4, 2, slots=2)
+    assert activations2 == 5000.0 and state2.params == 4 * 420
+    deeper, deeper_acts = rank_bytes(shape, 4, 3, slots=2, depth=2)  # carries scale with depth, the level not
+    assert deeper_acts == 10.0 + 80.0 + 1000.0 and deeper.params == 4 * 820 / 4 + 2 * 4 * 100
+    assert shape.level_bytes() == 3 * 4 * 100 + 1000.0
 
 @pytest.mark.parametrize("overrides,fragment", [
     (["distribution.zero=1"], "backend is single"),

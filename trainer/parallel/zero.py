@@ -119,12 +119,24 @@ def parse_memory(text: str) -> float:
 @dataclass(frozen=True)
 class ModelShape:
     """What the memory plan needs of a model: parameters and activation bytes (one replica's micro-batch) of
-    its fixed levels (embeddings, output) and of its repeated blocks (scaled by depth)."""
+    its fixed levels (embeddings, output) and of its repeated blocks (scaled by depth), and what zero 3 holds
+    beyond its shards: each level's input carry (kept for the backward, per micro-batch) and the largest
+    single level (its parameters are whole while it runs; its activations exist only during its recompute)."""
 
     fixed_params: int
     block_params: int
     fixed_activations: float
     block_activations: float
+    fixed_inputs: float = 0.0
+    block_inputs: float = 0.0
+    largest_level: str = ""
+    largest_level_params: int = 0
+    largest_level_activations: float = 0.0
+
+    def level_bytes(self) -> float:
+        """What zero 3 holds whole for its largest level, however many ranks: its parameters twice (running,
+        and the prefetch of the next level, at most as large), its gradient, and its activations."""
+        return 3 * 4 * self.largest_level_params + self.largest_level_activations
 
     def scaled(self, depth: float) -> tuple[int, float]:
         """(parameters, activation bytes) with the repeated blocks multiplied by `depth`."""
@@ -133,9 +145,19 @@ class ModelShape:
 
 
 def rank_bytes(shape: ModelShape, ranks: int, zero: int, *, slots: int, depth: float = 1.0) -> tuple[ShardBytes, float]:
-    """(training state, activations) one rank holds at `depth` x the configured blocks."""
+    """(training state, activations) one rank holds at `depth` x the configured blocks.
+
+    Zero 3 runs level by level (trainer/strategy/zero3.py): besides its shards a rank holds two levels'
+    parameters whole (the one running and the next one's prefetched all-gather) and one level's whole
+    gradient before its reduce-scatter; the backward recomputes each level, so only the levels' input carries
+    and one level's activations are alive, not every level's."""
     params, activations = shape.scaled(depth)
-    return shard_bytes(params, ranks, zero, slots=slots), activations
+    state = shard_bytes(params, ranks, zero, slots=slots)
+    if zero < 3:
+        return state, activations
+    level = shape.largest_level_params * 4
+    transient = ShardBytes(state.params + 2 * level, state.grads + level, state.optimizer)
+    return transient, shape.fixed_inputs + depth * shape.block_inputs + shape.largest_level_activations
 
 
 def largest_depth(shape: ModelShape, ranks: int, zero: int, *, slots: int, memory: float, limit: int = 1 << 20) -> int:
@@ -162,7 +184,7 @@ def format_zero_report(shape: ModelShape, ranks: int, chosen: int, *, slots: int
     params, _ = shape.scaled(1)
     lines = [f"memory per rank ({count(params)} parameters, {ranks} data-parallel rank(s), {slots} optimizer "
              f"slot(s) per parameter; activations: an upper bound for one micro-batch, all levels kept for the "
-             "backward):",
+             "backward; zero 3: level by level, see below):",
              "  zero  params      grads       optimizer   activations  total" + ("       largest that fits"
                                                                                if memory and shape.block_params
                                                                                else "")]
@@ -175,7 +197,8 @@ def format_zero_report(shape: ModelShape, ranks: int, chosen: int, *, slots: int
             biggest, _ = shape.scaled(depth)
             row += f" {depth} x depth ({depth_of}): {count(biggest)} parameters" if depth else " does not fit"
         lines.append(row.rstrip())
-    lines.append("  (* distribution.zero; zero 3 is planned, not implemented yet"
+    lines.append("  (* distribution.zero; zero 3 includes two levels' parameters and one level's gradient whole, "
+                 "and keeps only the levels' inputs for its recomputing backward"
                  + ("; largest: the configured depth times k, width unchanged)" if memory and shape.block_params
                     else ")"))
     return "\n".join(lines)
