@@ -35,6 +35,7 @@ bench: setup  ## the benchmarks in the README's table (minutes; run on a quiet m
 	$(PY) bench/pipeline.py --batch 128 --steps 8
 	$(PY) bench/preemption.py --repeats 2 --steps 300
 	$(PY) bench/mfu.py
+	$(PY) bench/attention.py
 
 doctor: setup
 	$(STRATA) doctor

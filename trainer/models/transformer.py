@@ -20,6 +20,7 @@ import math
 import keras
 import tensorflow as tf
 
+from trainer.models.attention import MultiHeadAttention
 from trainer.models.levels import PAD_ID, Carry, Level, LevelModel
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def sinusoidal_positions(length: tf.Tensor | int, dim: int) -> tf.Tensor:
 
 
 def key_padding_mask(key_valid: tf.Tensor, query_length: tf.Tensor) -> tf.Tensor:
-    """bool [B, T, S] attention mask from a bool [B, S] key mask (full shape: MHA merges masks by `&`)."""
+    """bool [B, T, S] attention mask from a bool [B, S] key mask."""
     shape = tf.stack([tf.shape(key_valid)[0], query_length, tf.shape(key_valid)[1]])
     return tf.broadcast_to(key_valid[:, None, :], shape)
 
@@ -84,10 +85,8 @@ class FeedForward(keras.layers.Layer):
         return self.outer(self.dropout(self.inner(x), training=training))
 
 
-def _mha(cfg: TransformerModel, name: str) -> keras.layers.MultiHeadAttention:
-    return keras.layers.MultiHeadAttention(
-        cfg.num_heads, cfg.d_model // cfg.num_heads, dropout=cfg.dropout, name=name
-    )
+def _mha(cfg: TransformerModel, name: str) -> MultiHeadAttention:
+    return MultiHeadAttention(cfg.d_model, cfg.num_heads, cfg.dropout, name=name)
 
 
 class EncoderBlock(Level):
@@ -135,14 +134,11 @@ class DecoderBlock(Level):
     def call(self, carry: Carry, training: bool = False) -> Carry:
         y, memory, doc_mask = carry["dec_x"], carry["memory"], carry["doc_mask"]
         h = self.norm_self(y)
-        y = y + self.dropout(self.self_attn(h, h, use_causal_mask=True, training=training), training=training)
+        y = y + self.dropout(self.self_attn(h, h, causal=True, training=training), training=training)
         h = self.norm_cross(y)
         cross_mask = key_padding_mask(doc_mask, tf.shape(y)[1])
         if self.last:
-            # Only the last block asks for the weights: returning them rules out fused attention kernels.
-            h, scores = self.cross_attn(
-                h, memory, attention_mask=cross_mask, return_attention_scores=True, training=training
-            )
+            h, scores = self.cross_attn(h, memory, attention_mask=cross_mask, return_weights=True, training=training)
         else:
             h = self.cross_attn(h, memory, attention_mask=cross_mask, training=training)
         y = y + self.dropout(h, training=training)
