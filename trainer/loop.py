@@ -53,13 +53,31 @@ def make_train_step(exp: Experiment, strategy: Strategy, *, per_call: int = 1):
         return {"signals": signals, **total}
 
     if per_call > 1:
-        return several_steps(strategy, replica_step)
+        return traced_once(several_steps(strategy, replica_step))
 
     @tf.function
     def train_step(iterator) -> dict:
         return strategy.run_agreed(replica_step, next(iterator))
 
-    return train_step
+    return traced_once(train_step)
+
+
+class traced_once:  # noqa: N801 (used as a decorator-like wrapper)
+    """A tf.function traced at its first call and from then on called as that one concrete function: a
+    tf.function call first matches its arguments against its traces, which for an iterator argument costs a
+    few hundred microseconds a call, a large share of a small model's step. The step's arguments never change
+    type (the same iterator type; `n` always an int32 scalar tensor)."""
+
+    def __init__(self, function) -> None:
+        self.function, self.concrete = function, None
+
+    def __call__(self, *args):
+        if self.concrete is None:
+            self.concrete = self.function.get_concrete_function(*args)
+        return self.concrete(*args)
+
+    def get_concrete_function(self, *args):
+        return self.function.get_concrete_function(*args)
 
 
 def several_steps(strategy: Strategy, replica_step):
