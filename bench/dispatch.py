@@ -1,12 +1,12 @@
 """Where a small model's step time goes between Python and the graph: Strata's compiled step (one process,
 no collectives) called through tf.function's dispatch or as its one traced concrete function
-(trainer/loop.py `traced_once`), at 1 and 10 steps per call, beside a compiled call that only takes the
+(trainer/loop.py `TracedOnce`), at 1 and 10 steps per call, beside a compiled call that only takes the
 next batch (the floor of any call). All variants run in one process, interleaved, --repeats times; the
 minimum and the median of each are printed (a busy machine moves the medians; the minima less so).
 
     .venv/bin/python bench/dispatch.py [--model classifier|summarizer] [--steps 300] [--repeats 7]
 
-Read: (tf.function - traced) per call = the argument matching that `traced_once` skips; the 1-step
+Read: (tf.function - traced) per call = the argument matching that `TracedOnce` skips; the 1-step
 figure minus the 10-step figure = what one more call costs beyond the steps it runs; `next batch only`
 = running a compiled call at all (the runtime's per-call work and the input pipeline).
 """

@@ -53,16 +53,16 @@ def make_train_step(exp: Experiment, strategy: Strategy, *, per_call: int = 1):
         return {"signals": signals, **total}
 
     if per_call > 1:
-        return traced_once(several_steps(strategy, replica_step))
+        return TracedOnce(several_steps(strategy, replica_step))
 
     @tf.function
     def train_step(iterator) -> dict:
         return strategy.run_agreed(replica_step, next(iterator))
 
-    return traced_once(train_step)
+    return TracedOnce(train_step)
 
 
-class traced_once:  # noqa: N801 (used as a decorator-like wrapper)
+class TracedOnce:
     """A tf.function traced at its first call and from then on called as that one concrete function: a
     tf.function call first matches its arguments against its traces, which for an iterator argument costs a
     few hundred microseconds a call, a large share of a small model's step. The step's arguments never change
