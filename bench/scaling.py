@@ -2,6 +2,14 @@
 
     .venv/bin/python bench/scaling.py [--config configs/summarizer.yaml] [--steps 200] [--per-replica-batch 32]
                                       [--backends horovod,horovod-mpi,multi_worker] [--repeats 1]
+                                      [--set KEY=VALUE ...] [--levers] [--baseline DIR]
+    .venv/bin/python bench/scaling.py --transformer [--repeats 3]     # compute-bound: a step >= 100 ms
+
+--levers adds Strata's levers as rows of their own (train.jit_compile; train.steps_per_call = --log-every).
+--transformer is issue 14's "scaling where compute is real": the transformer at d_model 256 (ff 1024),
+per-replica batch 32 (one step on one core well over 100 ms), 60 steps logged every 5, with the levers and
+the plain loop. --baseline DIR adds Strata's Horovod run with the code in DIR first on PYTHONPATH (an A/B of
+two versions, interleaved in the same rounds).
 
 Method
 ------
@@ -72,12 +80,28 @@ BACKENDS = {  # name -> extra `strata launch` arguments
     "horovod-mpi": ["--backend", "horovod", "--mpi"],
     "multi_worker": ["--backend", "multi_worker"],
     "plain-horovod": [],  # not `strata launch`: horovodrun of bench/_plain_horovod.py (PLAIN below)
+    "horovod-baseline": ["--backend", "horovod"],  # Strata's code from --baseline DIR (BASELINE below)
+    "horovod-xla": ["--backend", "horovod"],  # + LEVERS below (--levers adds these rows)
+    "horovod-spc": ["--backend", "horovod"],
 }
+# Strata's levers (issue 14), as rows of their own: the same Horovod run with one switch on.
+# steps_per_call: a call runs up to the next log step, so --log-every steps per call.
+LEVERS = {"horovod-xla": lambda args: ["train.jit_compile=true"],
+          "horovod-spc": lambda args: [f"train.steps_per_call={args.log_every}"]}
+# --transformer: "scaling where compute is real" (issue 14): the transformer at d_model 256 (ff 1024, 4 heads,
+# 2+2 blocks, 48 + 8 tokens), per-replica batch 32, where one step on one core takes well over 100 ms.
+TRANSFORMER = {"config": "configs/transformer_small.yaml", "steps": 60, "log_every": 5, "per_replica_batch": 32,
+               "sets": ["model.d_model=256", "model.ff_dim=1024", "model.num_heads=4", "train.deterministic=false"],
+               "backends": "horovod,plain-horovod,horovod-xla,horovod-spc"}
 LABELS = {"horovod": "Horovod (Gloo)", "horovod-mpi": "Horovod (MPI)", "multi_worker": "MultiWorkerMirrored",
-          "plain-horovod": "plain Horovod loop (Gloo)"}
+          "plain-horovod": "plain Horovod loop (Gloo)", "horovod-baseline": "Horovod (Gloo), --baseline code",
+          "horovod-xla": "Horovod (Gloo) + jit_compile", "horovod-spc": "Horovod (Gloo) + steps_per_call"}
 # Not Strata: bench/_plain_horovod.py, the loop a user would write from Horovod's examples, under horovodrun.
 PLAIN = "plain-horovod"
 PLAIN_SCRIPT = ROOT / "bench" / "_plain_horovod.py"
+# Strata's Horovod run with another copy of the code first on PYTHONPATH (--baseline DIR, e.g. an exported
+# older commit): an A/B of two versions in the same rounds, interleaved, timed the same way.
+BASELINE = "horovod-baseline"
 HOROVOD_PAPER = (0.88, 0.90)
 TAG = "perf/examples_per_sec"
 # Inherited variables that would make a single run think it is part of a job (or change pinning).
@@ -96,6 +120,7 @@ class Run:
     run_dir: Path
     log: Path
     global_batch: int
+    cwd: Path = ROOT  # `python -m trainer` imports `trainer` from here first (the --baseline run: DIR)
     proc: subprocess.Popen | None = None
     # pid -> {tid: Cpus_allowed_list at the latest sample}; a rank pins itself a moment after it starts, so
     # only each thread's latest value counts.
@@ -119,7 +144,7 @@ def base_env(interop: int) -> dict[str, str]:
 def overrides(args, run_dir: Path, global_batch: int) -> list[str]:
     items = [f"run_dir={run_dir}", f"train.steps={args.steps}", f"data.batch_size={global_batch}",
              f"train.log_every={args.log_every}", f"eval.every={10**9}", f"checkpoint.every={10**9}",
-             "logging.progress_bar=false", "eval.max_batches=1", "eval.rouge_examples=1"]
+             "logging.progress_bar=false", "eval.max_batches=1", "eval.rouge_examples=1", *args.sets]
     return [x for item in items for x in ("--set", item)]
 
 
@@ -195,7 +220,7 @@ def run_together(runs: list[Run], timeout_s: float) -> None:
     for run in runs:
         run.run_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(run.log, "wb") as log:
-            run.proc = subprocess.Popen(run.argv, env=run.env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+            run.proc = subprocess.Popen(run.argv, env=run.env, cwd=run.cwd, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     try:
@@ -321,11 +346,16 @@ def one_round(args, work: Path, cores: list[int], r: int) -> dict[str, Result]:
     for backend in args.backends:
         t0 = say(f"{LABELS[backend]}, 2 workers pinned to cores {cores[0]},{cores[1]}, global batch {2 * b}")
         run_dir = work / f"r{r}-{backend}"
-        argv = [cmd, "launch", "-np", "2", *BACKENDS[backend], config, *overrides(args, run_dir, 2 * b)]
+        levers = [x for item in LEVERS[backend](args) for x in ("--set", item)] if backend in LEVERS else []
+        argv = [cmd, "launch", "-np", "2", *BACKENDS[backend], config, *overrides(args, run_dir, 2 * b), *levers]
         if backend == PLAIN:
             argv = [str(Path(sys.executable).parent / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
                     sys.executable, str(PLAIN_SCRIPT), config, *overrides(args, run_dir, 2 * b)]
-        run = Run(backend, argv, {**env, "STRATA_PIN_CPU": "1"}, run_dir, work / f"r{r}-{backend}.log", 2 * b)
+        run_env = {**env, "STRATA_PIN_CPU": "1"}
+        if backend == BASELINE:
+            run_env["PYTHONPATH"] = os.pathsep.join([args.baseline, *filter(None, [env.get("PYTHONPATH")])])
+        run = Run(backend, argv, run_env, run_dir, work / f"r{r}-{backend}.log", 2 * b,
+                  cwd=Path(args.baseline) if backend == BASELINE else ROOT)
         run_together([run], args.timeout)
         check_pinned(run, cores)
         results[backend] = measured(run, args.skip_windows, args.min_windows)
@@ -359,7 +389,8 @@ def report(args, rounds: list[dict[str, Result]], cores: list[int]) -> None:
 
     print()
     print(f"config={Path(args.config).name} steps={args.steps} per-replica batch={b} log_every={args.log_every} "
-          f"skip={args.skip_windows} windows, intra=1 inter={args.interop_threads} threads, repeats={args.repeats}")
+          f"skip={args.skip_windows} windows, intra=1 inter={args.interop_threads} threads, repeats={args.repeats}"
+          + (f" | --set {' '.join(args.sets)}" if args.sets else ""))
     width = max(len(r[0]) for r in rows)
     head = f"{'configuration':<{width}} | {'examples/s':>10} | {'vs 1 worker':>11} | {'vs ceiling':>10} | windows (min-max)"
     print(head)
@@ -381,6 +412,14 @@ def report(args, rounds: list[dict[str, Result]], cores: list[int]) -> None:
         print(f"  efficiency vs ceiling        {t2 / ceiling:.2f}    (2 workers / 2 independent; platform reference ~0.69)")
         print(f"  scaling efficiency T2/(2 T1) {eff:.2f}    = {share:.2f} hardware sharing x {t2 / ceiling:.2f} "
               f"communication; Horovod paper {lo:.2f}-{hi:.2f} on 128-512 GPUs ({eff / ((lo + hi) / 2):.0%} of it)")
+    if BASELINE in args.backends and "horovod" in args.backends:
+        print(f"Strata's Horovod (Gloo) / the same with the code of {args.baseline}: "
+              f"{med('horovod') / med(BASELINE):.2f}x; per round: "
+              + ", ".join(f"{r['horovod'].throughput / r[BASELINE].throughput:.2f}" for r in rounds))
+    for k in (x for x in LEVERS if x in args.backends):
+        print(f"{LABELS[k]}: {med(k) / med('horovod'):.2f}x Strata's Horovod row"
+              + (f", {med(k) / med(PLAIN):.2f}x the plain loop" if PLAIN in args.backends else "")
+              + " (its 'vs ceiling' is against the ceiling measured without the lever)")
     if PLAIN in args.backends and "horovod" in args.backends:
         print(f"Strata's 2 Horovod (Gloo) workers / the plain Horovod loop's 2 workers (same model, batch, Adam): "
               f"{med('horovod') / med(PLAIN):.2f}x (target >= 1.00)")
@@ -394,20 +433,45 @@ def report(args, rounds: list[dict[str, Result]], cores: list[int]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/summarizer.yaml")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
-    p.add_argument("--per-replica-batch", type=int, default=32)
-    p.add_argument("--backends", default="horovod,horovod-mpi,multi_worker,plain-horovod",
-                   help=f"comma-separated, from {','.join(BACKENDS)}")
-    p.add_argument("--log-every", type=int, default=10, help="steps per throughput window")
+    p.add_argument("--config", default=None, help="default configs/summarizer.yaml")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200)")
+    p.add_argument("--per-replica-batch", type=int, default=None, help="default 32")
+    p.add_argument("--backends", default=None, help=f"comma-separated, from {','.join(BACKENDS)} (default "
+                   "horovod,horovod-mpi,multi_worker,plain-horovod)")
+    p.add_argument("--log-every", type=int, default=None, help="steps per throughput window (default 10)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run, Strata's and the plain loop's (repeatable)")
+    p.add_argument("--levers", action="store_true", help="add rows horovod-xla (train.jit_compile) and "
+                   "horovod-spc (train.steps_per_call = --log-every)")
+    p.add_argument("--transformer", action="store_true", help="the compute-bound row of issue 14: "
+                   "the transformer at d_model 256, per-replica batch 32, 60 steps logged every 5, with --levers "
+                   "and the plain loop (explicit flags still win)")
     p.add_argument("--skip-windows", type=int, default=2, help="first windows dropped (tracing, warm-up)")
     p.add_argument("--min-windows", type=int, default=3, help="fewest windows a measurement may rest on")
     p.add_argument("--interop-threads", type=int, default=1, help="TF_NUM_INTEROP_THREADS per process")
     p.add_argument("--repeats", type=int, default=1, help="run the whole sequence this many times (median)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run (default 300 + 5 s per step)")
     p.add_argument("--keep", action="store_true", help="keep the run directories and logs (path printed)")
+    p.add_argument("--baseline", metavar="DIR", help="a copy of Strata's code (e.g. `git archive COMMIT | tar -x "
+                   "-C DIR`): adds backend horovod-baseline, Horovod (Gloo) with DIR first on PYTHONPATH")
     args = p.parse_args()
+    preset = TRANSFORMER if args.transformer else {}
+    defaults = {"config": "configs/summarizer.yaml", "steps": 200, "log_every": 10, "per_replica_batch": 32,
+                "backends": "horovod,horovod-mpi,multi_worker,plain-horovod"}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, value))
+    args.sets = [*preset.get("sets", []), *args.sets]
     args.backends = [x.strip() for x in args.backends.split(",") if x.strip()]
+    if args.levers:
+        args.backends += [k for k in LEVERS if k not in args.backends]
+    if args.baseline:
+        if not (Path(args.baseline) / "trainer" / "loop.py").is_file():
+            p.error(f"--baseline {args.baseline}: no trainer/loop.py there; export a commit into it first")
+        args.baseline = str(Path(args.baseline).resolve())
+        args.backends += [] if BASELINE in args.backends else [BASELINE]
+    elif BASELINE in args.backends:
+        p.error(f"backend {BASELINE} needs --baseline DIR")
     unknown = [x for x in args.backends if x not in BACKENDS]
     if unknown:
         p.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")

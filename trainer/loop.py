@@ -13,12 +13,12 @@ from trainer.hooks import CheckpointHook, Console, EarlyStopping, Hook, LoopStat
 from trainer.faults import fault_hooks, step_fault
 from trainer.flops import mfu, run_training_flops
 from trainer.heartbeat import heartbeat_hooks, phase, stop_current as stop_heartbeat
-from trainer.preemption import VOTES, preemption_hooks, votes_variable
+from trainer.preemption import preemption_hooks, votes_variable
 from trainer.nonfinite import NonFiniteGuard, first_bad, local_flags
 from trainer.optim import current_lr, uses_loss_scaling
 from trainer.peak import peak_flops
 from trainer.resume import start_message
-from trainer.strategy.base import Strategy
+from trainer.strategy.base import Strategy, sum_together
 from trainer.summaries import TensorBoard, flatten
 
 
@@ -40,23 +40,44 @@ def make_train_step(exp: Experiment, strategy: Strategy, *, per_call: int = 1):
         loss, grads, extras = gradients(batch)  # accumulated micro-steps, or a pipeline's micro-batches
         if inject is not None:
             grads, loss = inject(grads), inject.loss(loss)
-        # NaN/Inf guard (trainer/nonfinite.py): a non-finite loss or gradient on any replica -> all skip.
-        # The stop votes ride in the same all-reduce: every rank learns of a signal in the same step, for free.
-        flags = strategy.replica_sum(tf.concat([local_flags(loss, grads), tf.identity(stop_votes)], 0))
-        bad, stop = flags[:-VOTES], flags[-VOTES:]
-        update(grads, ok=tf.equal(tf.reduce_sum(bad), 0.0))  # summed over replicas and applied, or skipped
-        return {"loss": loss, "tokens": tf.cast(task.tokens_in(batch), tf.float32),
-                "nonfinite": tf.cast(first_bad(bad), tf.float32), "stop": stop,
-                **{key: extras[key] for key in engine.reported}}
+        # ONE all-reduce for every per-step number (trainer/strategy/base.py sum_together), fused by Horovod with
+        # the last gradients: the NaN/Inf flags (trainer/nonfinite.py: a non-finite loss or gradient on any
+        # replica -> all skip), the stop votes (every rank learns of a signal in the same step), and the logged
+        # loss, tokens and engine extras. Its results are the same on every replica: nothing is reduced again.
+        total = sum_together(strategy, {"flags": local_flags(loss, grads), "stop": tf.identity(stop_votes),
+                                        "loss": loss, "tokens": tf.cast(task.tokens_in(batch), tf.float32),
+                                        **{key: extras[key] for key in engine.reported}})
+        update(grads, ok=tf.equal(tf.reduce_sum(total["flags"]), 0.0))  # summed over replicas and applied, or skipped
+        # `signals`: what the host reads every step, in one read: [first non-finite (0: none), stop votes...].
+        signals = tf.concat([[tf.cast(first_bad(total.pop("flags")), tf.float32)], total.pop("stop")], 0)
+        return {"signals": signals, **total}
 
     if per_call > 1:
-        return several_steps(strategy, replica_step)
+        return TracedOnce(several_steps(strategy, replica_step))
 
     @tf.function
     def train_step(iterator) -> dict:
-        return strategy.run(replica_step, next(iterator))
+        return strategy.run_agreed(replica_step, next(iterator))
 
-    return train_step
+    return TracedOnce(train_step)
+
+
+class TracedOnce:
+    """A tf.function traced at its first call and from then on called as that one concrete function: a
+    tf.function call first matches its arguments against its traces, which for an iterator argument costs a
+    few hundred microseconds a call, a large share of a small model's step. The step's arguments never change
+    type (the same iterator type; `n` always an int32 scalar tensor)."""
+
+    def __init__(self, function) -> None:
+        self.function, self.concrete = function, None
+
+    def __call__(self, *args):
+        if self.concrete is None:
+            self.concrete = self.function.get_concrete_function(*args)
+        return self.concrete(*args)
+
+    def get_concrete_function(self, *args):
+        return self.function.get_concrete_function(*args)
 
 
 def several_steps(strategy: Strategy, replica_step):
@@ -67,15 +88,14 @@ def several_steps(strategy: Strategy, replica_step):
 
     @tf.function
     def train_steps(iterator, n: tf.Tensor) -> dict:
-        def more(done, out):
-            quiet = tf.logical_and(tf.equal(out["nonfinite"], 0.0), tf.equal(tf.reduce_sum(out["stop"]), 0.0))
-            return tf.logical_and(done < n, quiet)
+        def more(done, out):  # signals: non-finite position and stop votes, all >= 0
+            return tf.logical_and(done < n, tf.equal(tf.reduce_sum(out["signals"]), 0.0))
 
         def step(done, out):
-            new = strategy.run(replica_step, next(iterator))
+            new = strategy.run_agreed(replica_step, next(iterator))
             return done + 1, {**new, "tokens": out["tokens"] + new["tokens"]}
 
-        first = strategy.run(replica_step, next(iterator))
+        first = strategy.run_agreed(replica_step, next(iterator))
         done, out = tf.while_loop(more, step, (tf.constant(1), first))
         return {**out, "steps": done}
 
@@ -232,8 +252,8 @@ def train(exp: Experiment, strategy: Strategy, *, stop_after: int | None = None,
         for hook in hooks:
             hook.on_step_begin(state)
         out = call(iterator, state)  # one step, or train.steps_per_call up to the next step a hook acts at
-        state.nonfinite = round(float(out["nonfinite"]) / strategy.num_replicas)  # agreed: same on every rank
-        state.stop_votes = out["stop"].numpy().tolist()  # agreed too: a stop is for the same step everywhere
+        signals = out["signals"].numpy()  # one host read per call; agreed: the same on every rank
+        state.nonfinite, state.stop_votes = round(float(signals[0])), signals[1:].tolist()
         window_steps += state.steps_in_call
         window_tokens.append(out["tokens"])  # kept as tensors: no host sync, no extra op between log points
         logging_now = state.step % cfg.train.log_every == 0 or state.step == last

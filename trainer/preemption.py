@@ -8,11 +8,10 @@ SIGTERM and SIGUSR1. The next start resumes at that step: since the batch of ste
 Why an agreement: a signal reaches the ranks of a job one by one (or only one of them), so they see it in
 different steps. A rank that stopped on its own would leave the others waiting in the next all-reduce, and
 ranks that stopped at different steps would disagree about what the checkpoint holds. So a signal only
-sets a local vote; each rank's votes ride in the compiled step's existing all-reduce of the NaN/Inf flags
-(`make_train_step`: three more floats in a tensor that is reduced anyway; under Horovod the summed votes
-also join the fused all-reduce of the step's outputs, one more tiny tensor next to the loss and the token
-count), and the loop already reads the step's flags every step, so agreeing adds no collective of its own
-and no host synchronisation. Every rank stops after the first step whose summed votes are
+sets a local vote; each rank's votes ride in the compiled step's one all-reduce of its per-step numbers
+(`make_train_step`, `sum_together`: three more floats next to the NaN/Inf flags, the loss and the token
+count, in a tensor that is reduced anyway), and the loop already reads the step's agreed signals every
+step, so agreeing adds no collective of its own and no host synchronisation. Every rank stops after the first step whose summed votes are
 non-zero. A rank votes from the step after its handler ran, so a job stops at most two steps after the
 signal (the step in flight and the next), where the 10-step agreement grid of earlier versions, which paid
 an eager all-reduce per agreement, lagged up to ten. One process needs no agreement: it stops after the

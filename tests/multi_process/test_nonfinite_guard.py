@@ -5,7 +5,9 @@ reaches train.steps with identical weights on both ranks; so does a NaN in one r
 scale and the optimizer's own step counter does not advance; K consecutive bad steps stop the run with one line."""
 from __future__ import annotations
 
+import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +36,20 @@ def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
 _weights = trainable_weights  # the run's trainable weights, from its newest checkpoint
 
 
+def _collectives(timeline: Path) -> Counter:
+    """Tensor name -> how many times Horovod all-reduced or all-gathered it (its timeline, written by rank 0)."""
+    text = timeline.read_text().rstrip().rstrip(",")
+    events = json.loads(text if text.endswith("]") else text + "]")
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name" and "name" in e["args"]}
+    return Counter(names[e["pid"]] for e in events if e.get("ph") == "B" and e.get("name") in ("ALLREDUCE", "ALLGATHER"))
+
+
 @pytest.mark.multi_process
 def test_inf_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path):
     run_dir = tmp_path / "run"
-    done = run_cmd([STRATA, "launch", "-np", "2", CONFIG, *COMMON, "--set", f"run_dir={run_dir}"], timeout=400,
+    timeline = tmp_path / "timeline.json"
+    done = run_cmd([STRATA, "launch", "-np", "2", CONFIG, *COMMON, "--set", f"run_dir={run_dir}",
+                    "--set", f"distribution.horovod.timeline={timeline}"], timeout=400,
                    STRATA_FAULT=f"1:{BAD_STEP}:inf,1:{NAN_LOSS_STEP}:nan_loss")
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
@@ -54,6 +66,11 @@ def test_inf_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path):
     digests = dict(re.findall(r"rank (\d) weights sha256 ([0-9a-f]+)", out))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
     assert "weights identical on all 2 ranks" in out and f"step {STEPS}/{STEPS}" in out
+    # The flags, votes, loss and tokens agreed in ONE all-reduce per step beside the gradients; the step's
+    # outputs are those sums, never all-reduced again (each such tensor cost a collective of its own).
+    reduced = _collectives(timeline)
+    assert reduced["replica_sum"] == STEPS, reduced
+    assert not [name for name in reduced if name.startswith("metric_")], reduced
     skipped = _scalars(run_dir, "train/skipped_steps")
     assert skipped[BAD_STEP] == 1.0 and skipped[BAD_STEP - 1] == 0.0 and skipped[NAN_LOSS_STEP] == 2.0
     assert skipped[STEPS] == 2.0

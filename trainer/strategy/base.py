@@ -96,6 +96,11 @@ class Strategy(abc.ABC):
         """Inside the compiled step: `value` summed over every replica (the same result on each)."""
         return value
 
+    def run_agreed(self, replica_fn: Callable[[Any], dict], batch: Any) -> dict[str, tf.Tensor]:
+        """Like `run`, for a `replica_fn` whose outputs are already summed over replicas (`sum_together`),
+        so the same on every replica: they are returned as they are, with no collective of their own."""
+        return replica_fn(batch)
+
     def apply_if(self, ok: tf.Tensor, apply_fn: Callable[[Any], None], grads: list) -> None:
         """Inside the compiled step: `apply_fn(grads)` (the optimizer update) when `ok`, else nothing.
 
@@ -139,6 +144,20 @@ class OptimizerUpdate:
 
     def _apply(self, grads: list) -> Any:
         return self.optimizer.apply_gradients(zip(grads, self.variables))
+
+
+def sum_together(strategy: Strategy, values: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Inside the compiled step: every tensor of `values` summed over replicas in ONE `replica_sum`.
+
+    A step's small per-replica numbers (NaN/Inf flags, stop votes, loss, tokens, an engine's extras) ride in
+    one float32 vector, so they cost one collective, which Horovod fuses with the last gradients' all-reduce,
+    instead of one each. Each comes back in its own shape and dtype (float32 sums: int counts stay exact up
+    to 2**24 per step)."""
+    keys = list(values)
+    tensors = [tf.convert_to_tensor(values[k]) for k in keys]
+    flat = [tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors]
+    summed = tf.split(strategy.replica_sum(tf.concat(flat, 0)), [int(f.shape[0]) for f in flat])
+    return {k: tf.cast(tf.reshape(s, tf.shape(t)), t.dtype) for k, s, t in zip(keys, summed, tensors)}
 
 
 def _no_value(_result: Any) -> None:

@@ -85,7 +85,8 @@ class Horovod(Strategy):
         ]
 
     def replica_sum(self, value: tf.Tensor) -> tf.Tensor:
-        # Independent of the gradients' all-reduces, so Horovod fuses it with the last of them.
+        # Independent of the gradients' all-reduces, so Horovod fuses it with the last of them. The training
+        # step makes one per step (base.py sum_together), so no output needs `run`'s all-reduces after it.
         return self.hvd.allreduce(value, op=self.hvd.Sum, name="replica_sum")
 
     def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:

@@ -51,6 +51,9 @@ class MultiWorkerPipeline(MultiWorker):
     def run(self, replica_fn: Callable[[Any], dict], batch: Any) -> dict[str, tf.Tensor]:
         return self._sum_over_workers(replica_fn(batch))
 
+    def run_agreed(self, replica_fn: Callable[[Any], dict], batch: Any) -> dict[str, tf.Tensor]:
+        return replica_fn(batch)  # its one replica runs here, outside tf.distribute's `run` (see `run`)
+
     def reduce_gradients(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
         present = [i for i, g in enumerate(grads) if g is not None]
         summed = self._sum_over_workers([tf.convert_to_tensor(grads[i]) for i in present])

@@ -92,6 +92,11 @@ class _TFDistribute(Strategy):
         per_replica = self.strategy.run(replica_fn, args=(batch,))
         return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
 
+    def run_agreed(self, replica_fn: Callable[[Any], dict], batch: Any) -> dict[str, tf.Tensor]:
+        # Every replica holds the same (already summed) values: the first local replica's stand for all.
+        per_replica = self.strategy.run(replica_fn, args=(batch,))
+        return {k: self.strategy.experimental_local_results(v)[0] for k, v in per_replica.items()}
+
 
 class Mirrored(_TFDistribute):
     """Synchronous replicas on the GPUs (or logical CPUs) of one process."""
