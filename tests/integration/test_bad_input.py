@@ -224,6 +224,10 @@ CASES = [
      "--device-memory 'lots': expected a positive size such as 80GB"),
     ("plan-does-not-fit", lambda d: ["plan", str(CONFIGS / "transformer_small.yaml"), "--device-memory", "1MB"],
      "per rank with distribution.zero=0 over 1 rank(s): does not fit in 1MB (--device-memory)"),
+    ("plan-zero3-level-too-large", lambda d: ["plan", str(CONFIGS / "transformer_small.yaml"), "-np", "2",
+                                              "--device-memory", "2MB", "--set", "distribution.backend=horovod",
+                                              "--set", "distribution.zero=3", "--set", "model.dropout=0.0"],
+     "its largest level, decoder_block_0 (50.2K parameters), needs 14.1 MiB whole while it runs under zero 3"),
 ]
 
 
