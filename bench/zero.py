@@ -1,11 +1,11 @@
-"""ZeRO step time and bytes moved: zero 1 and 2 against replicated data parallel (zero 0), 2 Horovod ranks.
+"""ZeRO step time and bytes moved: zero 1, 2 and 3 against replicated data parallel (zero 0), 2 Horovod ranks.
 
     .venv/bin/python bench/zero.py [--quick] [--steps 20] [--controller gloo]
 
 One horovodrun launch (2 ranks on this host); inside it every rank trains the transformer through the real
-training step (trainer.loop.make_train_step) at zero 0, 1 and 2 in turn, from the same weights, and times
+training step (trainer.loop.make_train_step) at zero 0, 1, 2 and 3 in turn, from the same weights, and times
 `--steps` steps after 3 warm-up steps (the median step, rank 0's clock). The stages alternate in rounds
-(0, 1, 2, 0, 1, 2, ...) so a load change on a shared machine hits them alike.
+(0, 1, 2, 3, 0, 1, ...) so a load change on a shared machine hits them alike.
 
 Bytes moved: each rank's `wchar` from /proc/self/io (bytes its write/send system calls passed on, which with
 Gloo's TCP transport is what it sent to the other rank) per step, against the analytic figure for ring
@@ -13,6 +13,8 @@ collectives over N ranks and P float32 parameters (4P bytes):
   zero 0   all-reduce of the gradients                        2(N-1)/N x 4P
   zero 1   all-reduce of the gradient buckets + all-gather     3(N-1)/N x 4P
   zero 2   reduce-scatter + all-gather                         2(N-1)/N x 4P
+  zero 3   all-gather (forward) + all-gather (recomputed backward) + reduce-scatter, per level
+                                                               3(N-1)/N x 4P
 (plus a few bytes of flags and metrics). Only meaningful with Gloo (MPI on one host uses shared memory,
 which no system call counts). --quick: a small transformer and 8 steps. Prints a table and one JSON line.
 
@@ -35,6 +37,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
     overrides = [*COMMON, *SIZES[args.size]]
     strategy = make_strategy(load_config(REPO / "configs" / "transformer_small.yaml", overrides))
     out, steps = Path(args.out), {}
-    for zero in (0, 1, 2):
+    for zero in (0, 1, 2, 3):
         cfg = load_config(REPO / "configs" / "transformer_small.yaml",
                           [*overrides, f"distribution.zero={zero}", f"run_dir={out / f'zero{zero}'}"])
         configure_runtime(cfg)
@@ -71,7 +75,7 @@ def worker(args: argparse.Namespace) -> None:
         step, iterator = make_train_step(exp, strategy), _batches(exp, strategy, 0)
         for _ in range(3):
             float(step(iterator)["loss"])  # trace and warm up
-        steps[zero] = (step, iterator, sum(int(v.shape.num_elements()) for v in exp.model.trainable_variables))
+        steps[zero] = (step, iterator, sum(int(np.prod(v.shape)) for v in exp.model.trainable_variables))
     times: dict[int, list[float]] = {z: [] for z in steps}
     sent: dict[int, list[int]] = {z: [] for z in steps}
     for _ in range(args.steps):
@@ -82,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
             sent[zero].append(wchar() - wrote)
     if strategy.is_chief:
         params, n = steps[0][2], strategy.world_size
-        factor = {0: 2, 1: 3, 2: 2}
+        factor = {0: 2, 1: 3, 2: 2, 3: 3}
         print("RESULT " + json.dumps({
             "ranks": n, "params": params, "steps": args.steps,
             "step_ms": {z: 1e3 * statistics.median(t) for z, t in times.items()},
@@ -181,7 +185,7 @@ def main() -> int:
     print(f"bench/zero.py: transformer ({size}) {result['params']:,} parameters, {result['ranks']} ranks "
           f"({args.controller}), median of {steps} steps, {time.perf_counter() - began:.0f} s in all")
     print("zero  step ms  vs zero 0  sent/rank/step  analytic   (sent: /proc/self/io wchar; Gloo only)")
-    for z in ("0", "1", "2"):
+    for z in ("0", "1", "2", "3"):
         print(f"{z:<5} {result['step_ms'][z]:7.1f}  {result['step_ms'][z] / base:8.3f}x  "
               f"{result['sent_bytes'][z] / 2**20:10.2f} MiB  {result['analytic_bytes'][z] / 2**20:7.2f} MiB")
     print(json.dumps(result))
