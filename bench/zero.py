@@ -90,10 +90,33 @@ def worker(args: argparse.Namespace) -> None:
             "analytic_bytes": {z: factor[z] * (n - 1) / n * 4 * params for z in steps}}), flush=True)
 
 
+def rss_gib() -> tuple[float, float]:
+    """(current, peak since the last `reset_peak`) resident set of this process, GiB (/proc/self/status)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        fields = {line.split(":")[0]: line.split()[1] for line in f if line.startswith(("VmRSS", "VmHWM"))}
+    return round(int(fields["VmRSS"]) / 2**20, 2), round(int(fields["VmHWM"]) / 2**20, 2)
+
+
+def trimmed_rss_gib() -> float:
+    """The resident set after glibc's `malloc_trim(0)` returned the free memory it kept (what a step left
+    allocated, against what malloc merely cached), GiB."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_gib()[0]
+
+
+def reset_peak() -> None:
+    """Restart the kernel's peak-RSS count (VmHWM) so the next phase's peak is its own (Linux clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def demo_worker(args: argparse.Namespace) -> None:
     """Every rank: the 1B LM built deferred and sharded (zero 3), `--demo-steps` steps, its peak RSS."""
-    import resource
-
     from trainer.config import load_config
     from trainer.experiment import configure_runtime, prepare
     from trainer.loop import _batches, make_train_step
@@ -107,16 +130,21 @@ def demo_worker(args: argparse.Namespace) -> None:
     configure_runtime(cfg)
     exp = prepare(cfg, strategy, training=True)
     strategy.broadcast_initial_state(exp.model.variables + exp.optimizer.variables)
+    phases = {"init": rss_gib()}  # (now, peak of the phase), GiB
+    reset_peak()
     step, iterator = make_train_step(exp, strategy), _batches(exp, strategy, 0)
     params = sum(int(v.shape.num_elements()) for v in exp.model.trainable_variables)
     for i in range(args.demo_steps):
         began = time.perf_counter()
         loss = float(step(iterator)["loss"])
+        phases[f"step{i + 1}"] = (*rss_gib(), trimmed_rss_gib())
+        reset_peak()
         if strategy.is_chief:
             print(f"DEMO step {i + 1} loss {loss:.4f} ({time.perf_counter() - began:.0f} s)", flush=True)
     print("RESULT " + json.dumps({
         "rank": strategy.rank, "params": params, "params_held": strategy.zero_state.held_elements(),
-        "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}), flush=True)
+        # The run's peak: the largest phase peak (ru_maxrss would miss the phases after a `reset_peak`).
+        "peak_rss_GiB": max(p[1] for p in phases.values()), "rss_now_peak_trimmed_GiB": phases}), flush=True)
 
 
 def demo(args: argparse.Namespace) -> int:
