@@ -136,10 +136,13 @@ class ShardedLevels:
             loss = loss_fn(last)
         upstream = dict(zip(floats, tape.gradient(loss, [last[k] for k in floats])))
         grads: list = [None] * len(self.level_vars)
-        done = [upstream]  # done[-2]: the gradient out of the backward of level i+2 (ordering, as above)
+        # done[-2]: the backward of level i+2 (its input gradient and its reduce-scattered slice). Waiting for the
+        # slice too bounds the reduce-scatters in flight: Horovod runs them on its own thread, each holding its
+        # level's whole gradient until it is done, and one slower than the compute let them pile up.
+        done = [upstream]
         for i in reversed(range(len(self.level_vars))):  # backward: gather again, recompute, reduce-scatter
             upstream, grads[i] = self._backward(i, carries[i], upstream, training, done[-2] if len(done) > 1 else None)
-            done.append(upstream)
+            done.append((upstream, grads[i]))
         return loss, grads
 
     def _backward(self, i: int, carry: dict, upstream: dict, training: bool, after: Any) -> tuple[dict, Any]:
@@ -352,7 +355,8 @@ def apply_in_order(optimizer: Any, grads: list, variables: list, scale: tf.Tenso
         return _none(optimizer.apply_gradients(zip([g if scale is None else g * scale for g in grads], variables)))
     done: list = []
     for k, (grad, variable) in enumerate(zip(grads, variables)):
-        with tf.name_scope(f"level_update_{k}"), tf.control_dependencies(done):  # every op of this link waits for the previous variable's update
+        # every op of this link waits for the previous variable's update
+        with tf.name_scope(f"level_update_{k}"), tf.control_dependencies(done):
             optimizer._backend_apply_gradients([grad if scale is None else grad * scale], [variable])
             # A read of the variable after its update (automatic control dependencies order it after its
             # assignments, which read the updated moments): the end of this link.
