@@ -370,7 +370,7 @@ def _applies_level_by_level(optimizer: Any) -> bool:
     """True when `optimizer.apply(grads, variables)` is Keras' own: `_backend_apply_gradients` (weight decay
     and update, each variable on its own) then the step counter, with nothing that couples the variables
     (a loss scale, EMA, gradient accumulation, a global clip norm). Then applying it a level at a time and
-    counting the step once is the same update (`Zero3State._apply`)."""
+    counting the step once is the same update (`apply_in_order`)."""
     base = keras.optimizers.Optimizer
     return (type(optimizer).apply is base.apply
             and type(optimizer)._backend_apply_gradients is base._backend_apply_gradients
