@@ -247,9 +247,11 @@ def _before_tensorflow(cfg) -> bool:
 
 
 def _train(cfg, *, stop_after: int | None) -> int:
+    from trainer.allocator import choose_allocator
     from trainer.cpu_affinity import pin_from_env
 
     pin_from_env()  # opt-in (STRATA_PIN_CPU=1), before any thread starts
+    choose_allocator(cfg)  # zero 3: TensorFlow's CPU tensors from malloc, not a pool that never shrinks
     if _before_tensorflow(cfg):
         return 0
     from trainer import preemption

@@ -136,10 +136,13 @@ class ShardedLevels:
             loss = loss_fn(last)
         upstream = dict(zip(floats, tape.gradient(loss, [last[k] for k in floats])))
         grads: list = [None] * len(self.level_vars)
-        done = [upstream]  # done[-2]: the gradient out of the backward of level i+2 (ordering, as above)
+        # done[-2]: the backward of level i+2 (its input gradient and its reduce-scattered slice). Waiting for the
+        # slice too bounds the reduce-scatters in flight: Horovod runs them on its own thread, each holding its
+        # level's whole gradient until it is done, and one slower than the compute let them pile up.
+        done = [upstream]
         for i in reversed(range(len(self.level_vars))):  # backward: gather again, recompute, reduce-scatter
             upstream, grads[i] = self._backward(i, carries[i], upstream, training, done[-2] if len(done) > 1 else None)
-            done.append(upstream)
+            done.append((upstream, grads[i]))
         return loss, grads
 
     def _backward(self, i: int, carry: dict, upstream: dict, training: bool, after: Any) -> tuple[dict, Any]:
@@ -161,13 +164,21 @@ class ShardedLevels:
         return dict(zip(ins, in_grads)), shard_grad
 
     def clip(self, grads: list, clip_norm: float) -> list:
-        """Clip the slices by the global norm of the whole summed gradient: the slices' squared sums,
-        all-reduced (Keras' `global_clipnorm` formula, as the zero 1/2 update does)."""
-        mine = [g for g in grads if g is not None]
-        squares = self.hvd.allreduce(tf.add_n([tf.reduce_sum(tf.square(g)) for g in mine]), op=self.hvd.Sum,
-                                     name="zero3_norm")
-        scale = clip_norm * tf.minimum(1.0 / tf.sqrt(squares), 1.0 / clip_norm)
+        """Clip the slices by the global norm of the whole summed gradient (`clip_scale`)."""
+        scale = self.clip_scale(grads, clip_norm)
         return [None if g is None else g * scale for g in grads]
+
+    def clip_scale(self, grads: list, clip_norm: float) -> tf.Tensor:
+        """The factor that clips the slices by the global norm of the whole summed gradient: the slices'
+        squared sums, all-reduced (Keras' `global_clipnorm` formula, as the zero 1/2 update does). The squares
+        are taken one slice after another: unordered, TensorFlow may square every level at once (a transient
+        of 4 bytes per held parameter)."""
+        sums: list = []
+        for g in (g for g in grads if g is not None):
+            with tf.control_dependencies(sums[-1:]):
+                sums.append(tf.reduce_sum(tf.square(g)))
+        squares = self.hvd.allreduce(tf.add_n(sums), op=self.hvd.Sum, name="zero3_norm")
+        return clip_norm * tf.minimum(1.0 / tf.sqrt(squares), 1.0 / clip_norm)
 
     def full_values(self) -> list[np.ndarray]:
         """Every parameter, whole, in `model.trainable_variables`-per-level order (gathered level by level:
@@ -287,9 +298,8 @@ class Zero3State:
 
     def __call__(self, grads: list, ok: tf.Tensor) -> None:
         """Clip this rank's slices by the global norm, then apply them to its shards (all ranks, or none)."""
-        if self.clip_norm is not None:
-            grads = self.levels.clip(grads, self.clip_norm)
-        tf.cond(ok, lambda: _none(self.optimizer.apply_gradients(zip(grads, self.shards))), lambda: None)
+        scale = None if self.clip_norm is None else self.levels.clip_scale(grads, self.clip_norm)
+        tf.cond(ok, lambda: apply_in_order(self.optimizer, grads, self.shards, scale), lambda: None)
 
 
 class Zero3Engine:
@@ -333,3 +343,37 @@ class Zero3Engine:
 
 def _none(_result: Any) -> None:
     return None
+
+
+def apply_in_order(optimizer: Any, grads: list, variables: list, scale: tf.Tensor | None = None) -> None:
+    """`optimizer.apply_gradients(zip(g * scale, variables))`, one variable (a level's shard) after another
+    where that is the same update (a plain Keras optimizer, `_applies_level_by_level`). Unordered, TensorFlow
+    runs every level's update at once, and the clipped copies and Adam's temporaries of all levels (several
+    times the gradients' bytes) coexist. Each gradient is scaled inside its link of the chain; the step
+    counter advances once, after the last variable, as in `apply`."""
+    if not _applies_level_by_level(optimizer):  # e.g. a LossScaleOptimizer: one apply, unordered
+        return _none(optimizer.apply_gradients(zip([g if scale is None else g * scale for g in grads], variables)))
+    done: list = []
+    for k, (grad, variable) in enumerate(zip(grads, variables)):
+        # every op of this link waits for the previous variable's update
+        with tf.name_scope(f"level_update_{k}"), tf.control_dependencies(done):
+            optimizer._backend_apply_gradients([grad if scale is None else grad * scale], [variable])
+            # A read of the variable after its update (automatic control dependencies order it after its
+            # assignments, which read the updated moments): the end of this link.
+            done = [tf.identity(variable.value)]
+    with tf.control_dependencies(done):
+        optimizer.iterations.assign_add(1)
+    return None
+
+
+def _applies_level_by_level(optimizer: Any) -> bool:
+    """True when `optimizer.apply(grads, variables)` is Keras' own: `_backend_apply_gradients` (weight decay
+    and update, each variable on its own) then the step counter, with nothing that couples the variables
+    (a loss scale, EMA, gradient accumulation, a global clip norm). Then applying it a level at a time and
+    counting the step once is the same update (`apply_in_order`)."""
+    base = keras.optimizers.Optimizer
+    return (type(optimizer).apply is base.apply
+            and type(optimizer)._backend_apply_gradients is base._backend_apply_gradients
+            and not getattr(optimizer, "gradient_accumulation_steps", None) and not getattr(optimizer, "use_ema", False)
+            and getattr(optimizer, "loss_scale_factor", None) is None
+            and getattr(optimizer, "global_clipnorm", None) is None)
