@@ -233,6 +233,10 @@ def main() -> int:
     if args.demo_worker:
         demo_worker(args)
         return 0
+    if (args.demo or args.demo_scaling) and not (Path("data/pydocs") / "index.json").is_file():
+        print("bench/zero.py: data/pydocs: no prepared dataset here (configs/lm_1b.yaml reads it); run "
+              "`strata data prepare --builtin pydocs --out data/pydocs --vocab-size 2000` first", file=sys.stderr)
+        return 2
     if args.demo_scaling:
         return demo_scaling(args)
     if args.demo:
