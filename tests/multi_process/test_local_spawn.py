@@ -209,9 +209,11 @@ def test_a_preempted_rank_waits_for_the_others_instead_of_stopping_them(capsys):
     assert "strata: preempted: every rank stopped at the step they agreed on" in capsys.readouterr().err
 
 
-BEAT = ("import json, os, socket, sys, time; d, r = sys.argv[1], int(sys.argv[2]); "
-        "b = dict(rank=r, host=socket.gethostname(), pid=os.getpid(), step=4 + r, phase='step', since=time.time(), "
-        "written=time.time(), allowed_s=1.0); "
+# Both ranks stamp their one heartbeat with the same time (argv[3]), so they pass the limit together however
+# far apart a loaded machine starts them.
+BEAT = ("import json, os, socket, sys, time; d, r, t = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]); "
+        "b = dict(rank=r, host=socket.gethostname(), pid=os.getpid(), step=4 + r, phase='step', since=t, "
+        "written=t, allowed_s=1.0); "
         "open(f'{d}/.t{r}', 'w').write(json.dumps(b)); os.replace(f'{d}/.t{r}', f'{d}/rank-{r}.json'); time.sleep(60)")
 
 
@@ -219,7 +221,8 @@ def test_watchdog_reports_every_rank_and_stops_a_hung_job(tmp_path, capsys):
     # Real ranks writing heartbeats in the documented format (trainer/heartbeat.py), then never progressing.
     out = io.StringIO()
     start = time.monotonic()
-    rc = run_local([[PY, "-c", BEAT, str(tmp_path), str(r)] for r in range(2)], [child_env(), child_env()],
+    stamp = str(time.time())
+    rc = run_local([[PY, "-c", BEAT, str(tmp_path), str(r), stamp] for r in range(2)], [child_env(), child_env()],
                    stdout=out, grace_seconds=0.5, heartbeat_dir=tmp_path)
     elapsed = time.monotonic() - start
     err = capsys.readouterr().err
