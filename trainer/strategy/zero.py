@@ -132,11 +132,7 @@ class ShardedOptimizer:
 
     # ---------------------------------------------------------------------------- buckets
     def _flatten(self, tensors: list, bucket: Bucket) -> tf.Tensor:
-        """The bucket's variables' values (or gradients) end to end, zero-padded to its padded size."""
-        parts = [tf.reshape(tf.cast(tensors[p.index], tf.float32), [-1]) for p in bucket.pieces]
-        if bucket.padded > bucket.size:
-            parts.append(tf.zeros([bucket.padded - bucket.size], tf.float32))
-        return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+        return flatten_bucket(tensors, bucket)
 
     def _mine(self, flat: tf.Tensor, bucket: Bucket) -> tf.Tensor:
         start, stop = bucket.owned(self.rank)
@@ -146,6 +142,15 @@ class ShardedOptimizer:
         """(piece, its values shaped as its variable) for every variable of the bucket; padding dropped."""
         return [(p, tf.cast(tf.reshape(flat[p.offset:p.offset + p.size], self.variables[p.index].shape),
                             self.variables[p.index].dtype)) for p in bucket.pieces]
+
+
+def flatten_bucket(tensors: list, bucket: Bucket) -> tf.Tensor:
+    """The bucket's tensors (values or gradients, indexed as its pieces say) end to end in float32,
+    zero-padded to its padded size: the layout every ZeRO collective moves (stages 1-3)."""
+    parts = [tf.reshape(tf.cast(tensors[p.index], tf.float32), [-1]) for p in bucket.pieces]
+    if bucket.padded > bucket.size:
+        parts.append(tf.zeros([bucket.padded - bucket.size], tf.float32))
+    return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
 
 
 def _dense(grad: Any, variable: Any) -> tf.Tensor:

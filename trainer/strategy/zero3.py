@@ -35,6 +35,7 @@ import tensorflow as tf
 from keras.src.backend.common import global_state
 
 from trainer.parallel.zero import Bucket, plan_buckets
+from trainer.strategy.zero import flatten_bucket
 
 NO_CAP = 1 << 62  # one bucket per level, however large
 
@@ -90,7 +91,7 @@ class ShardedLevels:
         start, stop = bucket.owned(self.rank)
         # A copy: a contiguous slice of an eager tensor can share its buffer, and the variable would then keep
         # the whole level alive (measured: a sharded 200M-parameter model held the whole model's bytes).
-        mine = np.array(_flatten(values, bucket)[start:stop], copy=True)
+        mine = np.array(flatten_bucket(values, bucket)[start:stop], copy=True)
         return keras.Variable(mine, dtype="float32", trainable=True, name=f"zero3_shard_{i}")
 
     # ------------------------------------------------------------------------------- collectives
@@ -159,7 +160,7 @@ class ShardedLevels:
         if self.buckets[i] is not None:
             dense = [tf.zeros(v.shape, tf.float32) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
                      for g, v in zip(param_grads, self.level_vars[i])]
-            shard_grad = self.hvd.reducescatter(_flatten(dense, self.buckets[i]), op=self.hvd.Sum,
+            shard_grad = self.hvd.reducescatter(flatten_bucket(dense, self.buckets[i]), op=self.hvd.Sum,
                                                 name=f"zero3_rs_{i}")
         return dict(zip(ins, in_grads)), shard_grad
 
@@ -188,13 +189,6 @@ class ShardedLevels:
             if self.buckets[i] is not None:
                 out += [t.numpy() for t in self.gather(i)]
         return out
-
-
-def _flatten(tensors: list, bucket: Bucket) -> tf.Tensor:
-    parts = [tf.reshape(tf.cast(tensors[p.index], tf.float32), [-1]) for p in bucket.pieces]
-    if bucket.padded > bucket.size:
-        parts.append(tf.zeros([bucket.padded - bucket.size], tf.float32))
-    return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
 
 
 class Zero3State:
@@ -287,7 +281,7 @@ class Zero3State:
         start, stop = bucket.owned(self.hvd.rank())
         targets = {None: self.shards[k], **{n: s[k] for n, s in optimizer_slots(self.optimizer).items()}}
         for name, target in targets.items():
-            flat = _flatten([read(v, name) for v in variables], bucket)
+            flat = flatten_bucket([read(v, name) for v in variables], bucket)
             target.assign(np.array(flat[start:stop], copy=True))
 
     def gathered_weights(self):
