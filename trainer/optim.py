@@ -69,8 +69,9 @@ def merge_duplicate_rows(grads: list) -> list:
     A token that occurs twice in a batch gives its embedding row two slices, and Horovod's all-reduce of a
     sparse gradient gathers every rank's slices. Keras' `global_clipnorm` takes the norm of the slices as
     they are, not of the gradient they add up to ([1, 1] twice: sqrt(4) instead of sqrt(8)), so it clipped by
-    the wrong factor. Merged, the clipped step is that of the dense gradient (what the pipeline, which
-    densifies, already got). Dense gradients pass through unchanged.
+    the wrong factor. Adam's second moment likewise squares each slice, not the row's sum ([1, 2] on one row:
+    1 + 4 instead of 9; Keras' `ops.square` of an IndexedSlices squares its values). Merged, the update is that
+    of the dense gradient (what the pipeline and ZeRO, which densify, compute). Dense gradients pass unchanged.
     """
     merged = []
     for g in grads:
