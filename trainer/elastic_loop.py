@@ -47,12 +47,16 @@ def train_elastic(exp: Experiment, strategy, *, stop_after: int | None = None) -
     # `--stop-after N` means N steps from the job's first start, not from every restart's commit: the target
     # is fixed here once and kept in the elastic state, so rank 0's value reaches workers that join later.
     stop_at = last_step(start, cfg.train.steps, stop_after)
-    variables = [*exp.model.variables, *exp.optimizer.variables, *exp.checkpointer.checkpoint.rng.states]
+    # ZeRO: the optimizer is rebuilt over new slices at every re-shard; its state is committed by the strategy
+    optimizer_variables = exp.optimizer.variables if strategy.zero_state is None else []
+    variables = [*exp.model.variables, *optimizer_variables, *exp.checkpointer.trackables["rng"].states]
     began = time.monotonic()
 
     def body(elastic_state) -> LoopState:
         # Runs at the start and after every restart; the ranks now agree on the weights and the step.
         exp.checkpointer.write = strategy.is_chief
+        if strategy.zero_state is not None:  # re-sharded for this world size by the sync before this call
+            exp.optimizer = exp.checkpointer.trackables["optimizer"] = strategy.zero_state.optimizer
         rescale_lr_for_replicas(exp.optimizer, cfg.optimizer, strategy.num_replicas)
         print(f"strata: elastic: rank {strategy.rank} of {strategy.world_size} worker(s) on {strategy.host}, "
               f"continuing from committed step {elastic_state.step} at {time.monotonic() - began:.1f}s",

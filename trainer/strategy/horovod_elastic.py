@@ -14,6 +14,12 @@ Why not `hvd.elastic.TensorFlowKerasState`: with Keras 3 it broadcasts Keras var
 tf.Variables instead (`v.value`), as the rest of the Horovod backend does. And `hvd.elastic.run` turns only
 `UnknownError`s naming a Horovod op into HorovodInternalError; `_collective_failed` also accepts the other
 TensorFlow error classes a dead peer surfaces as.
+
+ZeRO (`distribution.zero` 1-3): every rank holds only its slices of the optimizer state (and under zero 3 of
+the parameters), which die with it. So a commit also all-gathers the sharded state into every rank's host
+memory (its whole, replicated form: the host cost of a replicated elastic run's commit; device memory keeps
+the ZeRO saving), and every sync sends rank 0's copy to all workers, joiners included, each of which re-shards
+it for the new number of ranks (`ShardedState`).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import os
 import socket
 from typing import Any, Callable
 
+import numpy as np
 import tensorflow as tf
 
 from trainer.config import DistributionConfig
@@ -31,12 +38,6 @@ def horovod(cfg: Any) -> Horovod:
     """distribution.backend horovod (trainer/strategy/__init__.py BACKENDS): under `horovodrun --min-np/--max-np`
     (HOROVOD_ELASTIC=1) the elastic variant below, whose workers may come and go."""
     if os.environ.get("HOROVOD_ELASTIC") == "1":
-        if cfg.distribution.zero:  # a lost rank takes its shard of the optimizer state with it
-            from trainer.errors import ConfigError
-
-            raise ConfigError(f"distribution.zero ({cfg.distribution.zero}) does not combine with elastic Horovod "
-                              "(strata launch --elastic): a lost rank loses its shard; run without --elastic "
-                              "(a restart resumes from the last checkpoint, on any number of ranks)")
         return ElasticHorovod(cfg.distribution)
     return Horovod(cfg.distribution)
 
@@ -73,7 +74,38 @@ class ElasticHorovod(Horovod):
                 self._saved = [v.numpy() for v in self.variables]
                 super().sync()
 
-        self._state_class = VariablesState
+        class ShardedState(VariablesState):
+            """ZeRO (`zero`: trainer/strategy/zero.py or zero3.py): the variables every rank holds whole, as
+            above, plus the sharded state, whose commit is its whole (replicated) form in every rank's host
+            memory: a lost rank takes its slices with it. At every sync (the start, and after each reset) rank 0's
+            copy reaches every worker, joiners included, and each re-shards for the new number of ranks."""
+
+            def __init__(self, hvd, variables: list, zero: Any, **values: Any):
+                self.zero, self._host = zero, None
+                super().__init__(hvd, variables, **values)
+
+            def save(self) -> None:
+                self._host = self.zero.host_copy()  # a collective: every rank commits at the same step
+                super().save()
+
+            def sync(self) -> None:
+                super().sync()
+                if self.hvd.broadcast_object(self._host is not None, root_rank=0):
+                    self._host = self._broadcast_host()
+                    self.zero.reshard(self._host)
+                else:  # the job's first start: the ranks' slices already agree with the broadcast weights
+                    self.zero.refresh()
+                    self._host = self.zero.host_copy()
+
+            def _broadcast_host(self) -> dict:
+                """Rank 0's committed copy, one array at a time (a joined worker starts from zeros)."""
+                out = {}
+                for n, (key, (shape, dtype)) in enumerate(sorted(self.zero.host_shapes().items())):
+                    mine = self._host[key] if self._host is not None else np.zeros(shape, dtype)
+                    out[key] = self.hvd.broadcast(tf.constant(mine), root_rank=0, name=f"zero_sync_{n}").numpy()
+                return out
+
+        self._state_class, self._sharded_state_class = VariablesState, ShardedState
 
     @property
     def host(self) -> str:
@@ -95,7 +127,12 @@ class ElasticHorovod(Horovod):
         from horovod.common.exceptions import HorovodInternalError
 
         hvd = self.hvd
-        state = self._state_class(hvd, [getattr(v, "value", v) for v in variables], step=step, **values)
+        if self.zero_state is None:
+            state = self._state_class(hvd, [getattr(v, "value", v) for v in variables], step=step, **values)
+        else:  # ZeRO: the slices (and, under zero 3, the deferred model variables) are committed as a whole
+            own = {id(v) for v in self.zero_state.owned_variables()}
+            state = self._sharded_state_class(hvd, [getattr(v, "value", v) for v in variables if id(v) not in own],
+                                              self.zero_state, step=step, **values)
 
         def guarded(state):
             try:

@@ -18,6 +18,10 @@ the configured kind built over the model's variables, which the chief writes; re
 optimizer and keeps this rank's slice of each slot (`Checkpointer(sharded=...)`, trainer/checkpoint.py).
 That optimizer lives only for the save or restore: the transient cost is the replicated optimizer state.
 
+Elastic Horovod: a lost rank takes its slices with it, so each elastic commit keeps the whole optimizer state
+(`host_copy`, all-gathered) in every rank's host memory, and after the world changed size every rank re-plans
+the buckets and takes its new slices (`reshard`; trainer/strategy/horovod_elastic.py `ShardedState`).
+
 ZeRO 3 (parameters sharded too, level by level) is trainer/strategy/zero3.py; it shares this module's
 `optimizer_slots` and the bucket plan of trainer/parallel/zero.py.
 """
@@ -49,13 +53,18 @@ class ShardedOptimizer:
     def __init__(self, hvd: Any, variables: list, new_optimizer: Callable[[], Any], *, stage: int,
                  clip_norm: float | None, cap: int = BUCKET_ELEMENTS) -> None:
         self.hvd, self.variables, self.new_optimizer = hvd, list(variables), new_optimizer
-        self.stage, self.clip_norm = stage, clip_norm
-        self.rank, self.ranks = hvd.rank(), hvd.size()
+        self.stage, self.clip_norm, self.cap = stage, clip_norm, cap
+        self._plan()
+
+    def _plan(self) -> None:
+        """Buckets for the current number of ranks, this rank's shards cut from the model's variables, and a
+        fresh optimizer over them (at the start, and after an elastic job changed size: `reshard`)."""
+        self.rank, self.ranks = self.hvd.rank(), self.hvd.size()
         self.buckets: tuple[Bucket, ...] = plan_buckets([int(np.prod(v.shape)) for v in self.variables],
-                                                        self.ranks, cap)
+                                                        self.ranks, self.cap)
         self.shards = [keras.Variable(np.zeros(b.shard, np.float32), dtype="float32", trainable=True,
                                       name=f"zero_shard_{i}") for i, b in enumerate(self.buckets)]
-        self.optimizer = new_optimizer()  # configured without global_clipnorm: the norm is global here
+        self.optimizer = self.new_optimizer()  # configured without global_clipnorm: the norm is global here
         self.optimizer.build(self.shards)
         self.refresh()
 
@@ -81,23 +90,58 @@ class ShardedOptimizer:
         optimizer to save, the others None."""
         full = self.full_optimizer() if write else None
         full_slots = optimizer_slots(full) if write else {}
-        for name, slots in optimizer_slots(self.optimizer).items():
-            for i, (bucket, slot) in enumerate(zip(self.buckets, slots)):
-                whole = self.hvd.allgather(slot.value, name=f"zero_save_{name}_{i}")
-                if write:
-                    for piece, part in self._unflatten(whole, bucket):
-                        full_slots[name][piece.index].assign(part)
+        for name, index, part in self._gather_slots("zero_save"):
+            if write:
+                full_slots[name][index].assign(part)
         if write:
             full.iterations.assign(self.optimizer.iterations)
         yield full
 
+    def _gather_slots(self, label: str) -> Iterator[tuple[str, int, tf.Tensor]]:
+        """Every rank: (slot name, model variable index, that variable's whole slot), one all-gather per
+        bucket and slot kind (named `label_...`: every rank must gather in the same order)."""
+        for name, slots in optimizer_slots(self.optimizer).items():
+            for i, (bucket, slot) in enumerate(zip(self.buckets, slots)):
+                whole = self.hvd.allgather(slot.value, name=f"{label}_{name}_{i}")
+                for piece, part in self._unflatten(whole, bucket):
+                    yield name, piece.index, part
+
     def load(self, full: Any) -> None:
         """Take this rank's slices of a replicated optimizer's slots (restored from a checkpoint)."""
         full_slots = optimizer_slots(full)
+        self._load_slots(lambda name: [s.value for s in full_slots[name]], full.iterations)
+
+    def _load_slots(self, whole: Callable[[str], list], iterations: Any) -> None:
+        """This rank's slices of the slots `whole(slot name)` gives (one whole tensor per model variable)."""
         for name, slots in optimizer_slots(self.optimizer).items():
+            values = whole(name)
             for bucket, slot in zip(self.buckets, slots):
-                slot.assign(self._mine(self._flatten([s.value for s in full_slots[name]], bucket), bucket))
-        self.optimizer.iterations.assign(full.iterations)
+                slot.assign(self._mine(self._flatten(values, bucket), bucket))
+        self.optimizer.iterations.assign(iterations)
+
+    # ---------------------------------------------------------------- elastic Horovod (re-sharding)
+    # A lost rank takes its slices with it, so an elastic commit keeps the replicated form of the sharded
+    # state in every rank's host memory (trainer/strategy/horovod_elastic.py), as a replicated elastic run
+    # keeps its whole state; after the world changed size every rank re-plans and takes its new slices.
+    def host_copy(self) -> dict[str, np.ndarray]:
+        """Every rank: the optimizer's state whole, in host memory: {"<slot>/<variable index>": array,
+        "iterations": array} (the model's variables are whole on every rank already)."""
+        out = {f"{name}/{index}": part.numpy() for name, index, part in self._gather_slots("zero_commit")}
+        out["iterations"] = np.asarray(self.optimizer.iterations.numpy())
+        return out
+
+    def host_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """The keys of `host_copy` with each array's (shape, dtype): what a worker that joins receives."""
+        out = {f"{name}/{i}": (tuple(v.shape), np.float32)
+               for name in optimizer_slots(self.optimizer) for i, v in enumerate(self.variables)}
+        out["iterations"] = ((), np.int64)
+        return out
+
+    def reshard(self, host: dict[str, np.ndarray]) -> None:
+        """For the current number of ranks: new buckets, shards re-cut from the model's variables, a new
+        optimizer (the run's: `self.optimizer`) holding this rank's slices of `host` (a `host_copy`)."""
+        self._plan()
+        self._load_slots(lambda name: [host[f"{name}/{i}"] for i in range(len(self.variables))], host["iterations"])
 
     # ------------------------------------------------------------------------ the step's update
     def __call__(self, grads: list, ok: tf.Tensor) -> None:

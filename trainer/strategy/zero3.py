@@ -20,6 +20,10 @@ Wired into training by `Zero3State` (the run's update and its shards' optimizer)
 step's gradients: one reduce-scattered slice per level with parameters), built by `build_replica`
 (trainer/strategy/replica.py); checkpoints are written level by level (trainer/checkpoint_zero3.py).
 
+Elastic Horovod: `host_copy` (every commit: the parameters and optimizer state gathered level by level into
+each rank's host memory) and `reshard` (after the world changed size: new level buckets, this rank's slices of
+that copy), as zero 1/2 do (trainer/strategy/zero.py).
+
 Limits, each a one-line refusal in trainer/parallel/layout.py: variables shared by two levels (tied
 embeddings) and non-trainable variables are not supported; randomness inside a level (dropout) would draw
 the same mask in the forward and in the recompute (a StatelessScope records the seed generator's update
@@ -60,7 +64,8 @@ def is_deferred(variable: Any) -> bool:
 class ShardedLevels:
     """This rank's slice of each level's parameters, and the level-by-level step over them."""
 
-    def __init__(self, hvd: Any, model: Any) -> None:
+    def __init__(self, hvd: Any, model: Any, *, initialize: bool = True) -> None:
+        """`initialize=False`: shards of zeros (an elastic re-shard loads them from the committed state)."""
         self.hvd, self.model = hvd, model
         self.rank, self.ranks = hvd.rank(), hvd.size()
         self.level_vars = [list(level.trainable_variables) for level in model.levels]
@@ -68,7 +73,7 @@ class ShardedLevels:
         self.buckets: list[Bucket | None] = [
             plan_buckets([int(np.prod(v.shape)) for v in vs], self.ranks, NO_CAP)[0] if vs else None
             for vs in self.level_vars]
-        self.shards = [self._init_shard(i) for i in range(len(self.level_vars))]
+        self.shards = [self._init_shard(i) if initialize else self._zero_shard(i) for i in range(len(self.level_vars))]
 
     def _check(self, model: Any) -> None:
         seen: set[int] = set()
@@ -93,6 +98,13 @@ class ShardedLevels:
         # the whole level alive (measured: a sharded 200M-parameter model held the whole model's bytes).
         mine = np.array(flatten_bucket(values, bucket)[start:stop], copy=True)
         return keras.Variable(mine, dtype="float32", trainable=True, name=f"zero3_shard_{i}")
+
+    def _zero_shard(self, i: int) -> Any:
+        bucket = self.buckets[i]
+        if bucket is None:
+            return None
+        return keras.Variable(np.zeros(bucket.shard, np.float32), dtype="float32", trainable=True,
+                              name=f"zero3_shard_{i}")
 
     # ------------------------------------------------------------------------------- collectives
     def gather(self, i: int, after: Any = None) -> list[tf.Tensor]:
@@ -127,24 +139,31 @@ class ShardedLevels:
         # carries[j]: the input of level j. Level i's gather waits for level i-2's output (carries[i-1]): at
         # most two levels are whole at a time, the one running and the next one's prefetch.
         carries = [{k: tf.convert_to_tensor(v) for k, v in inputs.items()}]
-        for i in range(len(self.level_vars)):  # forward: each level's weights live only during its call
-            params = self.gather(i, carries[i - 1] if i >= 2 else None) if self.buckets[i] is not None else []
-            carries.append(self._run(i, params, carries[-1], training))
-        last = carries[-1]
-        floats = [k for k, v in last.items() if v.dtype.is_floating]
-        with tf.GradientTape() as tape:
-            tape.watch([last[k] for k in floats])
-            loss = loss_fn(last)
-        upstream = dict(zip(floats, tape.gradient(loss, [last[k] for k in floats])))
+        last = len(self.level_vars) - 1
+        for i in range(last):  # forward: each level's weights live only during its call
+            carries.append(self._run(i, self._prefetch(i, carries), carries[-1], training))
         grads: list = [None] * len(self.level_vars)
+        # The last level's forward runs under the loss's tape: its backward follows at once, so its weights stay
+        # gathered and nothing of it is recomputed (one level's forward saved per micro-step).
+        params, carry = self._prefetch(last, carries), carries[last]
+        ins = [k for k, v in carry.items() if v.dtype.is_floating]
+        with tf.GradientTape() as tape:
+            tape.watch(params + [carry[k] for k in ins])
+            loss = loss_fn(self._run(last, params, carry, training))
+        got = tape.gradient(loss, params + [carry[k] for k in ins])
+        upstream, grads[last] = dict(zip(ins, got[len(params):])), self._reduce_scatter(last, got[:len(params)])
         # done[-2]: the backward of level i+2 (its input gradient and its reduce-scattered slice). Waiting for the
         # slice too bounds the reduce-scatters in flight: Horovod runs them on its own thread, each holding its
         # level's whole gradient until it is done, and one slower than the compute let them pile up.
-        done = [upstream]
-        for i in reversed(range(len(self.level_vars))):  # backward: gather again, recompute, reduce-scatter
+        done = [(upstream, grads[last])]
+        for i in reversed(range(last)):  # backward: gather again, recompute, reduce-scatter
             upstream, grads[i] = self._backward(i, carries[i], upstream, training, done[-2] if len(done) > 1 else None)
             done.append((upstream, grads[i]))
         return loss, grads
+
+    def _prefetch(self, i: int, carries: list) -> list:
+        """Level i's weights for its forward, gathered once level i-2's output exists (carries[i-1])."""
+        return self.gather(i, carries[i - 1] if i >= 2 else None) if self.buckets[i] is not None else []
 
     def _backward(self, i: int, carry: dict, upstream: dict, training: bool, after: Any) -> tuple[dict, Any]:
         params = self.gather(i, after) if self.buckets[i] is not None else []
@@ -155,14 +174,15 @@ class ShardedLevels:
         keys = [k for k in out if upstream.get(k) is not None]
         got = tape.gradient([out[k] for k in keys], params + [carry[k] for k in ins],
                             output_gradients=[upstream[k] for k in keys])
-        param_grads, in_grads = got[:len(params)], got[len(params):]
-        shard_grad = None
-        if self.buckets[i] is not None:
-            dense = [tf.zeros(v.shape, tf.float32) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
-                     for g, v in zip(param_grads, self.level_vars[i])]
-            shard_grad = self.hvd.reducescatter(flatten_bucket(dense, self.buckets[i]), op=self.hvd.Sum,
-                                                name=f"zero3_rs_{i}")
-        return dict(zip(ins, in_grads)), shard_grad
+        return dict(zip(ins, got[len(params):])), self._reduce_scatter(i, got[:len(params)])
+
+    def _reduce_scatter(self, i: int, param_grads: list) -> Any:
+        """Level i's weight gradients summed over the ranks into this rank's slice (None: no parameters)."""
+        if self.buckets[i] is None:
+            return None
+        dense = [tf.zeros(v.shape, tf.float32) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
+                 for g, v in zip(param_grads, self.level_vars[i])]
+        return self.hvd.reducescatter(flatten_bucket(dense, self.buckets[i]), op=self.hvd.Sum, name=f"zero3_rs_{i}")
 
     def clip(self, grads: list, clip_norm: float) -> list:
         """Clip the slices by the global norm of the whole summed gradient (`clip_scale`)."""
@@ -199,12 +219,16 @@ class Zero3State:
 
     def __init__(self, hvd: Any, model: Any, new_optimizer: Callable[[], Any], *, clip_norm: float | None) -> None:
         self.hvd, self.model, self.new_optimizer, self.clip_norm = hvd, model, new_optimizer, clip_norm
-        self.levels = ShardedLevels(hvd, model)
+        self._plan(ShardedLevels(hvd, model))
+
+    def _plan(self, levels: ShardedLevels) -> None:
+        """Take `levels` (this rank's shards for the current number of ranks) and a fresh optimizer over them."""
+        self.levels = levels
         self.shards = [s for s in self.levels.shards if s is not None]
         # level -> its position in `shards` (and in the optimizer's slot lists); None: no parameters
         positions = iter(range(len(self.shards)))
         self.position = [None if s is None else next(positions) for s in self.levels.shards]
-        self.optimizer = new_optimizer()  # configured without global_clipnorm: the norm is global here
+        self.optimizer = self.new_optimizer()  # configured without global_clipnorm: the norm is global here
         self.optimizer.build(self.shards)
 
     def owned_variables(self) -> list:
@@ -284,6 +308,41 @@ class Zero3State:
             flat = flatten_bucket([read(v, name) for v in variables], bucket)
             target.assign(np.array(flat[start:stop], copy=True))
 
+    # ---------------------------------------------------------------- elastic Horovod (re-sharding)
+    # As ZeRO 1/2 (trainer/strategy/zero.py): an elastic commit keeps the whole state in every rank's host
+    # memory, gathered level by level (a lost rank takes its slices, here of the parameters too, with it).
+    def host_copy(self) -> dict[str, np.ndarray]:
+        """Every rank: parameters and optimizer state whole, in host memory: {"param/<variable index>",
+        "<slot>/<variable index>": array, "iterations": array}, indices into `model.trainable_variables`."""
+        index = self._variable_index()
+        out = {"iterations": np.asarray(self.optimizer.iterations.numpy())}
+        for i in range(self.level_count()):
+            for variable, parts in self.gather_level(i):
+                out.update({f"{name or 'param'}/{index[id(variable)]}": t.numpy() for name, t in parts.items()})
+        return out
+
+    def host_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """The keys of `host_copy` with each array's (shape, dtype): what a worker that joins receives."""
+        from trainer.strategy.zero import optimizer_slots
+
+        names = ["param", *optimizer_slots(self.optimizer)]
+        out = {f"{name}/{i}": (tuple(v.shape), np.float32) for name in names
+               for i, v in enumerate(self.model.trainable_variables)}
+        out["iterations"] = ((), np.int64)
+        return out
+
+    def reshard(self, host: dict[str, np.ndarray]) -> None:
+        """For the current number of ranks: new level buckets and shards, a new optimizer (the run's), this
+        rank's slices of `host` (a `host_copy`) loaded level by level."""
+        self._plan(ShardedLevels(self.hvd, self.model, initialize=False))
+        index = self._variable_index()
+        for i in range(self.level_count()):
+            self.load_level(i, lambda variable, name: host[f"{name or 'param'}/{index[id(variable)]}"])
+        self.optimizer.iterations.assign(host["iterations"])
+
+    def _variable_index(self) -> dict[int, int]:
+        return {id(v): k for k, v in enumerate(self.model.trainable_variables)}
+
     def gathered_weights(self):
         """Every parameter, whole, level by level (a generator: at most one level at a time; every rank)."""
         for i in range(self.level_count()):
@@ -305,9 +364,13 @@ class Zero3Engine:
     reported: tuple[str, ...] = ()
 
     def __init__(self, state: Zero3State, task: Any, *, global_batch: int, grad_accum: int = 1) -> None:
-        self.state, self.levels, self.task = state, state.levels, task
+        self.state, self.task = state, task
         self.global_batch, self.grad_accum = global_batch, grad_accum
         self.specs = dict(state.model.input_specs)
+
+    @property
+    def levels(self) -> ShardedLevels:
+        return self.state.levels  # (replaced when an elastic job re-shards)
 
     def _inputs(self, batch: dict) -> dict:
         inputs = self.task.model_inputs(batch)
