@@ -6,11 +6,11 @@ One process pair trains the tiny transformer through the real training loop (tra
 step, NaN/Inf flags and stop votes, checkpoint hook, evaluation) once per case at zero 0 and at the ZeRO levels
 asked for (default: every entry of CASES), from the same initial weights:
   * adamw    : AdamW with weight decay, clipping by the global norm (1.0), grad_accum 2 (zero 1, 2 and 3);
-  * sgd      : plain SGD (no momentum: a wrong gradient scale moves every step), lr 0.5 (zero 1, 2 and 3);
+  * sgd      : plain SGD (no momentum: a wrong gradient scale moves every step), lr 0.1 (zero 1, 2 and 3);
   * sgd-clip : the same with clipping by the global norm (0.5), which SGD does not hide (zero 2 and 3).
-Each rank checks, against the zero 0 run of the same case in this process: the loss curve (20 steps, within
-1e-5 relative) and the final evaluation's loss (1e-5 relative), the final weights (within 1e-3; zero 3:
-all-gathered level by level), the optimizer state it really holds (slot elements = 1/N of the replicated
+Each rank checks, against the zero 0 run of the same case in this process: the loss curve (the first 20 of
+200 steps within 1e-5 relative, the loss at step 200 within 1e-3), the final evaluation's loss (1e-3
+relative), the final weights at step 200 (within 1e-3; zero 3: all-gathered level by level), the optimizer state it really holds (slot elements = 1/N of the replicated
 optimizer's, +-1%); with zero 3 also the parameters it really holds (its shards + any model variable with
 storage) <= 1/N of the model + its two largest levels; the chief also reads both final checkpoints back and
 checks they hold the same variables in the same (replicated) format, equal within 1e-3. Prints `zero_check: ...`
@@ -27,13 +27,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 20
+STEPS, CURVE = 200, 20  # issue 13: the curve over the first 20 steps, loss and weights at step 200
 TINY = ["model.d_model=32", "model.num_heads=2", "model.ff_dim=64", "model.encoder_layers=1", "model.decoder_layers=1",
         "model.dropout=0.0", "data.builtin.train_examples=400", "data.builtin.val_examples=40",
         "data.builtin.test_examples=40", "data.vocab_size=300", "data.batch_size=8", f"train.steps={STEPS}",
         "train.log_every=1", "eval.max_batches=1", "eval.rouge_examples=2", "logging.progress_bar=false",
         f"checkpoint.every={STEPS}", "distribution.backend=horovod"]
-SGD = ["optimizer.name=sgd", "optimizer.lr=0.5", "optimizer.weight_decay=0.0", "optimizer.schedule=constant"]
+SGD = ["optimizer.name=sgd", "optimizer.lr=0.1", "optimizer.weight_decay=0.0", "optimizer.schedule=constant"]
 # case -> (overrides, ZeRO levels compared with its zero 0 run)
 CASES = {
     "adamw": (["train.grad_accum=2"], (1, 2, 3)),  # the config's AdamW: weight decay 0.01, clip_norm 1.0, cosine
@@ -87,11 +87,15 @@ def compare(case: str, zero: int, got: dict, ref: dict, ranks: int, chief: bool)
     problems = []
     if len(got["losses"]) != STEPS or len(ref["losses"]) != STEPS:
         problems.append(f"{len(got['losses'])}/{len(ref['losses'])} losses logged, expected {STEPS}")
-    rel = np.max(np.abs(got["losses"] - ref["losses"]) / np.abs(ref["losses"]))
+    rel = np.max(np.abs(got["losses"][:CURVE] - ref["losses"][:CURVE]) / np.abs(ref["losses"][:CURVE]))
     if not rel <= 1e-5:
-        problems.append(f"loss curve differs by {rel:.3g} relative (> 1e-5): {got['losses']} vs {ref['losses']}")
-    if len(got["val_loss"]) != 1 or not np.allclose(got["val_loss"], ref["val_loss"], rtol=1e-5, atol=0):
-        problems.append(f"validation loss {got['val_loss']} vs replicated {ref['val_loss']} (1e-5 relative)")
+        problems.append(f"loss curve differs by {rel:.3g} relative (> 1e-5) over the first {CURVE} steps: "
+                        f"{got['losses'][:CURVE]} vs {ref['losses'][:CURVE]}")
+    last = abs(got["losses"][-1] - ref["losses"][-1]) / abs(ref["losses"][-1])
+    if not last <= 1e-3:
+        problems.append(f"loss at step {STEPS} differs by {last:.3g} relative (> 1e-3)")
+    if len(got["val_loss"]) != 1 or not np.allclose(got["val_loss"], ref["val_loss"], rtol=1e-3, atol=0):
+        problems.append(f"validation loss {got['val_loss']} vs replicated {ref['val_loss']} (1e-3 relative)")
     worst = max(float(np.max(np.abs(a - b))) for a, b in zip(got["weights"], ref["weights"]))
     if not worst <= 1e-3:
         problems.append(f"weights differ by up to {worst:.3g} (> 1e-3)")
@@ -104,7 +108,8 @@ def compare(case: str, zero: int, got: dict, ref: dict, ranks: int, chief: bool)
         problems += compare_checkpoints(got["checkpoints"], ref["checkpoints"])
     held = f", parameters held {got['held']} <= {got['bound']:.0f}" if zero == 3 else ""
     held += f", val loss {got['val_loss']} vs {ref['val_loss']}"
-    print(f"zero_check: {case} zero {zero}: loss rel diff {rel:.2e}, weights max diff {worst:.2e}, "
+    print(f"zero_check: {case} zero {zero}: loss rel diff {rel:.2e} (steps 1-{CURVE}), {last:.2e} (step {STEPS}), "
+          f"weights max diff {worst:.2e}, "
           f"slots {got['slots']} = {ratio:.4f} x 1/{ranks} of {ref['slots']}{held}", flush=True)
     return [f"{case} zero {zero}: {p}" for p in problems]
 
