@@ -7,7 +7,13 @@ step, NaN/Inf flags and stop votes, checkpoint hook, evaluation) once per case a
 asked for (default: every entry of CASES), from the same initial weights:
   * adamw    : AdamW with weight decay, clipping by the global norm (1.0), grad_accum 2 (zero 1, 2 and 3);
   * sgd      : plain SGD (no momentum: a wrong gradient scale moves every step), lr 0.5 (zero 1, 2 and 3);
-  * sgd-clip : the same with clipping by the global norm (0.5), which SGD does not hide (zero 2 and 3).
+  * sgd-clip : the same with clipping by the global norm (0.5), which SGD does not hide (zero 2 and 3);
+  * pipe-adamw, pipe-sgd: 2 pipeline stages per rank on logical CPU devices (zero 1 and 2: ZeRO across the
+    data-parallel group of each stage), AdamW clipped by the global norm over both stages and ranks (0.2,
+    below the norm) and plain SGD; each rank also checks that every shard and its slots live on the device of
+    its stage and that the update's collectives of each bucket are placed there (the update traced, not run),
+    and, with `adamw` run too, the chief that the pipelined ZeRO checkpoint holds exactly the variables, shapes
+    and dtypes of the unpipelined replicated one (`adamw` zero 0).
 Each rank checks, against the zero 0 run of the same case in this process: the loss curve (20 steps, within
 1e-5 relative) and the final evaluation's loss (1e-5 relative), the final weights (within 1e-3; zero 3:
 all-gathered level by level), the optimizer state it really holds (slot elements = 1/N of the replicated
@@ -79,7 +85,9 @@ def run_case(out: Path, case: str, zero: int, strategy) -> dict:
 
     train(exp, strategy, extra_hooks=[Losses()])
     slots = sum(int(np.prod(s.shape)) for v in optimizer_slots(exp.optimizer).values() for s in v)
-    misplaced = misplaced_state(strategy.zero_state, exp.engine) if zero and case.startswith("pipe") else []
+    misplaced = []
+    if zero and case.startswith("pipe"):
+        misplaced = misplaced_state(strategy.zero_state, exp.engine) + misplaced_ops(strategy.zero_state, exp.engine)
     levels = [[int(np.prod(v.shape)) for v in level.trainable_variables] for level in exp.model.levels]
     if zero == 3:  # no variable of the model has storage: gather each level in turn (every rank)
         weights, held = list(strategy.zero_state.gathered_weights()), strategy.zero_state.held_elements()
@@ -112,6 +120,32 @@ def misplaced_state(state, engine) -> list[str]:
         if owners != {wanted} or set(held) != {wanted}:
             problems.append(f"bucket {i} (stage {bucket.stage}, {wanted}): variables on {owners}, shard and slots "
                             f"on {held}")
+    return problems
+
+
+def misplaced_ops(state, engine) -> list[str]:
+    """A pipelined ZeRO run: the step's update traced (not run) over zero gradients; every bucket's
+    collectives (reduce-scatter or all-reduce, all-gather, in the update's graph and its branches) are placed on
+    its stage's device. Empty: all in place."""
+    import re
+
+    import tensorflow as tf
+
+    grads = [tf.zeros(v.shape, v.dtype) for v in state.variables]
+    graph = tf.function(lambda: state(grads, tf.constant(True))).get_concrete_function().graph.as_graph_def()
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    found, problems = 0, []
+    for node in nodes:
+        match = re.search(r"zero_(rs|ar|ag)_(\d+)$", node.name)
+        if node.op.startswith("Horovod") and match:
+            found += 1
+            wanted = tf.DeviceSpec.from_string(engine.devices[state.buckets[int(match.group(2))].stage])
+            got = tf.DeviceSpec.from_string(node.device)
+            if ((got.device_type or "").upper(), got.device_index or 0) != (wanted.device_type.upper(),
+                                                                              wanted.device_index or 0):
+                problems.append(f"{node.op} {node.name} on {node.device or 'no device'}, not {wanted.to_string()}")
+    if found != 2 * len(state.buckets):
+        problems.append(f"{found} ZeRO collectives in the update's graph, expected {2 * len(state.buckets)}")
     return problems
 
 
@@ -156,6 +190,23 @@ def compare_checkpoints(got: Path, ref: Path) -> list[str]:
     return [] if worst <= 1e-3 else [f"checkpoints differ by up to {worst:.3g}"]
 
 
+def same_format(got: Path, ref: Path) -> list[str]:
+    """Both checkpoints hold the same variables, shapes and dtypes (values apart): a pipelined ZeRO run's
+    checkpoint is the unpipelined replicated run's format, which any layout restores."""
+    import tensorflow as tf
+
+    a, b = tf.train.load_checkpoint(str(got)), tf.train.load_checkpoint(str(ref))
+    if a.get_variable_to_shape_map() != b.get_variable_to_shape_map():
+        keys_a, keys_b = a.get_variable_to_shape_map(), b.get_variable_to_shape_map()
+        return [f"checkpoint variables differ from the unpipelined replicated run's: "
+                f"{sorted(k for k in set(keys_a) | set(keys_b) if keys_a.get(k) != keys_b.get(k))[:5]}"]
+    if a.get_variable_to_dtype_map() != b.get_variable_to_dtype_map():
+        return ["checkpoint dtypes differ from the unpipelined replicated run's"]
+    print(f"zero_check: {got.parent.name} checkpoint: same {len(a.get_variable_to_shape_map())} variables, shapes "
+          f"and dtypes as {ref.parent.name}'s", flush=True)
+    return []
+
+
 def main() -> int:
     out = Path(sys.argv[1])
     every = [f"{c}-zero{z}" for c, (_, zs) in CASES.items() for z in zs]
@@ -167,8 +218,7 @@ def main() -> int:
 
     # hvd.init, once; with a pipelined case, also the logical CPU devices of its stages, before TensorFlow starts
     piped = PIPE if any(c.startswith("pipe") for c in chosen) else []
-    strategy = make_strategy(load_config(REPO / "configs" / "transformer_small.yaml",
-                                         [*TINY, *piped]))
+    strategy = make_strategy(load_config(REPO / "configs" / "transformer_small.yaml", [*TINY, *piped]))
     problems, summary = [], {}
     for case, levels in chosen.items():
         ref = run_case(out, case, 0, strategy)
@@ -177,6 +227,10 @@ def main() -> int:
             found = compare(case, zero, got, ref, strategy.world_size, strategy.is_chief)
             problems += found
             summary[f"{case}-zero{zero}"] = "ok" if not found else found
+    if strategy.is_chief and chosen.get("pipe-adamw") and "adamw" in chosen:  # layout-free: pipelined = not
+        found = [f"pipe-adamw zero {max(chosen['pipe-adamw'])}: {p}" for p in same_format(
+            out / f"pipe-adamw-zero{max(chosen['pipe-adamw'])}" / "checkpoints", out / "adamw-zero0" / "checkpoints")]
+        problems += found  # the chief's alone: its exit code fails the job
     for problem in problems:
         print(f"zero_check: FAILED {problem}", flush=True)
     result = json.dumps({"rank": strategy.rank, "ranks": strategy.world_size, "cases": summary})
