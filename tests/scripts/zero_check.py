@@ -124,28 +124,45 @@ def misplaced_state(state, engine) -> list[str]:
 
 
 def misplaced_ops(state, engine) -> list[str]:
-    """A pipelined ZeRO run: the step's update traced (not run) over zero gradients; every bucket's
-    collectives (reduce-scatter or all-reduce, all-gather, in the update's graph and its branches) are placed on
-    its stage's device. Empty: all in place."""
+    """A pipelined ZeRO run: the step's update traced (not run) over zero gradients. Every bucket's collectives
+    (reduce-scatter or all-reduce, all-gather; in the update's graph and its tf.cond branch) are placed on its
+    stage's device, and every non-scalar tensor the optimizer computes has a device (its variable's:
+    trainer/strategy/zero.py `_update_on_variable_device`; unplaced, it would run on the first device). Empty:
+    all in place."""
     import re
 
     import tensorflow as tf
 
+    def ops(graph):  # the graph's operations and those of its tf.cond branches
+        for op in graph.get_operations():
+            yield op
+            for branch in (getattr(op, "_true_graph", None), getattr(op, "_false_graph", None)):
+                if branch is not None:
+                    yield from ops(branch)
+
+    def key(device: str) -> tuple:
+        spec = tf.DeviceSpec.from_string(device)
+        return (spec.device_type or "").upper(), spec.device_index or 0
+
     grads = [tf.zeros(v.shape, v.dtype) for v in state.variables]
-    graph = tf.function(lambda: state(grads, tf.constant(True))).get_concrete_function().graph.as_graph_def()
-    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
-    found, problems = 0, []
-    for node in nodes:
-        match = re.search(r"zero_(rs|ar|ag)_(\d+)$", node.name)
-        if node.op.startswith("Horovod") and match:
+    every = list(ops(tf.function(lambda: state(grads, tf.constant(True))).get_concrete_function().graph))
+    problems, found = [], 0
+    for op in every:
+        match = re.search(r"zero_(rs|ar|ag)_(\d+)$", op.name)
+        if op.type.startswith("Horovod") and match:
             found += 1
-            wanted = tf.DeviceSpec.from_string(engine.devices[state.buckets[int(match.group(2))].stage])
-            got = tf.DeviceSpec.from_string(node.device)
-            if ((got.device_type or "").upper(), got.device_index or 0) != (wanted.device_type.upper(),
-                                                                              wanted.device_index or 0):
-                problems.append(f"{node.op} {node.name} on {node.device or 'no device'}, not {wanted.to_string()}")
+            wanted = engine.devices[state.buckets[int(match.group(2))].stage]
+            if not op.device or key(op.device) != key(wanted):
+                problems.append(f"{op.type} {op.name} on {op.device or 'no device'}, not {wanted}")
     if found != 2 * len(state.buckets):
         problems.append(f"{found} ZeRO collectives in the update's graph, expected {2 * len(state.buckets)}")
+    scope = f"/{state.optimizer.name}/"  # Adam's moments, AdamW's decay, SGD's step (not the scalar rate)
+    arithmetic = [op for op in every if scope in f"/{op.name}" and any(o.shape.rank != 0 for o in op.outputs)
+                  and op.type not in ("Placeholder", "Identity", "IdentityN", "ReadVariableOp")]
+    unplaced = [op.name for op in arithmetic if not op.device]
+    if not arithmetic or unplaced:
+        problems.append(f"{len(unplaced)} of the optimizer's {len(arithmetic)} tensor ops without a device: "
+                        f"{unplaced[:4]}")
     return problems
 
 

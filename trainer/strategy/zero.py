@@ -190,14 +190,25 @@ def flatten_bucket(tensors: list, bucket: Bucket) -> tf.Tensor:
 def _update_on_variable_device(optimizer: Any) -> None:
     """Make `optimizer` build each variable's update under that variable's device: Keras' TensorFlow backend
     places a slot with its variable but leaves the update's arithmetic unplaced (the first device would get
-    it). `update_step(gradient, variable, learning_rate)` is Keras' per-variable hook for optimizers."""
-    update_step = optimizer.update_step
+    it). Wrapped: `update_step(gradient, variable, learning_rate)`, Keras' per-variable hook for optimizers,
+    and the TensorFlow backend's `_apply_weight_decay(variables)` (AdamW's decay, one variable at a time)."""
+    update_step, decay = optimizer.update_step, getattr(optimizer, "_apply_weight_decay", None)
 
-    def placed(gradient: Any, variable: Any, learning_rate: Any) -> Any:
-        with tf.device((variable.value if isinstance(variable, keras.Variable) else variable).device):
+    def device_of(variable: Any) -> str:
+        return (variable.value if isinstance(variable, keras.Variable) else variable).device
+
+    def placed_update(gradient: Any, variable: Any, learning_rate: Any) -> Any:
+        with tf.device(device_of(variable)):
             return update_step(gradient, variable, learning_rate)
 
-    optimizer.update_step = placed
+    def placed_decay(variables: list) -> None:
+        for variable in variables:
+            with tf.device(device_of(variable)):
+                decay([variable])
+
+    optimizer.update_step = placed_update
+    if decay is not None:
+        optimizer._apply_weight_decay = placed_decay
 
 
 def _dense(grad: Any, variable: Any) -> tf.Tensor:
