@@ -220,6 +220,10 @@ CASES = [
     ("zero3-jit-compile", lambda d: ["launch", "-np", "2", "--backend", "horovod", SUMMARIZER, "--set",
                                      "distribution.zero=3", "--set", "train.jit_compile=true"],
      "train.jit_compile does not combine with distribution.zero 3"),
+    ("zero3-pipeline", lambda d: ["launch", "-np", "2", "--backend", "horovod", SUMMARIZER, "--set",
+                                  "distribution.zero=3", "--set", f"distribution.pipeline={{{PIPE}}}"],
+     "distribution.zero 3 does not combine with distribution.pipeline: zero 3's level-by-level engine is itself a "
+     "schedule over the levels; use distribution.zero=2 with a pipeline"),
     ("plan-device-memory-unreadable", lambda d: ["plan", CLASSIFIER, "--device-memory", "lots"],
      "--device-memory 'lots': expected a positive size such as 80GB"),
     ("plan-does-not-fit", lambda d: ["plan", str(CONFIGS / "transformer_small.yaml"), "--device-memory", "1MB"],

@@ -3,7 +3,8 @@
 Equivalence: one process pair per controller (Gloo, MPI) runs tests/scripts/zero_check.py, which trains the
 tiny transformer through the training loop at zero 0, 1, 2 and 3 (AdamW with clipping and accumulation; plain
 SGD) and checks loss curves, weights, the optimizer state (zero 3: and the parameters) each rank holds and the
-checkpoints.
+checkpoints; on Gloo also with 2 pipeline stages per rank (ZeRO across the data-parallel group of each stage:
+each stage's shards, slots and collectives on its device).
 
 Layout-free checkpoints, each start a fresh process: a zero-2 (zero-3) run on 2 ranks resumes replicated on 1
 rank, and a replicated run resumes as zero 2 (zero 3) on 2 ranks; all follow the uninterrupted 1-rank run's loss
@@ -29,9 +30,11 @@ CONFIG = str(CONFIGS / "transformer_small.yaml")
 
 
 # Gloo runs every case; MPI (the same code over another transport) the scale-sensitive one, and AdamW at zero 3
-# (its accumulation and clipping are zero 3's own code), to keep CI short.
+# (its accumulation and clipping are zero 3's own code), to keep CI short. Pipelined (2 stages per rank): AdamW
+# with clipping at zero 2 (reduce-scatter) and SGD at zero 1 (all-reduce), both levels and both optimizers
+# once; `zero_check.py` runs all four (pipe-adamw and pipe-sgd at zero 1 and 2) when asked.
 CASES = {"gloo": {"adamw-zero1", "adamw-zero2", "adamw-zero3", "sgd-zero1", "sgd-zero2", "sgd-zero3",
-                  "sgd-clip-zero2", "sgd-clip-zero3"},
+                  "sgd-clip-zero2", "sgd-clip-zero3", "pipe-adamw-zero2", "pipe-sgd-zero1"},
          "mpi": {"sgd-zero1", "sgd-zero2", "sgd-zero3", "adamw-zero3"}}
 
 

@@ -365,6 +365,16 @@ def test_plan_numbers():
     assert plan.warnings() == []
 
 
+def test_plan_with_zero_counts_the_sharded_bytes_per_parameter_and_says_so():
+    from trainer.parallel.zero import shard_bytes
+
+    plan = _plan(zero=2, bytes_per_param=shard_bytes(1, 2, 2).total)  # 2 ranks: 4 + 2 + 6 bytes per parameter
+    assert plan.memory_bytes(1) == 2_000_000 * 12 + 32 * 2**20
+    assert "zero 2: each stage's optimizer state and gradients sharded over its data-parallel group (2 ranks): " \
+           "12 bytes per parameter per rank" in report.format_report(plan)
+    assert "zero" not in report.format_report(_plan())
+
+
 def test_plan_warnings():
     few = _plan(micro_batches=2, global_batch=64)
     assert few.warnings() == ["micro_batches (2) < 4 x stages (2): bubble 33%; use >= 8"]

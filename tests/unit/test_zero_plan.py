@@ -7,7 +7,7 @@ from tests.conftest import CONFIGS
 from trainer.config import load_config
 from trainer.errors import ConfigError
 from trainer.parallel.layout import layout_for
-from trainer.parallel.zero import ModelShape, plan_buckets, rank_bytes, shard_bytes
+from trainer.parallel.zero import ModelShape, plan_buckets, plan_stage_buckets, rank_bytes, shard_bytes
 
 
 def test_buckets_cover_every_element_once_and_split_evenly_over_ranks():
@@ -24,6 +24,35 @@ def test_buckets_cover_every_element_once_and_split_evenly_over_ranks():
             assert offsets == [sum(p.size for p in b.pieces[:i]) for i in range(len(b.pieces))]
             assert b.size <= 9 or len(b.pieces) == 1  # a bucket exceeds the cap only for one large variable
     assert [len(b.pieces) for b in plan_buckets(sizes, 2, cap=9)] == [2, 1, 2]  # 5+3 | 10 | 2+7
+
+
+def test_stage_buckets_never_mix_stages_and_keep_each_stages_variable_order():
+    """A pipelined replica: variables interleaved over stages (the model's order need not follow the stages);
+    each stage's variables form their own buckets, in model order, with their indices in the model's list."""
+    sizes, stages = [5, 3, 10, 2, 7, 4], [1, 0, 0, 1, 0, 1]
+    buckets = plan_stage_buckets(sizes, stages, 2, cap=9)
+    assert [b.stage for b in buckets] == [0, 0, 0, 1, 1]  # stage 0: 3 | 10 | 7 (cap 9), stage 1: 5+2 | 4
+    assert [[p.index for p in b.pieces] for b in buckets] == [[1], [2], [4], [0, 3], [5]]
+    for b in buckets:
+        assert {stages[p.index] for p in b.pieces} == {b.stage}  # one stage per bucket
+        assert b.padded % 2 == 0 and [p.offset for p in b.pieces] == [sum(p.size for p in b.pieces[:i])
+                                                                       for i in range(len(b.pieces))]
+    for stage in (0, 1):
+        indices = [p.index for b in buckets if b.stage == stage for p in b.pieces]
+        assert indices == [i for i, s in enumerate(stages) if s == stage]  # model order within the stage
+        assert [p.size for b in buckets if b.stage == stage for p in b.pieces] == [sizes[i] for i in indices]
+    assert plan_stage_buckets(sizes, [0] * len(sizes), 2, cap=9) == plan_buckets(sizes, 2, cap=9)  # no pipeline
+    with pytest.raises(ValueError, match="one stage per variable"):
+        plan_stage_buckets(sizes, stages[:-1], 2)
+
+
+def test_zero_1_and_2_lay_out_with_a_pipeline():
+    for zero in (1, 2):
+        cfg = load_config(CONFIGS / "transformer_small.yaml", [f"distribution.zero={zero}",
+                                                                "distribution.backend=horovod",
+                                                                "distribution.pipeline={stages: 2}"])
+        layout = layout_for(cfg, 2)
+        assert layout.zero == zero and layout.pipeline_stages == 2
 
 
 def test_shard_bytes_are_the_textbook_fractions():
@@ -60,8 +89,9 @@ def test_zero3_rank_bytes_count_the_whole_levels_it_runs_and_only_the_carries():
      "train.jit_compile does not combine with distribution.zero 3"),
     (["distribution.zero=3", "distribution.backend=horovod", "model.dropout=0.1"], "set model.dropout=0.0"),
     (["distribution.zero=1", "distribution.backend=horovod", "train.mixed_precision=float16"], "use bfloat16"),
-    (["distribution.zero=1", "distribution.backend=horovod", "distribution.pipeline={stages: 2}"],
-     "does not combine with distribution.pipeline"),
+    (["distribution.zero=3", "distribution.backend=horovod", "distribution.pipeline={stages: 2}",
+      "model.dropout=0.0"], "zero 3's level-by-level engine is itself a schedule over the levels; use "
+                            "distribution.zero=2 with a pipeline"),
 ])
 def test_zero_refused_where_it_cannot_run(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):

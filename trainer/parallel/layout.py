@@ -11,7 +11,9 @@ Axes, outermost first:
   * grad_accum       micro-steps one replica accumulates before the update (without a pipeline; with one,
                      micro-batches already accumulate and grad_accum stays 1).
   * zero             sharding of optimizer state (1) and gradients (2) over the data-parallel replicas
-                     (Horovod ranks), and parameters too (3, level by level); 0 = replicated.
+                     (Horovod ranks), and parameters too (3, level by level); 0 = replicated. With a
+                     pipeline (1 and 2 only), each stage's state is sharded over the data-parallel group
+                     of that stage, the ranks, and stays on the stage's device.
   * tensor_parallel  devices that split each layer; reserved: only 1 exists today.
 
 Every process reads the rows of the global batch that belong to its data-parallel index (`data_shard`),
@@ -169,10 +171,10 @@ def _check_zero(cfg: "ExperimentConfig", zero: int) -> None:
         raise LayoutError(
             f"distribution.zero ({zero}) is implemented for backend horovod only (it needs a reduce-scatter and "
             "an all-gather of flat buckets); use strata launch --backend horovod, or distribution.zero=0")
-    if dist.pipeline is not None:
+    if dist.pipeline is not None and zero == 3:
         raise LayoutError(
-            f"distribution.zero ({zero}) does not combine with distribution.pipeline yet (the pipeline's variables "
-            "live on several devices); remove one of them")
+            "distribution.zero 3 does not combine with distribution.pipeline: zero 3's level-by-level engine is "
+            "itself a schedule over the levels; use distribution.zero=2 with a pipeline")
     if cfg.train.mixed_precision == "float16":
         raise LayoutError(
             "train.mixed_precision float16 (loss scaling) is not supported with distribution.zero; use bfloat16")

@@ -36,8 +36,10 @@ class PipelineReport:
     stage_costs: list[float] | None = None  # seconds per micro-batch per stage (for the imbalance warning)
     devices: list[str] | None = None  # device of each stage (first replica); default "GPU:s"
     device_memory_bytes: float | list[float] | None = None  # one number for all devices or one per stage
-    # fp32 weights + fp32 gradients + Adam's two fp32 moments = 16 bytes per parameter.
+    # fp32 weights + fp32 gradients + Adam's two fp32 moments = 16 bytes per parameter (replicated; with ZeRO
+    # 1/2 the per-rank figure of trainer/parallel/zero.py `shard_bytes`).
     bytes_per_param: float = 16.0
+    zero: int = 0  # distribution.zero: each stage's state sharded over the `replicas` ranks
     # Recomputation: each live micro-batch keeps only the stage's input (boundary) activations, plus one
     # micro-batch's full activations while its backward re-runs the forward.
     recompute: bool = False
@@ -193,6 +195,11 @@ def format_report(plan: PipelineReport) -> str:
         f"x {plan.per_replica_batch}; micro-batch size {plan.micro_batch_size} "
         f"({plan.per_replica_batch} / {m})",
     ]
+    if plan.zero:
+        sharded = "optimizer state" + (" and gradients" if plan.zero >= 2 else "")
+        lines.append(f"zero {plan.zero}: each stage's {sharded} sharded over its data-parallel group "
+                     f"({plural(plan.replicas, 'rank')}): {plan.bytes_per_param:.3g} bytes per parameter per rank "
+                     "in the stages' memory estimates (fp32 Adam; 16 replicated)")
     warnings = plan.warnings()
     if warnings:
         lines.append("warnings:")

@@ -33,10 +33,12 @@ class Piece:
 
 @dataclass(frozen=True)
 class Bucket:
-    """Variables laid end to end, padded to a multiple of `ranks` elements."""
+    """Variables laid end to end, padded to a multiple of `ranks` elements; all of pipeline stage `stage`
+    (0 without a pipeline), so its collectives run on that stage's device."""
 
     pieces: tuple[Piece, ...]
     ranks: int
+    stage: int = 0
 
     @property
     def size(self) -> int:
@@ -74,6 +76,23 @@ def plan_buckets(sizes: list[int], ranks: int, cap: int = BUCKET_ELEMENTS) -> tu
     if current:
         buckets.append(tuple(current))
     return tuple(Bucket(pieces, ranks) for pieces in buckets)
+
+
+def plan_stage_buckets(sizes: list[int], stages: list[int], ranks: int,
+                       cap: int = BUCKET_ELEMENTS) -> tuple[Bucket, ...]:
+    """Buckets for a pipelined replica: variable i (`sizes[i]` elements) lives on pipeline stage `stages[i]`.
+    Each stage's variables, in their order in `sizes`, are planned as `plan_buckets` does, so no bucket mixes
+    stages (a bucket's state and collectives stay on its stage's device); stages in ascending order. Pieces
+    keep the variables' indices in `sizes`."""
+    if len(stages) != len(sizes):
+        raise ValueError(f"{len(sizes)} variables but {len(stages)} stage indices; give one stage per variable")
+    out: list[Bucket] = []
+    for stage in sorted(set(stages)):
+        indices = [i for i, s in enumerate(stages) if s == stage]
+        for bucket in plan_buckets([sizes[i] for i in indices], ranks, cap):
+            pieces = tuple(Piece(indices[p.index], p.offset, p.size) for p in bucket.pieces)
+            out.append(Bucket(pieces, ranks, stage))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -205,4 +224,4 @@ def format_zero_report(shape: ModelShape, ranks: int, chosen: int, *, slots: int
 
 
 __all__ = ["BUCKET_ELEMENTS", "Bucket", "ModelShape", "Piece", "ShardBytes", "largest_depth", "parse_memory",
-           "format_zero_report", "plan_buckets", "rank_bytes", "shard_bytes"]
+           "format_zero_report", "plan_buckets", "plan_stage_buckets", "rank_bytes", "shard_bytes"]

@@ -82,9 +82,12 @@ class Strategy(abc.ABC):
         return OptimizerUpdate(self, optimizer, variables, loss_scaling=loss_scaling)
 
     def shard_optimizer(self, variables: list, new_optimizer: Callable[[], Any], *, stage: int,
-                        clip_norm: float | None) -> Any:
+                        clip_norm: float | None, stages: list[int] | None = None,
+                        devices: list[str] | None = None) -> Any:
         """ZeRO `stage`: this rank's slices of `variables` and an optimizer (`new_optimizer()`) over them,
-        which `make_update` then uses. Only Horovod shards (the layout refuses zero elsewhere)."""
+        which `make_update` then uses; with a pipeline, `stages` (each variable's stage) and `devices` (each
+        stage's device) keep every stage's slices on its device. Only Horovod shards (the layout refuses zero
+        elsewhere)."""
         raise NotImplementedError(f"distribution.zero needs backend horovod, not {self.name}")
 
     def shard_levels(self, model: Any, new_optimizer: Callable[[], Any], *, clip_norm: float | None) -> Any:

@@ -103,10 +103,12 @@ class Horovod(Strategy):
         return super().make_update(optimizer, variables, clip_norm=clip_norm, loss_scaling=loss_scaling)
 
     def shard_optimizer(self, variables: list, new_optimizer: Callable[[], Any], *, stage: int,
-                        clip_norm: float | None) -> Any:
+                        clip_norm: float | None, stages: list[int] | None = None,
+                        devices: list[str] | None = None) -> Any:
         from trainer.strategy.zero import ShardedOptimizer
 
-        self.zero_state = ShardedOptimizer(self.hvd, variables, new_optimizer, stage=stage, clip_norm=clip_norm)
+        self.zero_state = ShardedOptimizer(self.hvd, variables, new_optimizer, stage=stage, clip_norm=clip_norm,
+                                           stages=stages, devices=devices)
         return self.zero_state
 
     def shard_levels(self, model: Any, new_optimizer: Callable[[], Any], *, clip_norm: float | None) -> Any:

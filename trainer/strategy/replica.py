@@ -47,7 +47,7 @@ def build_replica(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, new
             model({k: tf.constant(v[:2]) for k, v in cfg.task.model_inputs(train_arrays).items()})  # variables
         strategy.zero_state = None
         if layout.zero:  # each rank builds the optimizer over its slices only (trainer/strategy/zero.py)
-            optimizer = _sharded_optimizer(cfg, layout, strategy, model)
+            optimizer = _sharded_optimizer(cfg, layout, strategy, model, engine)
         else:
             optimizer = build_optimizer(cfg.optimizer, total_steps=cfg.train.steps,
                                         num_replicas=strategy.num_replicas, mixed_precision=cfg.train.mixed_precision)
@@ -99,10 +99,14 @@ def _generates(cfg: ExperimentConfig) -> bool:
     return kind.extra_metrics is not Task.extra_metrics or kind.eval_summaries is not Task.eval_summaries
 
 
-def _sharded_optimizer(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, model: LevelModel):
+def _sharded_optimizer(cfg: ExperimentConfig, layout: Layout, strategy: Strategy, model: LevelModel,
+                       engine: GradientEngine | None):
     """ZeRO 1/2: the strategy's sharded optimizer over the model's trainable variables; its Keras optimizer
-    (over this rank's slices) is the run's optimizer."""
+    (over this rank's slices) is the run's optimizer. A pipelined replica (`engine` a PipelineEngine) shards
+    each stage's variables on that stage's device."""
     new_optimizer = _unclipped_optimizer(cfg, strategy)
+    stages = engine.stage_of(model.trainable_variables) if engine is not None else None
     state = strategy.shard_optimizer(model.trainable_variables, new_optimizer, stage=layout.zero,
-                                     clip_norm=cfg.optimizer.clip_norm)
+                                     clip_norm=cfg.optimizer.clip_norm, stages=stages,
+                                     devices=engine.devices if engine is not None else None)
     return state.optimizer

@@ -22,6 +22,12 @@ Elastic Horovod: a lost rank takes its slices with it, so each elastic commit ke
 (`host_copy`, all-gathered) in every rank's host memory, and after the world changed size every rank re-plans
 the buckets and takes its new slices (`reshard`; trainer/strategy/horovod_elastic.py `ShardedState`).
 
+With a pipeline (`stages`, `devices`: each variable's stage and each stage's device), ZeRO runs across the
+data-parallel group of each stage, which is the ranks (a rank is one replica, its stages devices of it): each
+stage's variables form their own buckets, whose shards and slots are created on the stage's device, and whose
+flatten, reduce-scatter, all-gather, unflatten and optimizer arithmetic run there, so no stage's state passes
+through another stage's device. Clipping still uses the one global norm, over every stage and rank.
+
 ZeRO 3 (parameters sharded too, level by level) is trainer/strategy/zero3.py; it shares this module's
 `optimizer_slots` and the bucket plan of trainer/parallel/zero.py.
 """
@@ -34,7 +40,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.parallel.zero import BUCKET_ELEMENTS, Bucket, plan_buckets
+from trainer.parallel.zero import BUCKET_ELEMENTS, Bucket, plan_buckets, plan_stage_buckets
 
 # Where Keras 3's optimizers keep their per-variable slots (one list entry per built variable, in order).
 SLOT_LISTS = ("_momentums", "_velocities", "_velocity_hats", "momentums")
@@ -51,22 +57,37 @@ class ShardedOptimizer:
     (the interface of trainer/strategy/base.py `OptimizerUpdate`)."""
 
     def __init__(self, hvd: Any, variables: list, new_optimizer: Callable[[], Any], *, stage: int,
-                 clip_norm: float | None, cap: int = BUCKET_ELEMENTS) -> None:
+                 clip_norm: float | None, cap: int = BUCKET_ELEMENTS, stages: list[int] | None = None,
+                 devices: list[str] | None = None) -> None:
+        """`stages` (one per variable) and `devices` (one per pipeline stage): a pipelined replica, whose
+        buckets are planned and kept per stage device; None: one device, one plan."""
         self.hvd, self.variables, self.new_optimizer = hvd, list(variables), new_optimizer
         self.stage, self.clip_norm, self.cap = stage, clip_norm, cap
+        self.stage_of = list(stages) if stages is not None else None  # each variable's pipeline stage
+        self.devices = list(devices) if devices is not None else None
         self._plan()
 
     def _plan(self) -> None:
         """Buckets for the current number of ranks, this rank's shards cut from the model's variables, and a
         fresh optimizer over them (at the start, and after an elastic job changed size: `reshard`)."""
         self.rank, self.ranks = self.hvd.rank(), self.hvd.size()
-        self.buckets: tuple[Bucket, ...] = plan_buckets([int(np.prod(v.shape)) for v in self.variables],
-                                                        self.ranks, self.cap)
-        self.shards = [keras.Variable(np.zeros(b.shard, np.float32), dtype="float32", trainable=True,
-                                      name=f"zero_shard_{i}") for i, b in enumerate(self.buckets)]
+        sizes = [int(np.prod(v.shape)) for v in self.variables]
+        self.buckets: tuple[Bucket, ...] = (plan_buckets(sizes, self.ranks, self.cap) if self.stage_of is None
+                                            else plan_stage_buckets(sizes, self.stage_of, self.ranks, self.cap))
+        self.shards = []
+        for i, b in enumerate(self.buckets):
+            with self._on(b):
+                self.shards.append(keras.Variable(np.zeros(b.shard, np.float32), dtype="float32", trainable=True,
+                                                  name=f"zero_shard_{i}"))
         self.optimizer = self.new_optimizer()  # configured without global_clipnorm: the norm is global here
-        self.optimizer.build(self.shards)
+        if self.devices is not None:
+            _update_on_variable_device(self.optimizer)
+        self.optimizer.build(self.shards)  # Keras creates each slot colocated with its shard
         self.refresh()
+
+    def _on(self, bucket: Bucket) -> Any:
+        """The device scope of a bucket's state and collectives: its stage's device (none without a pipeline)."""
+        return tf.device(self.devices[bucket.stage]) if self.devices is not None else contextlib.nullcontext()
 
     # ---------------------------------------------------------------------------- host side
     def owned_variables(self) -> list:
@@ -76,7 +97,8 @@ class ShardedOptimizer:
     def refresh(self) -> None:
         """Copy this rank's slices of the model's variables into the shards (after init, restore, broadcast)."""
         for bucket, shard in zip(self.buckets, self.shards):
-            shard.assign(self._mine(self._flatten([v.value for v in self.variables], bucket), bucket))
+            with self._on(bucket):
+                shard.assign(self._mine(self._flatten([v.value for v in self.variables], bucket), bucket))
 
     def full_optimizer(self) -> Any:
         """A throwaway optimizer of the configured kind over the model's variables: the checkpoint format."""
@@ -102,8 +124,10 @@ class ShardedOptimizer:
         bucket and slot kind (named `label_...`: every rank must gather in the same order)."""
         for name, slots in optimizer_slots(self.optimizer).items():
             for i, (bucket, slot) in enumerate(zip(self.buckets, slots)):
-                whole = self.hvd.allgather(slot.value, name=f"{label}_{name}_{i}")
-                for piece, part in self._unflatten(whole, bucket):
+                with self._on(bucket):
+                    whole = self.hvd.allgather(slot.value, name=f"{label}_{name}_{i}")
+                    parts = self._unflatten(whole, bucket)
+                for piece, part in parts:
                     yield name, piece.index, part
 
     def load(self, full: Any) -> None:
@@ -116,7 +140,8 @@ class ShardedOptimizer:
         for name, slots in optimizer_slots(self.optimizer).items():
             values = whole(name)
             for bucket, slot in zip(self.buckets, slots):
-                slot.assign(self._mine(self._flatten(values, bucket), bucket))
+                with self._on(bucket):
+                    slot.assign(self._mine(self._flatten(values, bucket), bucket))
         self.optimizer.iterations.assign(iterations)
 
     # ---------------------------------------------------------------- elastic Horovod (re-sharding)
@@ -146,14 +171,17 @@ class ShardedOptimizer:
     # ------------------------------------------------------------------------ the step's update
     def __call__(self, grads: list, ok: tf.Tensor) -> None:
         """Sum the replica's gradients over the ranks into this rank's slices, clip, apply if `ok`, gather."""
-        dense = [_dense(g, v) for g, v in zip(grads, self.variables)]
+        dense: list = [None] * len(self.variables)
         mine = []
         for i, bucket in enumerate(self.buckets):
-            flat = self._flatten(dense, bucket)
-            if self.stage >= 2:  # only this rank's slice of the sum ever exists here
-                mine.append(self.hvd.reducescatter(flat, op=self.hvd.Sum, name=f"zero_rs_{i}"))
-            else:
-                mine.append(self._mine(self.hvd.allreduce(flat, op=self.hvd.Sum, name=f"zero_ar_{i}"), bucket))
+            with self._on(bucket):
+                for p in bucket.pieces:
+                    dense[p.index] = _dense(grads[p.index], self.variables[p.index])
+                flat = self._flatten(dense, bucket)
+                if self.stage >= 2:  # only this rank's slice of the sum ever exists here
+                    mine.append(self.hvd.reducescatter(flat, op=self.hvd.Sum, name=f"zero_rs_{i}"))
+                else:
+                    mine.append(self._mine(self.hvd.allreduce(flat, op=self.hvd.Sum, name=f"zero_ar_{i}"), bucket))
         if self.clip_norm is not None:
             mine = self._clip(mine)
         tf.cond(ok, lambda: self._apply(mine), lambda: None)  # ok agrees on every rank: all gather, or none
@@ -161,18 +189,26 @@ class ShardedOptimizer:
     def _clip(self, mine: list[tf.Tensor]) -> list[tf.Tensor]:
         """Clip by the global norm of the whole summed gradient: the slices' squared sums, all-reduced
         (Keras' `global_clipnorm` formula, so replicated and sharded runs scale alike)."""
-        squares = self.hvd.allreduce(tf.add_n([tf.reduce_sum(tf.square(g)) for g in mine]), op=self.hvd.Sum,
-                                     name="zero_norm")
+        partial = []
+        for bucket, g in zip(self.buckets, mine):
+            with self._on(bucket):  # each stage's slices reduced on its device: one scalar leaves it
+                partial.append(tf.reduce_sum(tf.square(g)))
+        squares = self.hvd.allreduce(tf.add_n(partial), op=self.hvd.Sum, name="zero_norm")
         norm = tf.sqrt(squares)
         scale = self.clip_norm * tf.minimum(1.0 / norm, 1.0 / self.clip_norm)
-        return [g * scale for g in mine]
+        scaled = []
+        for bucket, g in zip(self.buckets, mine):
+            with self._on(bucket):
+                scaled.append(g * scale)
+        return scaled
 
     def _apply(self, mine: list[tf.Tensor]) -> None:
         self.optimizer.apply_gradients(zip(mine, self.shards))
         for i, (bucket, shard) in enumerate(zip(self.buckets, self.shards)):
-            whole = self.hvd.allgather(shard.value, name=f"zero_ag_{i}")
-            for piece, part in self._unflatten(whole, bucket):
-                self.variables[piece.index].assign(part)
+            with self._on(bucket):
+                whole = self.hvd.allgather(shard.value, name=f"zero_ag_{i}")
+                for piece, part in self._unflatten(whole, bucket):
+                    self.variables[piece.index].assign(part)
 
     # ---------------------------------------------------------------------------- buckets
     def _flatten(self, tensors: list, bucket: Bucket) -> tf.Tensor:
@@ -195,6 +231,30 @@ def flatten_bucket(tensors: list, bucket: Bucket) -> tf.Tensor:
     if bucket.padded > bucket.size:
         parts.append(tf.zeros([bucket.padded - bucket.size], tf.float32))
     return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+
+
+def _update_on_variable_device(optimizer: Any) -> None:
+    """Make `optimizer` build each variable's update under that variable's device: Keras' TensorFlow backend
+    places a slot with its variable but leaves the update's arithmetic unplaced (the first device would get
+    it). Wrapped: `update_step(gradient, variable, learning_rate)`, Keras' per-variable hook for optimizers,
+    and the TensorFlow backend's `_apply_weight_decay(variables)` (AdamW's decay, one variable at a time)."""
+    update_step, decay = optimizer.update_step, getattr(optimizer, "_apply_weight_decay", None)
+
+    def device_of(variable: Any) -> str:
+        return (variable.value if isinstance(variable, keras.Variable) else variable).device
+
+    def placed_update(gradient: Any, variable: Any, learning_rate: Any) -> Any:
+        with tf.device(device_of(variable)):
+            return update_step(gradient, variable, learning_rate)
+
+    def placed_decay(variables: list) -> None:
+        for variable in variables:
+            with tf.device(device_of(variable)):
+                decay([variable])
+
+    optimizer.update_step = placed_update
+    if decay is not None:
+        optimizer._apply_weight_decay = placed_decay
 
 
 def _dense(grad: Any, variable: Any) -> tf.Tensor:

@@ -233,6 +233,10 @@ class PipelineEngine:
         """The device a (Keras or tf) variable lives on."""
         return getattr(variable, "value", variable).device
 
+    def stage_of(self, variables: Sequence[Any]) -> list[int]:
+        """The stage owning each of `variables` (trainable variables of the built model)."""
+        return [self._slot[id(v)][0] for v in variables]
+
     def placement(self) -> list[list[str]]:
         """Per stage, the devices its variables live on (for checks and `strata plan`-style reports)."""
         return [[self._device_of(v) for v in own] for own in self._built()]

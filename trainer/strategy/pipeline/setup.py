@@ -26,6 +26,7 @@ from trainer.models.levels import LevelModel
 from trainer.parallel.layout import Layout
 from trainer.parallel.partition import balanced_partition, explicit_partition, stage_costs
 from trainer.parallel.report import PipelineReport, format_report
+from trainer.parallel.zero import shard_bytes
 from trainer.strategy.pipeline.devices import device_memory_bytes, stage_devices
 from trainer.strategy.pipeline.engine import PipelineEngine
 from trainer.strategy.pipeline.profile import LevelCost, describe_costs, profile_levels, static_costs
@@ -70,7 +71,8 @@ def make_report(cfg: ExperimentConfig, level_names: list[str], partition: list[t
                         recompute=pipe.recompute, stage_boundary_bytes=boundary,
                         balanced=timed and pipe.partition == "auto",
                         devices=list(devices), device_memory_bytes=device_memory,
-                        bytes_per_param=BYTES_PER_PARAM)
+                        bytes_per_param=shard_bytes(1, replicas, cfg.distribution.zero).total,
+                        zero=cfg.distribution.zero)
 
 
 def build_pipeline(cfg: ExperimentConfig, layout: Layout, strategy: Any, new_model: Callable[[], LevelModel],
