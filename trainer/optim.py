@@ -52,9 +52,26 @@ def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int
         opt = keras.optimizers.SGD(momentum=cfg.momentum, **kwargs)
     else:
         opt = keras.optimizers.Adam(**kwargs)
+    if cfg.name != "sgd":  # (SGD is linear in the gradient: the slices as they are give the same step)
+        _merge_rows_before_update(opt)
     if mixed_precision == "float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
+
+
+def _merge_rows_before_update(opt: keras.optimizers.Optimizer) -> None:
+    """Sum a sparse gradient's duplicate rows just before each variable's update (`merge_duplicate_rows`):
+    Keras' Adam squares an IndexedSlices slice by slice. Here, after any all-reduce, it covers every strategy:
+    tf.distribute's all-reduce of IndexedSlices concatenates the replicas' slices, so one row touched on two
+    replicas arrives as two slices even when each replica merged its own."""
+    update_step = opt.update_step
+
+    def merged_update_step(gradient, variable, learning_rate):
+        if isinstance(gradient, tf.IndexedSlices):
+            gradient = merge_duplicate_rows([gradient])[0]
+        return update_step(gradient, variable, learning_rate)
+
+    opt.update_step = merged_update_step
 
 
 def uses_loss_scaling(opt: keras.optimizers.Optimizer, mixed_precision: str) -> bool:

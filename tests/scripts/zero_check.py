@@ -8,6 +8,7 @@ asked for (default: every entry of CASES), from the same initial weights:
   * adamw    : AdamW with weight decay, clipping by the global norm (1.0), grad_accum 2 (zero 1, 2 and 3);
   * sgd      : plain SGD (no momentum: a wrong gradient scale moves every step), lr 0.1 (zero 1, 2 and 3);
   * sgd-clip : the same with clipping by the global norm (0.5), which SGD does not hide (zero 2 and 3);
+  * bf16     : the adamw case's optimizer (no accumulation) under train.mixed_precision bfloat16 (zero 2 and 3);
   * pipe-adamw, pipe-sgd: 2 pipeline stages per rank on logical CPU devices (zero 1 and 2: ZeRO across the
     data-parallel group of each stage), AdamW clipped by the global norm over both stages and ranks (0.2,
     below the norm) and plain SGD; each rank also checks that every shard and its slots live on the device of
@@ -57,6 +58,8 @@ CASES = {
     # 2.2e-6.
     "pipe-adamw": ([*PIPE, "optimizer.clip_norm=0.2", "optimizer.lr=0.0003"], (1, 2)),
     "pipe-sgd": ([*PIPE, *SGD, "optimizer.clip_norm=null"], (1, 2)),
+    # mixed precision: bfloat16 compute, float32 variables, shards and slots (float16's loss scaling is refused)
+    "bf16": (["train.mixed_precision=bfloat16"], (2, 3)),
 }
 
 

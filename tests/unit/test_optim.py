@@ -80,9 +80,9 @@ def test_clipping_a_sparse_gradient_clips_the_gradient_it_adds_up_to():
 
 
 def test_adam_second_moment_of_a_sparse_gradient_is_that_of_the_row_sum():
-    """Through the step's update (no clipping): row 0 gets [1, 2] and [2, 1]. Keras' Adam squares the slices
-    one by one (v from 1 + 4, 4 + 1); the update merges them first, so v and the step are the dense gradient's
-    ([3, 3] squared), as under ZeRO and the pipeline, which densify."""
+    """Through the step's update (no clipping) with the optimizer Strata builds: row 0 gets [1, 2] and [2, 1].
+    Keras' Adam squares the slices one by one (v from 1 + 4, 4 + 1); Strata's sums them first, so v and the
+    step are the dense gradient's ([3, 3] squared), as under ZeRO and the pipeline, which densify."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -94,9 +94,11 @@ def test_adam_second_moment_of_a_sparse_gradient_is_that_of_the_row_sum():
     results = {}
     for name, grad in (("sparse", sparse), ("dense", tf.convert_to_tensor(sparse))):
         w = keras.Variable(np.zeros((2, 2), np.float32))
-        optimizer = keras.optimizers.Adam(learning_rate=0.1)
+        optimizer = build_optimizer(OptimizerConfig(name="adam", lr=0.1), total_steps=10, num_replicas=1,
+                                    mixed_precision="off")
         optimizer.build([w])
-        OptimizerUpdate(SingleDevice(), optimizer, [w], loss_scaling=False)([grad], ok=tf.constant(True))
+        OptimizerUpdate(SingleDevice(), optimizer, [w], merge_rows=False, loss_scaling=False)([grad],
+                                                                                             ok=tf.constant(True))
         results[name] = (w.numpy(), optimizer._velocities[0].numpy())
     np.testing.assert_allclose(results["sparse"][1], results["dense"][1], rtol=1e-6)
     np.testing.assert_allclose(results["sparse"][1][0], [0.009, 0.009], rtol=1e-5)  # (1 - 0.999) * 3^2

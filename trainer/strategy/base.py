@@ -79,7 +79,7 @@ class Strategy(abc.ABC):
     def make_update(self, optimizer: Any, variables: list, *, clip_norm: float | None,
                     loss_scaling: bool) -> "OptimizerUpdate":
         """What the step does with one replica's gradients: sum them over replicas, apply them if ok."""
-        return OptimizerUpdate(self, optimizer, variables, loss_scaling=loss_scaling)
+        return OptimizerUpdate(self, optimizer, variables, merge_rows=clip_norm is not None, loss_scaling=loss_scaling)
 
     def shard_optimizer(self, variables: list, new_optimizer: Callable[[], Any], *, stage: int,
                         clip_norm: float | None, stages: list[int] | None = None,
@@ -131,14 +131,15 @@ class OptimizerUpdate:
     made by `Strategy.make_update`; the step calls `update(grads, ok)` either way.
     """
 
-    def __init__(self, strategy: Strategy, optimizer: Any, variables: list, *, loss_scaling: bool) -> None:
+    def __init__(self, strategy: Strategy, optimizer: Any, variables: list, *, merge_rows: bool,
+                 loss_scaling: bool) -> None:
         self.strategy, self.optimizer, self.variables = strategy, optimizer, variables
-        self.loss_scaling = loss_scaling
+        self.merge_rows, self.loss_scaling = merge_rows, loss_scaling
 
     def __call__(self, grads: list, ok: tf.Tensor) -> None:
-        # A sparse (embedding) gradient's slices summed per row: Keras' global norm and Adam's second moment
-        # take them as they come, so a token seen twice would count as two rows (trainer/optim.py).
-        grads = merge_duplicate_rows(self.strategy.reduce_gradients(grads))
+        grads = self.strategy.reduce_gradients(grads)
+        if self.merge_rows:  # the global norm of a sparse gradient counts a row once (trainer/optim.py; Adam's
+            grads = merge_duplicate_rows(grads)  # second moment too, merged in its update step: build_optimizer)
         if self.loss_scaling:  # it skips a non-finite update itself (and lowers its scale): make it see ours
             self.optimizer.apply_gradients(zip(poison(grads, ok), self.variables))
         else:
