@@ -62,8 +62,8 @@ def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int
 def _merge_rows_before_update(opt: keras.optimizers.Optimizer) -> None:
     """Sum a sparse gradient's duplicate rows just before each variable's update (`merge_duplicate_rows`):
     Keras' Adam squares an IndexedSlices slice by slice. Here, after any all-reduce, it covers every strategy:
-    tf.distribute's all-reduce of IndexedSlices concatenates the replicas' slices, so one row touched on two
-    replicas arrives as two slices even when each replica merged its own."""
+    TensorFlow's distribution strategies all-reduce IndexedSlices by concatenating the replicas' slices, so
+    one row touched on two replicas arrives as two slices even when each replica merged its own."""
     update_step = opt.update_step
 
     def merged_update_step(gradient, variable, learning_rate):
