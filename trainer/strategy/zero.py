@@ -34,7 +34,7 @@ ZeRO 3 (parameters sharded too, level by level) is trainer/strategy/zero3.py; it
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import keras
 import numpy as np
@@ -77,8 +77,7 @@ class ShardedOptimizer:
         self.shards = []
         for i, b in enumerate(self.buckets):
             with self._on(b):
-                self.shards.append(keras.Variable(np.zeros(b.shard, np.float32), dtype="float32", trainable=True,
-                                                  name=f"zero_shard_{i}"))
+                self.shards.append(new_shard(b.shard, f"zero_shard_{i}"))
         self.optimizer = self.new_optimizer()  # configured without global_clipnorm: the norm is global here
         if self.devices is not None:
             _update_on_variable_device(self.optimizer)
@@ -149,24 +148,21 @@ class ShardedOptimizer:
     # state in every rank's host memory (trainer/strategy/horovod_elastic.py), as a replicated elastic run
     # keeps its whole state; after the world changed size every rank re-plans and takes its new slices.
     def host_copy(self) -> dict[str, np.ndarray]:
-        """Every rank: the optimizer's state whole, in host memory: {"<slot>/<variable index>": array,
+        """Every rank: the optimizer's state whole, in host memory: {`host_key(slot, variable index)`: array,
         "iterations": array} (the model's variables are whole on every rank already)."""
-        out = {f"{name}/{index}": part.numpy() for name, index, part in self._gather_slots("zero_commit")}
+        out = {host_key(name, index): part.numpy() for name, index, part in self._gather_slots("zero_commit")}
         out["iterations"] = np.asarray(self.optimizer.iterations.numpy())
         return out
 
     def host_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         """The keys of `host_copy` with each array's (shape, dtype): what a worker that joins receives."""
-        out = {f"{name}/{i}": (tuple(v.shape), np.float32)
-               for name in optimizer_slots(self.optimizer) for i, v in enumerate(self.variables)}
-        out["iterations"] = ((), np.int64)
-        return out
+        return host_shapes_of(optimizer_slots(self.optimizer), self.variables)
 
     def reshard(self, host: dict[str, np.ndarray]) -> None:
         """For the current number of ranks: new buckets, shards re-cut from the model's variables, a new
         optimizer (the run's: `self.optimizer`) holding this rank's slices of `host` (a `host_copy`)."""
         self._plan()
-        self._load_slots(lambda name: [host[f"{name}/{i}"] for i in range(len(self.variables))], host["iterations"])
+        self._load_slots(lambda name: [host[host_key(name, i)] for i in range(len(self.variables))], host["iterations"])
 
     # ------------------------------------------------------------------------ the step's update
     def __call__(self, grads: list, ok: tf.Tensor) -> None:
@@ -222,6 +218,25 @@ class ShardedOptimizer:
         """(piece, its values shaped as its variable) for every variable of the bucket; padding dropped."""
         return [(p, tf.cast(tf.reshape(flat[p.offset:p.offset + p.size], self.variables[p.index].shape),
                             self.variables[p.index].dtype)) for p in bucket.pieces]
+
+
+def new_shard(size: int, name: str) -> Any:
+    """A trainable float32 variable of `size` zeros: one rank's slice of a bucket (stages 1-3)."""
+    return keras.Variable(np.zeros(size, np.float32), dtype="float32", trainable=True, name=name)
+
+
+def host_key(slot: str | None, index: int) -> str:
+    """The key of one array of a `host_copy` (an elastic commit): model variable `index`'s optimizer slot
+    `slot`, or its parameter (`slot` None: zero 3, whose parameters are sharded too)."""
+    return f"{slot or 'param'}/{index}"
+
+
+def host_shapes_of(slots: Iterable[str | None], variables: list) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """(shape, dtype) of every array a `host_copy` of `slots` over `variables` holds, and of its "iterations":
+    what a worker that joins an elastic job receives into."""
+    out = {host_key(slot, i): (tuple(v.shape), np.float32) for slot in slots for i, v in enumerate(variables)}
+    out["iterations"] = ((), np.int64)
+    return out
 
 
 def flatten_bucket(tensors: list, bucket: Bucket) -> tf.Tensor:

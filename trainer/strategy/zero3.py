@@ -39,7 +39,7 @@ import tensorflow as tf
 from keras.src.backend.common import global_state
 
 from trainer.parallel.zero import Bucket, plan_buckets
-from trainer.strategy.zero import flatten_bucket
+from trainer.strategy.zero import flatten_bucket, host_key, host_shapes_of, new_shard
 
 NO_CAP = 1 << 62  # one bucket per level, however large
 
@@ -100,11 +100,7 @@ class ShardedLevels:
         return keras.Variable(mine, dtype="float32", trainable=True, name=f"zero3_shard_{i}")
 
     def _zero_shard(self, i: int) -> Any:
-        bucket = self.buckets[i]
-        if bucket is None:
-            return None
-        return keras.Variable(np.zeros(bucket.shard, np.float32), dtype="float32", trainable=True,
-                              name=f"zero3_shard_{i}")
+        return None if self.buckets[i] is None else new_shard(self.buckets[i].shard, f"zero3_shard_{i}")
 
     # ------------------------------------------------------------------------------- collectives
     def gather(self, i: int, after: Any = None) -> list[tf.Tensor]:
@@ -231,6 +227,11 @@ class Zero3State:
         self.optimizer = self.new_optimizer()  # configured without global_clipnorm: the norm is global here
         self.optimizer.build(self.shards)
 
+    @property
+    def ranks(self) -> int:
+        """The number of ranks the shards are cut for (as `ShardedOptimizer.ranks`)."""
+        return self.levels.ranks
+
     def owned_variables(self) -> list:
         """Variables never broadcast: the deferred model variables (no storage), the shards and their slots
         (each rank's own; the initialisers agree by seed, restores read each rank's slice)."""
@@ -312,24 +313,20 @@ class Zero3State:
     # As ZeRO 1/2 (trainer/strategy/zero.py): an elastic commit keeps the whole state in every rank's host
     # memory, gathered level by level (a lost rank takes its slices, here of the parameters too, with it).
     def host_copy(self) -> dict[str, np.ndarray]:
-        """Every rank: parameters and optimizer state whole, in host memory: {"param/<variable index>",
-        "<slot>/<variable index>": array, "iterations": array}, indices into `model.trainable_variables`."""
+        """Every rank: parameters and optimizer state whole, in host memory: {`host_key(slot or None, variable
+        index)`: array, "iterations": array}, indices into `model.trainable_variables`."""
         index = self._variable_index()
         out = {"iterations": np.asarray(self.optimizer.iterations.numpy())}
         for i in range(self.level_count()):
             for variable, parts in self.gather_level(i):
-                out.update({f"{name or 'param'}/{index[id(variable)]}": t.numpy() for name, t in parts.items()})
+                out.update({host_key(name, index[id(variable)]): t.numpy() for name, t in parts.items()})
         return out
 
     def host_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         """The keys of `host_copy` with each array's (shape, dtype): what a worker that joins receives."""
         from trainer.strategy.zero import optimizer_slots
 
-        names = ["param", *optimizer_slots(self.optimizer)]
-        out = {f"{name}/{i}": (tuple(v.shape), np.float32) for name in names
-               for i, v in enumerate(self.model.trainable_variables)}
-        out["iterations"] = ((), np.int64)
-        return out
+        return host_shapes_of([None, *optimizer_slots(self.optimizer)], self.model.trainable_variables)
 
     def reshard(self, host: dict[str, np.ndarray]) -> None:
         """For the current number of ranks: new level buckets and shards, a new optimizer (the run's), this
@@ -337,7 +334,7 @@ class Zero3State:
         self._plan(ShardedLevels(self.hvd, self.model, initialize=False))
         index = self._variable_index()
         for i in range(self.level_count()):
-            self.load_level(i, lambda variable, name: host[f"{name or 'param'}/{index[id(variable)]}"])
+            self.load_level(i, lambda variable, name: host[host_key(name, index[id(variable)])])
         self.optimizer.iterations.assign(host["iterations"])
 
     def _variable_index(self) -> dict[int, int]:
