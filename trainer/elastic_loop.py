@@ -58,8 +58,10 @@ def train_elastic(exp: Experiment, strategy, *, stop_after: int | None = None) -
         if strategy.zero_state is not None:  # re-sharded for this world size by the sync before this call
             exp.optimizer = exp.checkpointer.trackables["optimizer"] = strategy.zero_state.optimizer
         rescale_lr_for_replicas(exp.optimizer, cfg.optimizer, strategy.num_replicas)
+        zero = "" if strategy.zero_state is None else \
+            f", ZeRO {exp.layout.zero} state in slices for {strategy.zero_state.ranks} rank(s)"
         print(f"strata: elastic: rank {strategy.rank} of {strategy.world_size} worker(s) on {strategy.host}, "
-              f"continuing from committed step {elastic_state.step} at {time.monotonic() - began:.1f}s",
+              f"continuing from committed step {elastic_state.step} at {time.monotonic() - began:.1f}s{zero}",
               file=sys.stderr, flush=True)
         return train(exp, strategy, start=elastic_state.step, stop_at=elastic_state.stop_at,
                      extra_hooks=[CommitHook(elastic_state, cfg.train.elastic_commit_every)])

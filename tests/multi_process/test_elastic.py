@@ -134,6 +134,11 @@ def test_worker_lost_then_rejoins(tmp_path: Path, zero: int):
     assert 0 <= redone <= COMMIT_EVERY, (KILL_AT, resumed_at)
     assert last_step_before_loss <= KILL_AT + 1
     assert "strata: weights identical on all 2 ranks" in out
+    if zero:  # the sharded state was re-cut for the survivor alone, then for the 2 workers after the rejoin
+        restarts = [line for _, line in lines if ELASTIC_LINE.search(line)]
+        for workers in (1, 2):
+            assert any(f"of {workers} worker(s)" in line and
+                       line.endswith(f"ZeRO {zero} state in slices for {workers} rank(s)") for line in restarts), restarts
     # Two restarts (from commit 20, then at the rejoin) and still the target of the first start: the old
     # code stopped at 20 + 1500, then at the rejoin's commit + 1500 (capped at train.steps = 1600).
     logged = [int(m.group(1)) for m in map(STEP_LINE.match, (line for _, line in lines)) if m]
