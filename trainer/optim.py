@@ -52,7 +52,6 @@ def build_optimizer(cfg: OptimizerConfig, *, total_steps: int, num_replicas: int
         opt = keras.optimizers.SGD(momentum=cfg.momentum, **kwargs)
     else:
         opt = keras.optimizers.Adam(**kwargs)
-    _fuse_dense_updates(opt)
     if cfg.name != "sgd":  # (SGD is linear in the gradient: the slices as they are give the same step)
         _merge_rows_before_update(opt)
     if mixed_precision == "float16":
@@ -73,43 +72,6 @@ def _merge_rows_before_update(opt: keras.optimizers.Optimizer) -> None:
         return update_step(gradient, variable, learning_rate)
 
     opt.update_step = merged_update_step
-
-
-def _fuse_dense_updates(opt: keras.optimizers.Optimizer) -> None:
-    """Update each variable with a dense gradient by one fused TensorFlow kernel (`ResourceApplyAdam`,
-    `ResourceApplyKerasMomentum`, `ResourceApplyGradientDescent`): the same formulas as Keras' `update_step`,
-    which spends about twelve elementwise passes over each weight for Adam (bench/op_profile.py: 15% of the
-    d_model-1024 transformer's step on CPU) where the kernel reads and writes each tensor once.
-
-    Sparse (IndexedSlices) gradients and options the kernels lack (amsgrad, nesterov) keep Keras' own step.
-    The slot lists are Keras internals (keras is pinned in requirements.lock); tests/unit/test_optim.py
-    checks the fused step against Keras' to float rounding, so a Keras change that breaks it fails there.
-    AdamW's weight decay is applied by Keras before this step, as before."""
-    update_step = opt.update_step
-    is_adam = isinstance(opt, keras.optimizers.Adam)  # AdamW subclasses Adam
-    if is_adam and opt.amsgrad or not is_adam and getattr(opt, "nesterov", False):
-        return
-
-    def fused_update_step(gradient, variable, learning_rate):
-        if isinstance(gradient, tf.IndexedSlices):
-            return update_step(gradient, variable, learning_rate)
-        dtype = variable.dtype
-        lr, gradient = tf.cast(learning_rate, dtype), tf.cast(gradient, dtype)
-        index = opt._get_variable_index(variable)
-        if is_adam:
-            step = tf.cast(opt.iterations + 1, dtype)
-            beta_1, beta_2 = tf.cast(opt.beta_1, dtype), tf.cast(opt.beta_2, dtype)
-            return tf.raw_ops.ResourceApplyAdam(
-                var=variable.handle, m=opt._momentums[index].handle, v=opt._velocities[index].handle,
-                beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step), lr=lr, beta1=beta_1,
-                beta2=beta_2, epsilon=tf.cast(opt.epsilon, dtype), grad=gradient)
-        if opt.momentum != 0:
-            return tf.raw_ops.ResourceApplyKerasMomentum(
-                var=variable.handle, accum=opt.momentums[index].handle, lr=lr, grad=gradient,
-                momentum=tf.cast(opt.momentum, dtype))
-        return tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr, delta=gradient)
-
-    opt.update_step = fused_update_step
 
 
 def uses_loss_scaling(opt: keras.optimizers.Optimizer, mixed_precision: str) -> bool:
