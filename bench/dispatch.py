@@ -54,6 +54,23 @@ def variants(model: str, tmp: str) -> dict:
             "next batch only, tf.function": (lambda: next_batch(batches), 1)}
 
 
+def interleaved(runs: dict, steps: int, repeats: int) -> dict[str, list[float]]:
+    """ms per step of each variant, `repeats` windows of `steps` steps each, the variants taking turns."""
+    for run, _ in runs.values():  # trace, warm up
+        for _ in range(3):
+            float(run()["loss"])
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (run, per_call) in runs.items():
+            calls = max(steps // per_call, 1)
+            started = time.perf_counter()
+            for _ in range(calls):
+                out = run()
+            float(out["loss"])
+            times[name].append((time.perf_counter() - started) / (calls * per_call) * 1e3)
+    return times
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="classifier", choices=["classifier", "summarizer"])
@@ -61,19 +78,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        runs = variants(args.model, tmp)
-        for run, _ in runs.values():  # trace, warm up
-            for _ in range(3):
-                float(run()["loss"])
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, (run, per_call) in runs.items():
-                calls = max(args.steps // per_call, 1)
-                started = time.perf_counter()
-                for _ in range(calls):
-                    out = run()
-                float(out["loss"])
-                times[name].append((time.perf_counter() - started) / (calls * per_call) * 1e3)
+        times = interleaved(variants(args.model, tmp), args.steps, args.repeats)
     print(f"{args.model}: ms per step over {args.steps} steps, {args.repeats} interleaved repeats"
           + (f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""))
     width = max(map(len, times))

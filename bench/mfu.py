@@ -3,7 +3,7 @@ and without XLA (`train.jit_compile`), against the matmul peak measured in the s
 
     .venv/bin/python bench/mfu.py [--widths 256,512,1024] [--dtypes float32,bfloat16] [--xla off,on]
                                   [--per-call 1,10] [--batch 32] [--steps 10] [--warmup 2]
-                                  [--dispatch-steps 200] [--quick] [--gpu]
+                                  [--dispatch-steps 200] [--dispatch-repeats 5] [--quick] [--gpu]
 
 Method
 ------
@@ -14,7 +14,8 @@ compiled function, best of repeats; not read from the cache: same run, same load
 process, the default device) and timed over --steps steps after --warmup untimed ones (tracing, XLA
 compilation), with train.steps_per_call 1 and 10 (--per-call). MFU = trainer/flops.py's training FLOPs per
 example x examples/s / peak. Then the dispatch-bound small models (the classifier and the GRU summarizer at
-their configs' sizes, fp32): examples/s with 1 and 10 steps per call.
+their configs' sizes, fp32): ms per step with 1 and 10 steps per call, in windows of --dispatch-steps steps
+that take turns (--dispatch-repeats each, bench/dispatch.py `interleaved`), medians and minima compared.
 
 --quick: width 256 only, 4 steps, 1 and 2 steps per call, 20 dispatch steps (a smoke test, e.g. on a busy
          machine: its figures are not for the README).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -34,8 +36,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tensorflow as tf  # noqa: E402
+
+import dispatch  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.experiment import configure_runtime, prepare  # noqa: E402
@@ -80,16 +85,20 @@ def step_rate(config: Path, settings: list[str], *, steps: int, warmup: int, per
     return calls * per_call * cfg.data.batch_size / elapsed, flops
 
 
-def dispatch_bound(steps: int, warmup: int) -> None:
-    """The small models (one Python dispatch per step costs a large share of a step): examples/s with
-    train.steps_per_call 1 and 10, fp32, no XLA, their configs' own sizes."""
-    print(f"{'model':>10} {'ex/s, 1 step/call':>18} {'ex/s, 10 steps/call':>20} {'ratio':>6}", flush=True)
+def dispatch_bound(steps: int, repeats: int) -> None:
+    """The small models (a Python dispatch costs a large share of a step): ms per step of Strata's compiled
+    step (the loop's `TracedOnce`) at train.steps_per_call 1 and 10, fp32, no XLA, their configs' own sizes,
+    in one process, windows taking turns (bench/dispatch.py), so load moves both sides alike."""
+    print(f"{'model':>10} {'ms/step, 1 step/call':>21} {'10 steps/call':>14} {'ratio (median)':>15} "
+          f"{'ratio (min)':>12}   ({repeats} interleaved windows of {steps} steps)", flush=True)
     for model in ("classifier", "summarizer"):
-        config = CONFIG.parent / f"{model}.yaml"
-        settings = ["data.builtin.train_examples=1000", "optimizer.warmup_steps=0", "train.deterministic=false"]
-        one, _ = step_rate(config, settings, steps=steps, warmup=warmup)
-        ten, _ = step_rate(config, settings, steps=steps, warmup=warmup, per_call=10)
-        print(f"{model:>10} {one:>18.0f} {ten:>20.0f} {ten / one:>6.2f}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = dispatch.variants(model, tmp)
+            pair = {k: runs[k] for k in ("1 step/call, traced once", "10 steps/call, traced once")}
+            times = dispatch.interleaved(pair, steps, repeats)
+        one, ten = times.values()
+        print(f"{model:>10} {statistics.median(one):>21.3f} {statistics.median(ten):>14.3f} "
+              f"{statistics.median(one) / statistics.median(ten):>15.2f} {min(one) / min(ten):>12.2f}", flush=True)
 
 
 def describe_platform() -> str:
@@ -116,7 +125,8 @@ def main() -> int:
     p.add_argument("--gpu", action="store_true", help="the GPU run: widths 512-2048, batch 128, bf16")
     p.add_argument("--per-call", default="1,10", help="train.steps_per_call values for the transformer rows")
     p.add_argument("--dispatch-steps", type=int, default=200,
-                   help="timed steps of the classifier/summarizer steps_per_call comparison (0: skip it)")
+                   help="timed steps per window of the classifier/summarizer steps_per_call comparison (0: skip it)")
+    p.add_argument("--dispatch-repeats", type=int, default=5, help="windows per side of that comparison")
     args = p.parse_args()
     if args.quick:
         args.widths, args.steps, args.warmup, args.per_call, args.dispatch_steps = "256", 4, 1, "1,2", 20
@@ -147,7 +157,7 @@ def main() -> int:
                     print(f"{width:>7} {d:>8} {xla:>3} {per_call:>10} {rate:>9.1f} {flops / 1e9:>9.3f} "
                           f"{rate * flops / 1e12:>8.3f} {rate * flops / peaks[d]:>6.3f}", flush=True)
     if args.dispatch_steps and not args.gpu:
-        dispatch_bound(args.dispatch_steps, args.warmup)
+        dispatch_bound(args.dispatch_steps, args.dispatch_repeats)
     if hasattr(os, "getloadavg"):
         print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}", flush=True)
     return 0
