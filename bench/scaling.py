@@ -90,9 +90,8 @@ LEVERS = {"horovod-xla": lambda args: ["train.jit_compile=true"],
           "horovod-spc": lambda args: [f"train.steps_per_call={args.log_every}"]}
 # --transformer: "scaling where compute is real" (issue 14): the transformer at d_model 256 (ff 1024, 4 heads,
 # 2+2 blocks, 48 + 8 tokens), per-replica batch 32, where one step on one core takes well over 100 ms.
-# The optimizer is the plain loop's (Adam, constant rate, no clipping, no weight decay): the config's AdamW with
-# clipping and a schedule costs Strata's row ~12% on one core per rank (0.85x of the loop, 4 rounds) for
-# passes over the weights that the loop does not make; with the same update both sides do the same work.
+# The optimizer is the plain loop's (Adam, constant rate, no clipping, no weight decay), so that both sides make
+# the same update (the config's AdamW, clipping and schedule are passes over the weights the loop does not make).
 TRANSFORMER = {"config": "configs/transformer_small.yaml", "steps": 60, "log_every": 5, "per_replica_batch": 32,
                "sets": ["model.d_model=256", "model.ff_dim=1024", "model.num_heads=4", "train.deterministic=false",
                         "optimizer.name=adam", "optimizer.weight_decay=0", "optimizer.clip_norm=null",
