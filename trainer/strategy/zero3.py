@@ -39,7 +39,7 @@ import tensorflow as tf
 from keras.src.backend.common import global_state
 
 from trainer.parallel.zero import Bucket, plan_buckets
-from trainer.strategy.zero import flatten_bucket, host_key, host_shapes_of, new_shard
+from trainer.strategy.zero import flatten_bucket, host_key, host_shapes_of, new_shard, optimizer_slots
 
 NO_CAP = 1 << 62  # one bucket per level, however large
 
@@ -235,8 +235,6 @@ class Zero3State:
     def owned_variables(self) -> list:
         """Variables never broadcast: the deferred model variables (no storage), the shards and their slots
         (each rank's own; the initialisers agree by seed, restores read each rank's slice)."""
-        from trainer.strategy.zero import optimizer_slots
-
         slots = [s for group in optimizer_slots(self.optimizer).values() for s in group]
         return [*(v for v in self.model.variables if is_deferred(v)), *self.shards, *slots]
 
@@ -271,8 +269,6 @@ class Zero3State:
 
     def full_slots(self) -> dict[str, list]:
         """`full_optimizer()`'s slot lists by name, one (deferred) entry per model variable."""
-        from trainer.strategy.zero import optimizer_slots
-
         return optimizer_slots(self.full_optimizer())
 
     def level_count(self) -> int:
@@ -281,8 +277,6 @@ class Zero3State:
     def gather_level(self, i: int) -> list[tuple[Any, dict[str | None, tf.Tensor]]]:
         """Every rank: level i whole, as (model variable, {None: its value, slot name: the slot's value}), one
         all-gather of its parameter bucket and one per slot kind. Empty for a level without parameters."""
-        from trainer.strategy.zero import optimizer_slots
-
         bucket = self.levels.buckets[i]
         if bucket is None:
             return []
@@ -297,8 +291,6 @@ class Zero3State:
     def load_level(self, i: int, read: Callable[[Any, str | None], np.ndarray]) -> None:
         """Take this rank's slice of level i's parameters and slots from `read(variable, slot name or None)`
         (whole tensors from a checkpoint, read one at a time; at most one level is whole at once)."""
-        from trainer.strategy.zero import optimizer_slots
-
         bucket = self.levels.buckets[i]
         if bucket is None:
             return
@@ -324,8 +316,6 @@ class Zero3State:
 
     def host_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         """The keys of `host_copy` with each array's (shape, dtype): what a worker that joins receives."""
-        from trainer.strategy.zero import optimizer_slots
-
         return host_shapes_of([None, *optimizer_slots(self.optimizer)], self.model.trainable_variables)
 
     def reshard(self, host: dict[str, np.ndarray]) -> None:
