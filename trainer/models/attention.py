@@ -16,6 +16,8 @@ import math
 import keras
 import tensorflow as tf
 
+from trainer.models.dropout import Dropout
+
 MASKED = -1e9  # added to the scores of masked keys before the softmax (float32)
 
 
@@ -30,7 +32,7 @@ class MultiHeadAttention(keras.layers.Layer):
         self.key = keras.layers.Dense(d_model, name="key")
         self.value = keras.layers.Dense(d_model, name="value")
         self.output_dense = keras.layers.Dense(d_model, name="attention_output")
-        self.dropout = keras.layers.Dropout(dropout, name="dropout")
+        self.dropout = Dropout(dropout, name="dropout")
 
     def build(self, query_shape: tuple, value_shape: tuple | None = None) -> None:
         value_shape = query_shape if value_shape is None else value_shape

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import keras
 import tensorflow as tf
 
+from trainer.models.dropout import Dropout
 from trainer.models.levels import PAD_ID, Carry, Level, LevelModel
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class ClassifierHidden(Level):
     def __init__(self, hidden_dim: int, dropout: float, name: str = "hidden") -> None:
         super().__init__(name=name)
         self.dense = keras.layers.Dense(hidden_dim, activation="relu", name="dense")
-        self.dropout = keras.layers.Dropout(dropout, name="dropout")
+        self.dropout = Dropout(dropout, name="dropout")
 
     def call(self, carry: Carry, training: bool = False) -> Carry:
         return {"hidden": self.dropout(self.dense(carry["pooled"]), training=training)}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import keras
 import tensorflow as tf
 
+from trainer.models.dropout import Dropout
 from trainer.models.levels import Carry, Level, LevelModel
 from trainer.models.transformer import FeedForward
 
@@ -52,7 +53,7 @@ class CausalSelfAttention(keras.layers.Layer):
         self.heads, self.head_dim, self.rotary = cfg.num_heads, cfg.d_model // cfg.num_heads, cfg.positions == "rotary"
         self.qkv = keras.layers.Dense(3 * cfg.d_model, name="qkv")
         self.out = keras.layers.Dense(cfg.d_model, name="out")
-        self.dropout = keras.layers.Dropout(cfg.dropout, name="dropout")
+        self.dropout = Dropout(cfg.dropout, name="dropout")
         self.d_model = cfg.d_model
 
     def build(self, input_shape: tuple) -> None:
@@ -83,7 +84,7 @@ class LMEmbed(Level):
         self.positions = (keras.layers.Embedding(seq_len, cfg.d_model, name="position_embedding",
                                                  embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02))
                           if cfg.positions == "learned" else None)
-        self.dropout = keras.layers.Dropout(cfg.dropout, name="dropout")
+        self.dropout = Dropout(cfg.dropout, name="dropout")
 
     def call(self, carry: Carry, training: bool = False) -> Carry:
         tokens = carry["tokens"]
@@ -102,7 +103,7 @@ class LMBlock(Level):
         self.attention = CausalSelfAttention(cfg)
         self.norm_ffn = keras.layers.LayerNormalization(epsilon=1e-5, name="norm_ffn")
         self.ffn = FeedForward(cfg.d_model, cfg.ff_dim, cfg.dropout)
-        self.dropout = keras.layers.Dropout(cfg.dropout, name="dropout")
+        self.dropout = Dropout(cfg.dropout, name="dropout")
 
     def call(self, carry: Carry, training: bool = False) -> Carry:
         x = carry["x"]

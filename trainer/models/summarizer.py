@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import keras
 import tensorflow as tf
 
+from trainer.models.dropout import Dropout
 from trainer.models.levels import PAD_ID, Carry, Level, LevelModel
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class SummarizerEmbed(Level):
     def __init__(self, vocab_size: int, embed_dim: int, dropout: float, name: str = "embed") -> None:
         super().__init__(name=name)
         self.embedding = keras.layers.Embedding(vocab_size, embed_dim, name="token_embedding")
-        self.dropout = keras.layers.Dropout(dropout, name="dropout")
+        self.dropout = Dropout(dropout, name="dropout")
 
     def call(self, carry: Carry, training: bool = False) -> Carry:
         document, summary_in = carry["document"], carry["summary_in"]
@@ -65,7 +66,7 @@ class EncoderLevel(Level):
         self.first, self.last = first, last
         gru = keras.layers.GRU(hidden_dim, return_sequences=True, return_state=last, name="gru")
         self.rnn = keras.layers.Bidirectional(gru, merge_mode="concat", name="bigru")
-        self.dropout = keras.layers.Dropout(dropout, name="dropout")
+        self.dropout = Dropout(dropout, name="dropout")
         if last:
             # Bridge [fwd; bwd] final states (2H) to the decoder's width H.
             self.bridge = keras.layers.Dense(hidden_dim, activation="tanh", name="bridge")
@@ -89,7 +90,7 @@ class DecoderLevel(Level):
     def __init__(self, hidden_dim: int, dropout: float, name: str = "decoder") -> None:
         super().__init__(name=name)
         self.rnn = keras.layers.GRU(hidden_dim, return_sequences=True, name="gru")
-        self.dropout = keras.layers.Dropout(dropout, name="dropout")
+        self.dropout = Dropout(dropout, name="dropout")
 
     def call(self, carry: Carry, training: bool = False) -> Carry:
         seq = self.rnn(carry["summary_embedded"], initial_state=carry["decoder_state"], training=training)
@@ -110,7 +111,7 @@ class AttentionLevel(Level):
         self.key_proj = keras.layers.Dense(hidden_dim, use_bias=False, name="key_proj")
         self.attention = keras.layers.Attention(score_mode="dot", name="dot_attention")
         self.combine = keras.layers.Dense(hidden_dim, activation="tanh", name="combine")
-        self.dropout = keras.layers.Dropout(dropout, name="dropout")
+        self.dropout = Dropout(dropout, name="dropout")
 
     def call(self, carry: Carry, training: bool = False) -> Carry:
         encoded, query = carry["encoded"], carry["decoder_out"]

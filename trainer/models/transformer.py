@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from trainer.models.attention import MultiHeadAttention
+from trainer.models.dropout import Dropout
 from trainer.models.levels import PAD_ID, Carry, Level, LevelModel
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class TransformerEmbed(Level):
         super().__init__(name=name)
         self.d_model = d_model
         self.embedding = keras.layers.Embedding(vocab_size, d_model, name="token_embedding")
-        self.dropout = keras.layers.Dropout(dropout, name="dropout")
+        self.dropout = Dropout(dropout, name="dropout")
 
     def _embed(self, tokens: tf.Tensor, training: bool) -> tf.Tensor:
         x = self.embedding(tokens)
@@ -73,7 +74,7 @@ class FeedForward(keras.layers.Layer):
         super().__init__(name=name)
         self.inner = keras.layers.Dense(ff_dim, activation="relu", name="inner")
         self.outer = keras.layers.Dense(d_model, name="outer")
-        self.dropout = keras.layers.Dropout(dropout, name="dropout")
+        self.dropout = Dropout(dropout, name="dropout")
         self.ff_dim = ff_dim
 
     def build(self, input_shape: tuple) -> None:
@@ -99,7 +100,7 @@ class EncoderBlock(Level):
         self.self_attn = _mha(cfg, "self_attention")
         self.norm_ffn = keras.layers.LayerNormalization(epsilon=1e-6, name="norm_ffn")
         self.ffn = FeedForward(cfg.d_model, cfg.ff_dim, cfg.dropout)
-        self.dropout = keras.layers.Dropout(cfg.dropout, name="dropout")
+        self.dropout = Dropout(cfg.dropout, name="dropout")
         if last:
             self.norm_out = keras.layers.LayerNormalization(epsilon=1e-6, name="norm_out")
 
@@ -129,7 +130,7 @@ class DecoderBlock(Level):
         self.cross_attn = _mha(cfg, "cross_attention")
         self.norm_ffn = keras.layers.LayerNormalization(epsilon=1e-6, name="norm_ffn")
         self.ffn = FeedForward(cfg.d_model, cfg.ff_dim, cfg.dropout)
-        self.dropout = keras.layers.Dropout(cfg.dropout, name="dropout")
+        self.dropout = Dropout(cfg.dropout, name="dropout")
 
     def call(self, carry: Carry, training: bool = False) -> Carry:
         y, memory, doc_mask = carry["dec_x"], carry["memory"], carry["doc_mask"]
