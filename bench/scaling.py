@@ -35,7 +35,8 @@ Throughput is read back from each run's TensorBoard events (`perf/examples_per_s
 windows (tracing, warm-up) are dropped and the median of the rest is taken. For the two independent runs only
 windows that lie inside the time both runs were training are used, so the ceiling really is "both at once".
 The script checks in /proc that every training process (all of its threads) ran on its own single core.
-With --repeats R the whole sequence runs R times and the median per configuration is reported.
+With --repeats R the whole sequence runs R times and the median per configuration is reported; the 2-worker
+rows run in the order given in even rounds and in reverse order in odd ones (use an even R for A/B rows).
 
 Reading the numbers
 -------------------
@@ -347,7 +348,9 @@ def one_round(args, work: Path, cores: list[int], r: int) -> dict[str, Result]:
         results[run.name] = measured(run, args.skip_windows, args.min_windows, within=both)
     done(t0, [results["indep-a"], results["indep-b"]])
 
-    for backend in args.backends:
+    # The 2-worker rows take turns being first: odd rounds run them in reverse order, so that no row always
+    # follows the same one (a run's speed is set per run and drifts with the machine's load over minutes).
+    for backend in (args.backends if r % 2 == 0 else list(reversed(args.backends))):
         t0 = say(f"{LABELS[backend]}, 2 workers pinned to cores {cores[0]},{cores[1]}, global batch {2 * b}")
         run_dir = work / f"r{r}-{backend}"
         levers = [x for item in LEVERS[backend](args) for x in ("--set", item)] if backend in LEVERS else []
