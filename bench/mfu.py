@@ -9,13 +9,14 @@ Method
 ------
 For each dtype the peak is measured first, here, by trainer/peak.py's probe (chained square matmuls in one
 compiled function, best of repeats; not read from the cache: same run, same load), and the step's largest
-matmul alone at its own shapes (`ffn_matmul_rates`: what the model's matmuls can reach; where one beats the
-probe, the probe caught a slow moment and the best rate seen is the peak). Then for each width
+matmul alone at its own shapes (`ffn_matmul_rates`: what the model's matmuls can reach). Then for each width
 (d_model D, ff 4D, D/64 heads, 2 encoder + 2 decoder blocks, 48 document + 8 summary tokens, vocabulary
 1000) Strata's own step is built (trainer/experiment.py `prepare`, trainer/loop.py `make_train_step`, one
 process, the default device) and timed over --steps steps after --warmup untimed ones (tracing, XLA
-compilation), with train.steps_per_call 1 and 10 (--per-call). MFU = trainer/flops.py's training FLOPs per
-example x examples/s / peak. Then the dispatch-bound small models (the classifier and the GRU summarizer at
+compilation), with train.steps_per_call 1 and 10 (--per-call). The probe runs again after the steps. MFU =
+trainer/flops.py's training FLOPs per example x examples/s / peak, where the peak is the best matmul rate of
+the run (either probe or the step's own shapes: a core's speed drifts, and a probe that caught a slow moment
+would put MFU above what the step can reach). Then the dispatch-bound small models (the classifier and the GRU summarizer at
 their configs' sizes, fp32): ms per step with 1 and 10 steps per call, in windows of --dispatch-steps steps
 that take turns (--dispatch-repeats each, bench/dispatch.py `interleaved`), medians and minima compared.
 
@@ -169,32 +170,40 @@ def main() -> int:
     if hasattr(os, "getloadavg"):
         print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}", flush=True)
     dtypes = args.dtypes.split(",")
+    # A core's speed drifts during a run (up to 30% on the development VM): a probe that catches a slow moment
+    # makes MFU too high. So the peak is probed at the start and again after the steps, the step's own largest
+    # matmuls are timed too, and MFU is taken against the best matmul rate of the whole run.
     peaks = {d: measure(COMPUTE_DTYPE[PRECISION[d]]) for d in dtypes}
     for d in dtypes:
-        print(f"peak {d}: {peaks[d] / 1e12:.3f} TFLOP/s (matmul probe, this run)", flush=True)
+        print(f"peak {d}: {peaks[d] / 1e12:.3f} TFLOP/s (matmul probe, start of the run)", flush=True)
     print(f"the step's largest matmul alone (feed-forward, [{args.batch * args.max_len}, D] x [D, 4D]): TFLOP/s "
-          "forward / input gradient / weight gradient, and the best of them over the peak", flush=True)
+          "forward / input gradient / weight gradient, and the best of them over the start probe", flush=True)
     for width in map(int, args.widths.split(",")):
         for d in dtypes:
             rates = ffn_matmul_rates(args.batch * args.max_len, width, COMPUTE_DTYPE[PRECISION[d]])
             print(f"{width:>7} {d:>8} {' / '.join(f'{r / 1e12:.3f}' for r in rates)}  "
                   f"best {max(rates) / peaks[d]:.2f} of the probe", flush=True)
-            # A core's speed drifts between measurements: where the step's own shapes beat the probe, the
-            # probe caught a slow moment, and MFU against it would be too high. The peak is the best seen.
             peaks[d] = max(peaks[d], *rates)
-    for d in dtypes:
-        print(f"peak {d} for MFU: {peaks[d] / 1e12:.3f} TFLOP/s (the best matmul rate of this run)", flush=True)
-    print(f"{'d_model':>7} {'dtype':>8} {'xla':>3} {'steps/call':>10} {'ex/s':>9} {'GFLOP/ex':>9} {'TFLOP/s':>8} "
-          f"{'MFU':>6}", flush=True)
-    lengths = (args.max_len, args.summary_len)
+    print(f"{'d_model':>7} {'dtype':>8} {'xla':>3} {'steps/call':>10} {'ex/s':>9} {'GFLOP/ex':>9} {'TFLOP/s':>8}",
+          flush=True)
+    lengths, rows = (args.max_len, args.summary_len), []
     for width in map(int, args.widths.split(",")):
         for d in dtypes:
             for xla in args.xla.split(","):
                 for per_call in map(int, args.per_call.split(",")):
                     settings = overrides(width, d, xla == "on", args.batch, lengths)
                     rate, flops = step_rate(CONFIG, settings, steps=args.steps, warmup=args.warmup, per_call=per_call)
+                    rows.append((width, d, xla, per_call, rate * flops))
                     print(f"{width:>7} {d:>8} {xla:>3} {per_call:>10} {rate:>9.1f} {flops / 1e9:>9.3f} "
-                          f"{rate * flops / 1e12:>8.3f} {rate * flops / peaks[d]:>6.3f}", flush=True)
+                          f"{rate * flops / 1e12:>8.3f}", flush=True)
+    for d in dtypes:
+        again = measure(COMPUTE_DTYPE[PRECISION[d]])
+        peaks[d] = max(peaks[d], again)
+        print(f"peak {d}: {again / 1e12:.3f} TFLOP/s (matmul probe, after the steps); for MFU: "
+              f"{peaks[d] / 1e12:.3f} TFLOP/s (the best matmul rate of this run)", flush=True)
+    print(f"{'d_model':>7} {'dtype':>8} {'xla':>3} {'steps/call':>10} {'MFU':>6}", flush=True)
+    for width, d, xla, per_call, achieved in rows:
+        print(f"{width:>7} {d:>8} {xla:>3} {per_call:>10} {achieved / peaks[d]:>6.3f}", flush=True)
     if args.dispatch_steps and not args.gpu:
         dispatch_bound(args.dispatch_steps, args.dispatch_repeats)
     if hasattr(os, "getloadavg"):
