@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from launch.contract import LAUNCHER_LOCAL_SIZE_VARS, env_int
 
@@ -134,12 +134,18 @@ def measure(dtype: str, *, size: int | None = None, seconds: float = 1.0, chain:
         return tf.reduce_sum(tf.cast(x[:1], tf.float32))
 
     float(products(a))
+    return chain * 2.0 * size ** 3 / best_time(lambda: float(products(a)), seconds)
+
+
+def best_time(run: Callable[[], Any], seconds: float) -> float:
+    """The shortest wall time of `run()` (which must wait for its own result) over repeats filling about
+    `seconds`, at least one."""
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == float("inf"):
         started = time.perf_counter()
-        float(products(a))  # waits for the result
+        run()
         best = min(best, time.perf_counter() - started)
-    return chain * 2.0 * size ** 3 / best
+    return best
 
 
 def peak_flops(dtype: str, *, cache_file: Path | None = None, now: float | None = None) -> tuple[float, str]:

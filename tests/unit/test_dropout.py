@@ -1,11 +1,14 @@
 """trainer/models/dropout.py: 16-bit dropout masks, against what a dropout layer must do."""
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.models.dropout import Dropout, drop_threshold, packed_dropout
+from trainer.config import ClassifierModel, LMModel, SummarizerModel, TransformerModel
+from trainer.models.dropout import Dropout, drop_threshold, packed_dropout, seed_tensor
+from trainer.tasks import build_model
 
 SEED = tf.constant([7, 11], tf.int32)
 
@@ -60,3 +63,20 @@ def test_bfloat16_and_xla():
     out = tf.function(lambda x: packed_dropout(x, 0.1, SEED), jit_compile=True)(x)
     assert out.dtype == tf.bfloat16
     assert float(np.mean(out.numpy().astype(np.float32) == 0)) == pytest.approx(0.1, abs=5e-3)
+
+
+def test_layer_draws_the_sixteen_bit_mask_of_its_seed():
+    layer = Dropout(0.1)
+    x = tf.random.normal([64, 96])
+    seed = tf.constant(layer.seed_generator.state.numpy())  # the seed the next call draws with
+    np.testing.assert_array_equal(layer(x, training=True).numpy(), packed_dropout(x, 0.1, seed_tensor(seed)).numpy())
+
+
+@pytest.mark.parametrize("cfg", [ClassifierModel(dropout=0.1), SummarizerModel(dropout=0.1),
+                                 TransformerModel(d_model=16, num_heads=2, ff_dim=16, dropout=0.1),
+                                 LMModel(d_model=16, num_heads=2, ff_dim=16, dropout=0.1)], ids=lambda c: c.kind)
+def test_every_built_in_model_uses_it(cfg):
+    model = build_model(cfg, vocab_size=40, max_len=8, summary_len=5)
+    dropouts = [layer for layer in model._flatten_layers(include_self=False)
+                if isinstance(layer, keras.layers.Dropout)]
+    assert dropouts and all(type(layer) is Dropout for layer in dropouts)

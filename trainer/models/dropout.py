@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras.src.random.seed_generator import draw_seed
 
 _LEVELS = 1 << 16  # values of one 16-bit draw
 
@@ -27,13 +26,12 @@ class Dropout(keras.layers.Dropout):
     def call(self, inputs, training=False):
         if not training or self.rate <= 0 or self.rate >= 1 or self.noise_shape is not None:
             return super().call(inputs, training=training)
-        return packed_dropout(inputs, self.rate, seed_tensor(draw_seed(self.seed_generator)))
+        return packed_dropout(inputs, self.rate, seed_tensor(self.seed_generator.next()))
 
 
 def seed_tensor(seed: tf.Tensor) -> tf.Tensor:
-    """A SeedGenerator's int64 state as the int32 seed stateless ops take under XLA (Keras' own cast)."""
-    if seed.dtype == tf.int32:
-        return seed
+    """A SeedGenerator's int64 seed as the int32 seed stateless ops take under XLA (the cast Keras' TensorFlow
+    backend makes in its private `_cast_seed`)."""
     return tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
 
 
