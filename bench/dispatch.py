@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,21 +27,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tensorflow as tf  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
-from trainer.experiment import configure_runtime, prepare  # noqa: E402
+from trainer.experiment import Experiment, configure_runtime, prepare  # noqa: E402
 from trainer.loop import _batches, make_train_step  # noqa: E402
 from trainer.strategy.single import SingleDevice  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def variants(model: str, tmp: str) -> dict:
-    """name -> (callable running one call, steps it runs)."""
-    cfg = load_config(CONFIGS / f"{model}.yaml", [f"run_dir={tmp}/run", "data.builtin.train_examples=1000",
-                                                   "optimizer.warmup_steps=0", "train.deterministic=false"])
+def single_process(config: Path, settings: list[str]) -> tuple[Experiment, SingleDevice, Any]:
+    """(experiment, strategy, its batch iterator from step 0) for `config` + `settings` in this process, on the
+    default device: what each benchmark builds Strata's compiled step from (`make_train_step`)."""
+    cfg = load_config(config, settings)
     configure_runtime(cfg)
     strategy = SingleDevice()
     exp = prepare(cfg, strategy, training=True)
-    batches = _batches(exp, strategy, 0)
+    return exp, strategy, _batches(exp, strategy, 0)
+
+
+def variants(model: str, tmp: str) -> dict:
+    """name -> (callable running one call, steps it runs)."""
+    exp, strategy, batches = single_process(CONFIGS / f"{model}.yaml", [
+        f"run_dir={tmp}/run", "data.builtin.train_examples=1000", "optimizer.warmup_steps=0",
+        "train.deterministic=false"])
     one, ten, n = make_train_step(exp, strategy), make_train_step(exp, strategy, per_call=10), tf.constant(10)
 
     @tf.function

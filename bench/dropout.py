@@ -27,11 +27,8 @@ import keras  # noqa: E402
 
 import dispatch  # noqa: E402
 import mfu  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.experiment import configure_runtime, prepare  # noqa: E402
-from trainer.loop import _batches, make_train_step  # noqa: E402
+from trainer.loop import make_train_step  # noqa: E402
 from trainer.models.dropout import Dropout  # noqa: E402
-from trainer.strategy.single import SingleDevice  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -47,11 +44,8 @@ def keras_dropout():
 
 def step(tmp: str, name: str, settings: list[str], traced_with) -> tuple:
     """(one compiled step of a fresh experiment, traced inside `traced_with`, 1 step per call)."""
-    cfg = load_config(mfu.CONFIG, [f"run_dir={tmp}/{name}", *settings])
-    configure_runtime(cfg)
-    strategy = SingleDevice()
-    exp = prepare(cfg, strategy, training=True)
-    train_step, batches = make_train_step(exp, strategy), _batches(exp, strategy, 0)
+    exp, strategy, batches = dispatch.single_process(mfu.CONFIG, [f"run_dir={tmp}/{name}", *settings])
+    train_step = make_train_step(exp, strategy)
     with traced_with():
         train_step(batches)  # traces now; later calls run that one concrete function
     return (lambda: train_step(batches)), 1

@@ -45,12 +45,9 @@ import tensorflow as tf  # noqa: E402
 
 import dispatch  # noqa: E402
 
-from trainer.config import load_config  # noqa: E402
-from trainer.experiment import configure_runtime, prepare  # noqa: E402
 from trainer.flops import run_training_flops  # noqa: E402
-from trainer.loop import COMPUTE_DTYPE, _batches, make_train_step  # noqa: E402
-from trainer.peak import measure  # noqa: E402
-from trainer.strategy.single import SingleDevice  # noqa: E402
+from trainer.loop import COMPUTE_DTYPE, make_train_step  # noqa: E402
+from trainer.peak import best_time, measure  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "transformer_small.yaml"
 PRECISION = {"float32": "off", "bfloat16": "bfloat16"}  # bench dtype -> train.mixed_precision
@@ -70,11 +67,9 @@ def step_rate(config: Path, settings: list[str], *, steps: int, warmup: int, per
     """(examples/s of Strata's compiled step under `config` + `settings`, its training FLOPs per example);
     with `per_call` > 1, `steps` rounded up to whole calls of that many steps (train.steps_per_call)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(config, [f"run_dir={Path(tmp) / 'run'}", *settings, f"train.steps_per_call={per_call}"])
-        configure_runtime(cfg)
-        strategy = SingleDevice()
-        exp = prepare(cfg, strategy, training=True)
-        step, batches = make_train_step(exp, strategy, per_call=per_call), _batches(exp, strategy, 0)
+        exp, strategy, batches = dispatch.single_process(
+            config, [f"run_dir={Path(tmp) / 'run'}", *settings, f"train.steps_per_call={per_call}"])
+        cfg, step = exp.cfg, make_train_step(exp, strategy, per_call=per_call)
         run = (lambda: step(batches)) if per_call == 1 else (lambda: step(batches, tf.constant(per_call)))
         for _ in range(warmup):
             float(run()["loss"])
@@ -88,11 +83,11 @@ def step_rate(config: Path, settings: list[str], *, steps: int, warmup: int, per
     return calls * per_call * cfg.data.batch_size / elapsed, flops
 
 
-def ffn_matmul_rates(rows: int, width: int, dtype: str, repeats: int = 5, calls: int = 5) -> list[float]:
+def ffn_matmul_rates(rows: int, width: int, dtype: str, seconds: float = 1.0) -> list[float]:
     """FLOP/s of the step's largest matmuls in isolation: the feed-forward's inner product at the encoder's
     shape ([rows, D] x [D, 4D]), forward (x W), input gradient (dY W^T) and weight gradient (x^T dY), each
-    the best of `repeats` timings of `calls` compiled calls. The probe's square matmuls are the peak; these
-    say how much of it the model's own shapes can reach (a ceiling for the step's matmul time)."""
+    timed as the peak probe is (trainer/peak.py `best_time`: the best compiled call over `seconds`). The
+    probe's square matmuls are the peak; these say how much of it the model's own shapes can reach."""
     dt = tf.as_dtype(dtype)
     x, w = tf.cast(tf.random.normal([rows, width]), dt), tf.cast(tf.random.normal([width, 4 * width]), dt)
     dy = tf.cast(tf.random.normal([rows, 4 * width]), dt)
@@ -102,14 +97,8 @@ def ffn_matmul_rates(rows: int, width: int, dtype: str, repeats: int = 5, calls:
     for product in products:
         run = tf.function(lambda product=product: tf.reduce_sum(tf.cast(product()[:1, :1], tf.float32)),
                           autograph=False)
-        run()
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            for _ in range(calls):
-                run().numpy()
-            best = min(best, (time.perf_counter() - started) / calls)
-        rates.append(2 * rows * width * 4 * width / best)
+        run()  # traces
+        rates.append(2 * rows * width * 4 * width / best_time(lambda: run().numpy(), seconds))
     return rates
 
 

@@ -26,11 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorflow as tf  # noqa: E402
 from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
 
+import dispatch  # noqa: E402
 import mfu  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.experiment import configure_runtime, prepare  # noqa: E402
-from trainer.loop import _batches, make_train_step  # noqa: E402
-from trainer.strategy.single import SingleDevice  # noqa: E402
+from trainer.loop import make_train_step  # noqa: E402
 
 DETAILED = ("_MklBatchMatMulV2", "_MklMatMul", "Sum", "Mul")
 
@@ -44,11 +42,8 @@ def main() -> int:
     args = p.parse_args()
     tmp = tempfile.mkdtemp()
     settings = [*mfu.overrides(args.width, args.dtype, False, 32, (48, 8)), f"model.dropout={args.dropout}"]
-    cfg = load_config(mfu.CONFIG, [f"run_dir={tmp}/run", *settings])
-    configure_runtime(cfg)
-    strategy = SingleDevice()
-    exp = prepare(cfg, strategy, training=True)
-    step, batches = make_train_step(exp, strategy), _batches(exp, strategy, 0)
+    exp, strategy, batches = dispatch.single_process(mfu.CONFIG, [f"run_dir={tmp}/run", *settings])
+    step = make_train_step(exp, strategy)
     for _ in range(2):
         float(step(batches)["loss"])
     began = time.perf_counter()
